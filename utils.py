@@ -1,0 +1,141 @@
+"""Small shared pieces every script uses: user-facing errors, image I/O, atomic writes, seeding,
+devices and CLI help formatting. Topic siblings hold the rest: `data.py` (index, datasets,
+transforms), `metrics.py` (metrics and losses), `engine.py` (checkpoints, training loop, DDP).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class ToothSegError(Exception):
+    """An error in the user's input or environment. Scripts print it as one line, no traceback."""
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a script's `main`, turning a ToothSegError into `error: ...` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except ToothSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults in --help and keeps the description's line breaks."""
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray:
+    """Decode encoded image bytes, keeping 8/16-bit depth. 3/4-channel images become grayscale."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    if img is None:
+        raise ToothSegError(f"{name}: cannot decode image (corrupt or not an image); replace or remove it")
+    if grayscale and img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+    return img
+
+
+def read_image(path: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray:
+    """Read an image file as a numpy array (grayscale by default), with a one-line error on failure."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ToothSegError(f"{path}: cannot read ({exc.strerror or exc}); check the path") from None
+    return decode_image(data, path, grayscale=grayscale)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Scale a 16-bit or float image to uint8; uint8 passes through unchanged."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write a uint8/uint16 array as PNG atomically."""
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise ToothSegError(f"{path}: PNG encoding failed for array of shape {img.shape} and dtype {img.dtype}")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducibility and devices
+# ----------------------------------------------------------------------------------------------
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def select_device(force_cpu: bool = False):
+    import torch
+
+    if not force_cpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
