@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
-from utils import ToothSegError
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from utils import IMAGE_EXTENSIONS, ToothSegError, atomic_write_text, is_image_file, read_image, to_uint8
 
 INDEX_NAME = "sts2d_index.csv"
 PROCESSED_NAME = "processed_2d"
@@ -43,13 +55,424 @@ def read_index(path: str | os.PathLike) -> list[dict]:
 
 def write_index(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write the index atomically, in INDEX_COLUMNS order."""
-    import io
-
-    from utils import atomic_write_text
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=INDEX_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row[k] for k in INDEX_COLUMNS})
     atomic_write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding samples: from the index, or from bare folders
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    mask: Path | None
+    pair_id: str
+    age_group: str = "adult"
+    source: str = ""
+
+
+def find_index(images_dir: str | os.PathLike, index: str | os.PathLike | None = None) -> Path | None:
+    """The index given explicitly, else sts2d_index.csv inside `images_dir` or its parent, else None."""
+    if index is not None:
+        index = Path(index)
+        if not index.is_file():
+            raise ToothSegError(f"{index}: index file not found; check --index or run prepare_sts2d.py")
+        return index
+    images_dir = Path(images_dir)
+    for candidate in (images_dir / INDEX_NAME, images_dir.parent / INDEX_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def index_base_dir(images_dir: str | os.PathLike, index_path: Path) -> Path:
+    """Where the index's rel_paths resolve: `images_dir` (processed_2d, or an fbf mirror of it), or
+    `images_dir/processed_2d` when the user passed the data root."""
+    images_dir = Path(images_dir)
+    if index_path.parent == images_dir and (images_dir / PROCESSED_NAME).is_dir():
+        return images_dir / PROCESSED_NAME
+    return images_dir
+
+
+def samples_from_index(index_path: Path, base_dir: Path, splits: Iterable[str],
+                       labeled_only: bool = False) -> list[Sample]:
+    """Image samples (with their masks where labelled) whose split is in `splits`, in index order."""
+    rows = read_index(index_path)
+    splits = set(splits)
+    masks = {r["pair_id"]: base_dir / r["rel_path"] for r in rows if r["is_mask"]}
+    samples = []
+    for r in rows:
+        if r["is_mask"] or r["split"] not in splits:
+            continue
+        mask = masks.get(r["pair_id"])
+        if labeled_only and mask is None:
+            continue
+        samples.append(Sample(base_dir / r["rel_path"], mask, r["pair_id"], r["age_group"], r["source"]))
+    missing = [s.image for s in samples[:1] if not s.image.is_file()]
+    if missing:
+        raise ToothSegError(f"{missing[0]}: listed in {index_path} but missing; "
+                            f"pass the processed_2d folder as --images-dir, or rebuild with prepare_sts2d.py --force")
+    return samples
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files below `folder`, sorted, skipping anything inside a folder named 'masks'."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and is_image_file(p) and "masks" not in {q.lower() for q in p.relative_to(folder).parts[:-1]})
+
+
+def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> list[Sample]:
+    """Bare folders: every image, paired by file stem with a mask in `masks_dir` when one is given."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise ToothSegError(f"{images_dir}: images folder not found; check --images-dir")
+    images = list_images(images_dir)
+    if not images:
+        raise ToothSegError(f"{images_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); check --images-dir")
+    if masks_dir is None:
+        return [Sample(p, None, p.stem) for p in images]
+    masks_dir = Path(masks_dir)
+    masks = {p.stem: p for p in sorted(masks_dir.rglob("*")) if p.is_file() and is_image_file(p)}
+    unpaired = [p for p in images if p.stem not in masks]
+    if unpaired:
+        raise ToothSegError(f"{unpaired[0]}: no mask named {unpaired[0].stem}.* in {masks_dir} "
+                            f"({len(unpaired)} unpaired images); give matching --masks-dir or build an index with prepare_sts2d.py")
+    return [Sample(p, masks[p.stem], p.stem) for p in images]
+
+
+def split_by_name(samples: list[Sample], val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[Sample]]:
+    """A deterministic train/val/test split from file names alone (used when there is no index)."""
+    def key(s: Sample) -> str:
+        return hashlib.sha1(f"{seed}:{s.pair_id}".encode()).hexdigest()
+
+    ordered = sorted(samples, key=key)
+    n_test = round(len(ordered) * test_ratio)
+    n_val = round(len(ordered) * val_ratio)
+    parts = {"test": ordered[:n_test], "val": ordered[n_test:n_test + n_val], "train": ordered[n_test + n_val:]}
+    return {name: sorted(part, key=lambda s: s.pair_id) for name, part in parts.items()}
+
+
+def pretraining_samples(images_dir: str | os.PathLike, index: str | os.PathLike | None = None) -> list[Sample]:
+    """Every image except labelled val/test ones, so that nothing leaks into evaluation."""
+    index_path = find_index(images_dir, index)
+    if index_path is None:
+        return samples_from_folders(Path(images_dir))
+    return samples_from_index(index_path, index_base_dir(images_dir, index_path), ("train", "pretrain"))
+
+
+def segmentation_splits(images_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None, *,
+                        index: str | os.PathLike | None = None, val_ratio: float = 0.1, test_ratio: float = 0.1,
+                        seed: int = 0) -> dict[str, list[Sample]]:
+    """Labelled train/val/test samples: from the index when there is one, else split by file name."""
+    index_path = find_index(images_dir, index)
+    if index_path is not None:
+        base = index_base_dir(images_dir, index_path)
+        splits = {name: samples_from_index(index_path, base, (name,), labeled_only=True) for name in ("train", "val", "test")}
+    else:
+        splits = split_by_name(samples_from_folders(Path(images_dir), Path(masks_dir or images_dir)), val_ratio, test_ratio, seed)
+    if not splits["train"]:
+        raise ToothSegError(f"{index_path or images_dir}: no labelled training pairs; check --images-dir/--masks-dir")
+    return splits
+
+
+def hold_out(samples: list[Sample], fraction: float, minimum: int = 1, maximum: int = 64) -> tuple[list[Sample], list[Sample]]:
+    """A small fixed validation part of the pretraining pool, chosen by a hash of the pair id."""
+    if len(samples) < 2:
+        raise ToothSegError(f"need at least 2 images to hold out a validation set, found {len(samples)}")
+    n_val = min(max(minimum, round(len(samples) * fraction)), maximum, len(samples) - 1)
+    ranked = sorted(samples, key=lambda s: hashlib.sha1(s.pair_id.encode()).hexdigest())
+    held = {s.pair_id for s in ranked[:n_val]}
+    return [s for s in samples if s.pair_id not in held], [s for s in samples if s.pair_id in held]
+
+
+def subset_fraction(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
+    """A deterministic subset of `fraction` of the samples (at least one), for low-label studies.
+    Smaller fractions are nested inside larger ones for the same seed."""
+    if not 0 < fraction <= 1:
+        raise ToothSegError(f"label fraction must be in (0, 1], got {fraction}")
+    ranked = sorted(samples, key=lambda s: hashlib.sha1(f"{seed}:{s.pair_id}".encode()).hexdigest())
+    keep = {s.pair_id for s in ranked[:max(1, round(len(samples) * fraction))]}
+    return [s for s in samples if s.pair_id in keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms (albumentations 2.x). Images are normalised with mean 0.5, std 0.25 on the [0, 1] scale.
+# ----------------------------------------------------------------------------------------------
+NORM_MEAN, NORM_STD = 0.5, 0.25
+
+
+def build_train_transform(height: int, width: int, modality: str = "xray", normalize: bool = True) -> A.Compose:
+    """The seeds' panoramic recipe; `modality="ultrasound"` gives the TG3K variant (speckle, larger affine)."""
+    if modality == "xray":
+        steps = [
+            A.Resize(height, width),
+            A.HorizontalFlip(p=0.5),
+            A.Rotate(limit=5, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+            A.OneOf([A.GaussNoise(std_range=(0.01, 0.03)), A.GaussianBlur(blur_limit=(3, 5))], p=0.3),
+        ]
+    elif modality == "ultrasound":
+        steps = [
+            A.Resize(height, width),
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
+                     border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+            A.OneOf([A.MultiplicativeNoise(multiplier=(0.85, 1.15), elementwise=True),
+                     A.GaussianBlur(blur_limit=(3, 5))], p=0.4),
+        ]
+    else:
+        raise ToothSegError(f"unknown modality {modality!r}; valid: xray, ultrasound")
+    return A.Compose(steps + _to_tensor(normalize))
+
+
+def build_eval_transform(height: int, width: int, normalize: bool = True) -> A.Compose:
+    return A.Compose([A.Resize(height, width)] + _to_tensor(normalize))
+
+
+def _to_tensor(normalize: bool) -> list:
+    scale = A.Normalize(mean=NORM_MEAN, std=NORM_STD, max_pixel_value=255.0) if normalize \
+        else A.ToFloat(max_value=255.0)
+    return [scale, ToTensorV2()]
+
+
+def modality_of(samples: list[Sample]) -> str:
+    """TG3K thyroid ultrasound gets the ultrasound transform; everything else is an X-ray."""
+    return "ultrasound" if samples and all(s.source == "tg3k" for s in samples) else "xray"
+
+
+def normalize_tensor(x: torch.Tensor) -> torch.Tensor:
+    return (x - NORM_MEAN) / NORM_STD
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Back to [0, 1] for display."""
+    return (x * NORM_STD + NORM_MEAN).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets. Randomness comes from (seed, epoch, index), so results do not depend on the number of
+# workers, and a resumed run sees the same data as an uninterrupted one.
+# ----------------------------------------------------------------------------------------------
+class _ImageDataset(Dataset):
+    def __init__(self, samples: list[Sample], transform: A.Compose, *, seed: int = 0,
+                 fixed: bool = False, cache: bool = False):
+        if not samples:
+            raise ToothSegError("no images to build a dataset from; check --images-dir and the index splits")
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self.fixed = fixed  # validation: the same corruption/augmentation every epoch
+        # Shared memory so that persistent DataLoader workers see set_epoch from the main process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._images = [to_uint8(read_image(s.image)) for s in tqdm(self.samples, desc="caching images", leave=False,
+                                                                     disable=len(self.samples) < 200)] if cache else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        epoch = 0 if self.fixed else int(self._epoch)
+        return np.random.default_rng([self.seed, epoch, index])
+
+    def _image(self, index: int) -> np.ndarray:
+        return self._images[index] if self._images is not None else to_uint8(read_image(self.samples[index].image))
+
+    def _meta(self, index: int, image: np.ndarray) -> dict:
+        s = self.samples[index]
+        return {"path": str(s.image), "pair_id": s.pair_id, "age_group": s.age_group,
+                "orig_height": image.shape[0], "orig_width": image.shape[1]}
+
+    def _augment(self, rng: np.random.Generator, **targets) -> dict:
+        self.transform.set_random_seed(int(rng.integers(2**31)))
+        return self.transform(**targets)
+
+
+class SegmentationDataset(_ImageDataset):
+    """(image (1,H,W) normalised, mask (1,H,W) float 0/1, meta)."""
+
+    def __init__(self, samples: list[Sample], transform: A.Compose, **kwargs):
+        unlabelled = [s.image for s in samples if s.mask is None]
+        if unlabelled:
+            raise ToothSegError(f"{unlabelled[0]}: has no mask; segmentation needs labelled pairs")
+        super().__init__(samples, transform, **kwargs)
+        self._masks = [read_mask(s.mask) for s in self.samples] if self._images is not None else None
+
+    def _mask(self, index: int, image: np.ndarray) -> np.ndarray:
+        mask = self._masks[index] if self._masks is not None else read_mask(self.samples[index].mask)
+        if mask.shape != image.shape:
+            raise ToothSegError(f"{self.samples[index].mask}: mask size {mask.shape[::-1]} differs from its image "
+                                f"{image.shape[::-1]}; fix the pair or re-run prepare_sts2d.py")
+        return mask
+
+    def __getitem__(self, index: int):
+        image = self._image(index)
+        out = self._augment(self._rng(index), image=image, mask=self._mask(index, image))
+        return out["image"], out["mask"].unsqueeze(0).float(), self._meta(index, image)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A binary mask as uint8 0/1 (any non-zero pixel is foreground)."""
+    return (read_image(path) > 0).astype(np.uint8)
+
+
+class MIMDataset(_ImageDataset):
+    """(masked_img, target_img, mask, meta): `mask` is 1 on pixels hidden from the model."""
+
+    def __init__(self, samples: list[Sample], transform: A.Compose, masker: "MaskGenerator", **kwargs):
+        super().__init__(samples, transform, **kwargs)
+        self.masker = masker
+
+    def __getitem__(self, index: int):
+        rng = self._rng(index)
+        image = self._image(index)
+        target = self._augment(rng, image=image)["image"]
+        mask = torch.from_numpy(self.masker(rng, *target.shape[-2:])).unsqueeze(0)
+        return target * (1.0 - mask), target, mask, self._meta(index, image)
+
+
+class RestorationDataset(_ImageDataset):
+    """(perturbed_img, target_img, meta) with the Models Genesis corruptions. `transform` must not
+    normalise: the corruptions work on [0, 1] intensities, and both outputs are normalised after."""
+
+    def __init__(self, samples: list[Sample], transform: A.Compose, genesis: "GenesisConfig", **kwargs):
+        super().__init__(samples, transform, **kwargs)
+        self.genesis = genesis
+
+    def __getitem__(self, index: int):
+        rng = self._rng(index)
+        image = self._image(index)
+        target = self._augment(rng, image=image)["image"][0].numpy()
+        perturbed, target = models_genesis(target, rng, self.genesis)
+        to_tensor = lambda a: normalize_tensor(torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0))
+        return to_tensor(perturbed), to_tensor(target), self._meta(index, image)
+
+
+# ----------------------------------------------------------------------------------------------
+# MIM masks
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskGenerator:
+    """`blocks`: random rectangles of min..max px per side until `ratio` of the image is covered
+    (the seeds' style). `patches`: a random `ratio` of the patch_size grid cells (SimMIM/SparK style)."""
+    mask_type: str = "blocks"
+    ratio: float = 0.55
+    min_block: int = 32
+    max_block: int = 96
+    patch_size: int = 32
+
+    def __post_init__(self):
+        if self.mask_type not in ("blocks", "patches"):
+            raise ToothSegError(f"unknown mask type {self.mask_type!r}; valid: blocks, patches")
+        if not 0 < self.ratio < 1:
+            raise ToothSegError(f"--mask-ratio must be in (0, 1), got {self.ratio}")
+        if not 1 <= self.min_block <= self.max_block:
+            raise ToothSegError(f"need 1 <= --min-block-size <= --max-block-size, got {self.min_block}, {self.max_block}")
+
+    def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        return self._patches(rng, height, width) if self.mask_type == "patches" else self._blocks(rng, height, width)
+
+    def _patches(self, rng, height, width):
+        p = self.patch_size
+        gh, gw = -(-height // p), -(-width // p)
+        cells = np.zeros(gh * gw, dtype=np.float32)
+        cells[rng.permutation(gh * gw)[:max(1, round(gh * gw * self.ratio))]] = 1
+        return np.kron(cells.reshape(gh, gw), np.ones((p, p), np.float32))[:height, :width]
+
+    def _blocks(self, rng, height, width):
+        mask = np.zeros((height, width), dtype=np.float32)
+        target = self.ratio * height * width
+        lo, hi = min(self.min_block, height, width), min(self.max_block, height, width)
+        for _ in range(10_000):  # bounded; the ratio is reached long before this
+            if mask.sum() >= target:
+                break
+            bh, bw = rng.integers(lo, hi + 1, size=2)
+            y, x = rng.integers(0, height - bh + 1), rng.integers(0, width - bw + 1)
+            mask[y:y + bh, x:x + bw] = 1
+        return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Models Genesis (Zhou et al. 2019), in 2D on [0, 1] images
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenesisConfig:
+    flip_prob: float = 0.4
+    local_shuffle_prob: float = 0.5
+    nonlinear_prob: float = 0.9
+    paint_prob: float = 0.9
+    inpaint_rate: float = 0.2  # when painting: in-painting this often, else out-painting
+
+
+def models_genesis(image: np.ndarray, rng: np.random.Generator, cfg: GenesisConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Return (perturbed, target). Flipping changes both; the other transforms only the input."""
+    target = image.astype(np.float32, copy=True)
+    if rng.random() < cfg.flip_prob:
+        axis = int(rng.integers(2))
+        target = np.flip(target, axis=axis).copy()
+    x = target.copy()
+    if rng.random() < cfg.local_shuffle_prob:
+        x = local_pixel_shuffle(x, rng)
+    if rng.random() < cfg.nonlinear_prob:
+        x = bezier_intensity(x, rng)
+    if rng.random() < cfg.paint_prob:
+        x = inpaint(x, rng) if rng.random() < cfg.inpaint_rate else outpaint(x, rng)
+    return x, target
+
+
+def local_pixel_shuffle(x: np.ndarray, rng: np.random.Generator, n_windows: int = 1000) -> np.ndarray:
+    """Shuffle pixels inside many small windows (up to 1/10 of each side), as Models Genesis does."""
+    out = x.copy()
+    h, w = x.shape
+    for _ in range(n_windows):
+        bh, bw = rng.integers(1, max(2, h // 10)), rng.integers(1, max(2, w // 10))
+        y, z = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
+        window = x[y:y + bh, z:z + bw].ravel()
+        out[y:y + bh, z:z + bw] = rng.permutation(window).reshape(bh, bw)
+    return out
+
+
+def bezier_intensity(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random monotone cubic Bezier intensity curve through (0,0) and (1,1), inverted half the time."""
+    p1, p2 = rng.random(2), rng.random(2)
+    t = np.linspace(0, 1, 1000)
+    bx = 3 * (1 - t) ** 2 * t * p1[0] + 3 * (1 - t) * t ** 2 * p2[0] + t ** 3
+    by = 3 * (1 - t) ** 2 * t * p1[1] + 3 * (1 - t) * t ** 2 * p2[1] + t ** 3
+    order = np.argsort(bx)
+    bx, by = bx[order], by[order]
+    if rng.random() < 0.5:
+        by = 1 - by
+    return np.interp(x, bx, by).astype(np.float32)
+
+
+def _random_blocks(rng: np.random.Generator, h: int, w: int, lo: float, hi: float, max_blocks: int = 5):
+    """Models Genesis draws up to `max_blocks` blocks, each with probability 0.95, sides in [lo, hi] of the image."""
+    for _ in range(max_blocks):
+        if rng.random() >= 0.95:
+            return
+        bh = int(rng.integers(max(1, int(h * lo)), max(2, int(h * hi)) + 1))
+        bw = int(rng.integers(max(1, int(w * lo)), max(2, int(w * hi)) + 1))
+        yield int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1)), bh, bw
+
+
+def inpaint(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fill random blocks (1/6..1/3 of each side) with uniform noise."""
+    out = x.copy()
+    for y, z, bh, bw in _random_blocks(rng, *x.shape, 1 / 6, 1 / 3):
+        out[y:y + bh, z:z + bw] = rng.random((bh, bw), dtype=np.float32)
+    return out
+
+
+def outpaint(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Replace the image with noise except random inner windows (3/7..4/7 of each side)."""
+    out = rng.random(x.shape, dtype=np.float32)
+    for y, z, bh, bw in _random_blocks(rng, *x.shape, 3 / 7, 4 / 7):
+        out[y:y + bh, z:z + bw] = x[y:y + bh, z:z + bw]
+    return out
