@@ -1,0 +1,218 @@
+"""Segmentation metrics (numpy, per image) and training losses (torch).
+
+Evaluation metrics -- `segmentation_metrics(pred, gt)` on one binary HxW mask pair, at the image's
+own resolution; `summarize(rows)` then averages over images. Conventions:
+
+* Masks are binarised with `> 0`, so bool, 0/1 and 0/255 masks all work.
+* Dice, IoU, precision, recall come from pixel counts (TP, FP, FN).
+* Surface distances are Euclidean, in pixels. A mask's surface is the mask minus its erosion by a
+  3x3 cross (4-connected structuring element; pixels outside the image count as background, so a
+  mask touching the image edge has a surface there). This is medpy's default.
+* HD95 = max(P95(d_pg), P95(d_gp)), where d_pg holds, for every pred surface pixel, the distance to
+  the nearest gt surface pixel (and d_gp the reverse); P95 is `np.percentile` with linear
+  interpolation. This is the convention of medpy's `hd95` and MONAI's `compute_hausdorff_distance`.
+* ASSD = (mean(d_pg) + mean(d_gp)) / 2, as medpy's `assd`: each surface weighs equally, however
+  many pixels it has.
+* Empty masks:
+    - both empty: dice = iou = precision = recall = 1, hd95 = assd = 0 (a perfect "no tooth");
+    - pred empty, gt not: dice = iou = recall = 0, and precision (0/0) is defined as 0;
+    - gt empty, pred not: dice = iou = precision = 0, and recall (0/0) is defined as 0;
+    - exactly one empty: hd95 = assd = the image diagonal sqrt(H^2 + W^2), the largest distance
+      two pixels of the image can have (`empty_distance_penalty`). It is finite, so the mean over
+      images stays defined, and it depends on the image size, so compare HD across data sets with
+      the same image size only.
+  No metric is ever NaN; `summarize` refuses NaN rather than dropping it.
+
+Training losses take logits and targets of shape (B, 1, H, W), targets in {0, 1}, and compute in
+fp32 even under autocast (bf16 sums over 200k pixels lose digits).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+from utils import ToothSegError
+
+METRIC_NAMES = ("dice", "iou", "precision", "recall", "hd95", "assd")
+
+# 4-connected cross: the erosion removes pixels with a background pixel above, below, left or right.
+_SURFACE_STRUCTURE = ndimage.generate_binary_structure(2, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation metrics (numpy)
+# ----------------------------------------------------------------------------------------------
+def empty_distance_penalty(shape: Sequence[int]) -> float:
+    """HD95/ASSD when exactly one mask is empty: the image diagonal, in pixels."""
+    height, width = shape
+    return math.hypot(height, width)
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a boolean mask: the mask minus its 4-connected erosion."""
+    return mask & ~ndimage.binary_erosion(mask, structure=_SURFACE_STRUCTURE, border_value=0)
+
+
+def _surface_distances(pred_surface: np.ndarray, gt_surface: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Directed distances pred->gt and gt->pred, one per surface pixel."""
+    # Nearest surface pixels of both masks lie inside the bounding box of both surfaces, so the
+    # distance transforms can run on that crop only (exact, and much cheaper for small objects).
+    rows, cols = np.nonzero(pred_surface | gt_surface)
+    crop = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    pred_surface, gt_surface = pred_surface[crop], gt_surface[crop]
+    distance_to_gt = ndimage.distance_transform_edt(~gt_surface)
+    distance_to_pred = ndimage.distance_transform_edt(~pred_surface)
+    return distance_to_gt[pred_surface], distance_to_pred[gt_surface]
+
+
+def segmentation_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Dice, IoU, precision, recall, HD95 and ASSD (pixels) of one HxW mask pair; see module doc."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.ndim != 2 or pred.shape != gt.shape:
+        raise ToothSegError(
+            f"prediction shape {pred.shape} and ground-truth shape {gt.shape} differ or are not HxW; "
+            "resize the prediction to the mask's own resolution before scoring"
+        )
+    pred, gt = pred > 0, gt > 0
+    pred_area, gt_area = int(pred.sum()), int(gt.sum())
+    if pred_area == 0 and gt_area == 0:
+        return dict(dice=1.0, iou=1.0, precision=1.0, recall=1.0, hd95=0.0, assd=0.0)
+
+    true_pos = int(np.count_nonzero(pred & gt))
+    scores = dict(
+        dice=2 * true_pos / (pred_area + gt_area),
+        iou=true_pos / (pred_area + gt_area - true_pos),
+        precision=true_pos / pred_area if pred_area else 0.0,
+        recall=true_pos / gt_area if gt_area else 0.0,
+    )
+    if pred_area == 0 or gt_area == 0:
+        penalty = empty_distance_penalty(pred.shape)
+        return scores | dict(hd95=penalty, assd=penalty)
+
+    pred_to_gt, gt_to_pred = _surface_distances(surface(pred), surface(gt))
+    hd95 = max(np.percentile(pred_to_gt, 95), np.percentile(gt_to_pred, 95))
+    assd = (pred_to_gt.mean() + gt_to_pred.mean()) / 2
+    return scores | dict(hd95=float(hd95), assd=float(assd))
+
+
+def summarize(per_image: Sequence[dict], keys: Sequence[str] = METRIC_NAMES) -> dict[str, dict[str, float]]:
+    """Mean, std, median and n of each metric over images: {"dice": {"mean": ..., ...}, ...}.
+
+    std is the population standard deviation (ddof=0), defined for a single image too. Rows may hold
+    other fields (a "stem" names the image in errors). A NaN or infinite value raises ValueError:
+    it means a bug upstream, and dropping it would bias the mean.
+    """
+    if not per_image:
+        raise ToothSegError("no images were scored, so there is nothing to summarize; check the split and folders")
+    summary = {}
+    for key in keys:
+        values = np.array([float(row[key]) for row in per_image], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            row = per_image[bad[0]]
+            name = row.get("stem", f"row {bad[0]}")
+            raise ValueError(f"metric {key!r} is {row[key]} for {name} ({bad.size} non-finite values in all)")
+        summary[key] = dict(
+            mean=float(values.mean()), std=float(values.std()), median=float(np.median(values)), n=len(values)
+        )
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Training losses and on-device validation Dice (torch)
+# ----------------------------------------------------------------------------------------------
+def _check_same_shape(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits shape {tuple(logits.shape)} != targets shape {tuple(targets.shape)}")
+
+
+@torch.no_grad()
+def dice_per_image(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Hard Dice per sample (shape [B], fp32) of `sigmoid(logits) > threshold` against `targets > 0.5`.
+
+    Both empty gives 1, matching `segmentation_metrics`. No host sync and no NaN, so a DDP caller can
+    sum the result and all-reduce it.
+    """
+    _check_same_shape(logits, targets)
+    pred = torch.sigmoid(logits.float()) > threshold
+    gt = targets > 0.5
+    dims = tuple(range(1, logits.ndim))
+    intersection = (pred & gt).sum(dims).float()
+    total = pred.sum(dims).float() + gt.sum(dims).float()
+    return torch.where(total > 0, 2 * intersection / total.clamp_min(1), torch.ones_like(total))
+
+
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - (2*sum(p*t) + eps) / (sum(p) + sum(t) + eps) per sample, averaged over the batch (fp32)."""
+    _check_same_shape(logits, targets)
+    probs, targets = torch.sigmoid(logits.float()), targets.float()
+    dims = tuple(range(1, logits.ndim))
+    overlap = (probs * targets).sum(dims)
+    total = probs.sum(dims) + targets.sum(dims)
+    return (1 - (2 * overlap + eps) / (total + eps)).mean()
+
+
+class BCEDiceLoss(nn.Module):
+    """BCE-with-logits (mean over pixels) + lambda_dice * soft Dice loss, always in fp32."""
+
+    def __init__(self, lambda_dice: float = 0.2):
+        super().__init__()
+        self.lambda_dice = lambda_dice
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        _check_same_shape(logits, targets)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits, targets = logits.float(), targets.float()
+            bce = F.binary_cross_entropy_with_logits(logits, targets)
+            return bce + self.lambda_dice * soft_dice_loss(logits, targets)
+
+    def extra_repr(self) -> str:
+        return f"lambda_dice={self.lambda_dice}"
+
+
+def normalize_patches(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Normalise each non-overlapping patch_size x patch_size patch to zero mean, unit std.
+
+    (x - patch mean) / sqrt(patch variance + eps), with the population variance. Patches at the
+    right/bottom edge may be smaller when H or W is not a multiple of patch_size; their statistics
+    use their own pixels only. This is the "norm_pix_loss" target of MAE/SimMIM (which use the
+    unbiased variance, a factor sqrt(n/(n-1)) of 1.002 for 16x16 patches).
+    """
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    height, width = images.shape[-2:]
+
+    def patch_mean(x: torch.Tensor) -> torch.Tensor:
+        means = F.avg_pool2d(x, patch_size, patch_size, ceil_mode=True, count_include_pad=False)
+        return means.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)[..., :height, :width]
+
+    centred = images - patch_mean(images)
+    return centred / torch.sqrt(patch_mean(centred.square()) + eps)
+
+
+def masked_l1_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_patch_size: int | None = None
+) -> torch.Tensor:
+    """Mean L1 over masked pixels (mask == 1: hidden from the model, to be reconstructed), in fp32.
+
+    With `norm_patch_size=p` the target is first normalised per p x p patch (`normalize_patches`),
+    so the model learns to predict normalised patches, not raw intensities; undo that before
+    showing a reconstruction. An all-zero mask falls back to the L1 over the whole image, as the
+    seed does; the mask generators never produce one, so this only guards against a 0/0.
+    """
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        pred, target = pred.float(), target.float()
+        if norm_patch_size is not None:
+            target = normalize_patches(target, norm_patch_size)
+        l1 = (pred - target).abs()
+        mask = mask.float().expand_as(l1)
+        masked_count = mask.sum()
+        masked_mean = (l1 * mask).sum() / masked_count.clamp_min(1)
+        # torch.where instead of `if masked_count.item()`: no host-device sync per step.
+        return torch.where(masked_count > 0, masked_mean, l1.mean())
