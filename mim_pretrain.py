@@ -1,0 +1,97 @@
+"""Masked image modelling (MIM) pretraining: a U-Net learns to fill in hidden parts of X-rays.
+
+The loss is L1 on the hidden pixels only (optionally against per-patch normalised targets).
+Blocks (the seeds' random rectangles) or patch-aligned masks (SimMIM/SparK style) are supported.
+Writes CHECKPOINT_DIR/mim_best.pth (lowest validation loss) and mim_last.pth.
+
+Example:
+  python mim_pretrain.py --images-dir ./sts_tooth_data/processed_2d \\
+      --checkpoint-dir ./checkpoints/mim_unet --model-type unet --mask-ratio 0.55
+"""
+from __future__ import annotations
+
+import torch
+
+from data import MIMDataset, MaskGenerator, build_eval_transform, build_train_transform, hold_out, pretraining_samples
+from engine import (CheckpointNames, add_pretraining_args, add_training_args, build_trainer, cleanup_runtime,
+                    data_config, make_loader, model_kwargs, prepare_model, reconstruction_visuals, setup_runtime)
+from metrics import masked_l1_loss
+from models import build_model
+from utils import make_parser, run_cli, set_seed
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    groups = add_training_args(parser, epochs=100, batch_size=8, lr=1e-3, weight_decay=0.05)
+    add_pretraining_args(parser, groups, default_checkpoint_dir="./checkpoints/mim")
+    mim = parser.add_argument_group("masking")
+    mim.add_argument("--mask-type", choices=("blocks", "patches"), default="blocks",
+                     help="random rectangles, or a random share of a patch grid")
+    mim.add_argument("--mask-ratio", type=float, default=0.55, metavar="R", help="share of pixels hidden")
+    mim.add_argument("--min-block-size", type=int, default=32, metavar="PX", help="blocks: smallest side")
+    mim.add_argument("--max-block-size", type=int, default=96, metavar="PX", help="blocks: largest side")
+    mim.add_argument("--patch-size", type=int, default=32, metavar="PX", help="patches: grid cell size")
+    mim.add_argument("--norm-pix-loss", type=int, default=None, metavar="PX",
+                     help="compare against targets normalised per PX x PX patch (MAE/SimMIM); off by default")
+    return parser.parse_args(argv)
+
+
+class MIMTask:
+    def __init__(self, norm_patch_size: int | None):
+        self.norm_patch_size = norm_patch_size
+
+    def train_step(self, model, batch):
+        masked, target, mask, _ = batch
+        recon = model(masked)
+        return masked_l1_loss(recon.float(), target, mask, self.norm_patch_size), recon
+
+    def val_step(self, model, batch):
+        masked, target, mask, _ = batch
+        recon = model(masked).float()
+        n = torch.tensor(float(len(target)), device=target.device)
+        # Baseline: fill the hidden pixels with the mean of the visible ones.
+        visible = 1 - mask
+        mean_fill = (target * visible).sum((1, 2, 3), keepdim=True) / visible.sum((1, 2, 3), keepdim=True).clamp_min(1)
+        return {"loss": masked_l1_loss(recon, target, mask, self.norm_patch_size) * n,
+                "masked_l1": masked_l1_loss(recon, target, mask) * n,
+                "mean_fill_l1": masked_l1_loss(mean_fill.expand_as(target), target, mask) * n,
+                "count": n}
+
+    def visuals(self, batch, recon):
+        masked, target, _, _ = batch
+        return reconstruction_visuals(masked, target, recon)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist, device = setup_runtime(args.cpu)
+    set_seed(args.seed)
+
+    # Data: every image but the labelled val/test ones; a fixed hold-out with fixed masks for validation.
+    train_samples, val_samples = hold_out(pretraining_samples(args.images_dir, args.index), args.val_fraction, minimum=2)
+    masker = MaskGenerator(args.mask_type, args.mask_ratio, args.min_block_size, args.max_block_size, args.patch_size)
+    train_set = MIMDataset(train_samples, build_train_transform(args.img_height, args.img_width), masker,
+                           seed=args.seed, cache=args.cache_images)
+    val_set = MIMDataset(val_samples, build_eval_transform(args.img_height, args.img_width), masker,
+                         seed=args.seed, fixed=True, cache=args.cache_images)
+    loader_args = dict(batch_size=args.batch_size, workers=args.num_workers, dist=dist, device=device, seed=args.seed)
+    train_loader = make_loader(train_set, train=True, **loader_args)
+    val_loader = make_loader(val_set, train=False, **loader_args)
+    if dist.is_main:
+        print(f"MIM pretraining on {len(train_set)} images, validating on {len(val_set)}; device {device}")
+
+    # Model and loop.
+    model = prepare_model(build_model(args.model_type, **model_kwargs(args)), device, dist, args.compile)
+    trainer = build_trainer(args, task=MIMTask(args.norm_pix_loss), model=model, kind="mim",
+                            names=CheckpointNames("mim_best.pth", "mim_last.pth"), checkpoint_dir=args.checkpoint_dir,
+                            log_dir=args.log_dir or args.checkpoint_dir / "tensorboard", data_config=data_config(args),
+                            steps_per_epoch=len(train_loader), device=device, dist=dist)
+    trainer.fit(train_loader, val_loader, args.epochs)
+    if dist.is_main:
+        print(f"best val/loss {trainer.best['value']:.4f} at epoch {trainer.best['epoch']}; "
+              f"checkpoints in {args.checkpoint_dir}")
+    cleanup_runtime(dist)
+
+
+if __name__ == "__main__":
+    run_cli(main)
