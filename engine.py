@@ -181,10 +181,20 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, model: nn.Module, dat
         "metrics": plain(metrics or {}),
         "best": plain(best or {}),
         "args": plain(args or {}),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def _safe_load(path: Path, what: str) -> Any:
+    """torch.load(weights_only=True) with the failure told in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        reason = ("it holds Python objects beyond tensors and plain types, which are unsafe to load"
+                  if "Unsupported global" in str(exc) else f"corrupt or not a torch file: {type(exc).__name__}")
+        raise ToothSegError(f"{path}: cannot load this {what} ({reason})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, kinds: Iterable[str] | None = None, purpose: str = "") -> dict:
@@ -192,11 +202,7 @@ def load_checkpoint(path: str | os.PathLike, kinds: Iterable[str] | None = None,
     path = Path(path)
     if not path.is_file():
         raise ToothSegError(f"{path}: checkpoint not found; check the path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ToothSegError(f"{path}: not a loadable checkpoint ({first_line[:160]})") from None
+    ckpt = _safe_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "kind" not in ckpt:
         raise ToothSegError(f"{path}: not a ToothSeg checkpoint (a bare state_dict?); "
                             f"use it with --init-from, which accepts plain weights")
@@ -235,15 +241,14 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> TransferReport
     path = Path(path)
     if not path.is_file():
         raise ToothSegError(f"{path}: pretrained file not found; check --init-from")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ToothSegError(f"{path}: not a loadable weights file ({type(exc).__name__}); check --init-from") from None
+    obj = _safe_load(path, "weights file")
     source = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
         raise ToothSegError(f"{path}: holds no state_dict of tensors; pass a checkpoint written by a ToothSeg script")
-    source = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in source.items()}
-    target = unwrap(model).state_dict()
+    # BatchNorm's step counters are 0-d bookkeeping that match between any two models: leave them out.
+    source = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in source.items()
+              if not k.endswith("num_batches_tracked")}
+    target = {k: v for k, v in unwrap(model).state_dict().items() if not k.endswith("num_batches_tracked")}
     matched = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
     report = TransferReport(
         matched=matched,
