@@ -28,6 +28,7 @@ from models import build_model
 from utils import ToothSegError, atomic_path, select_device
 
 CHECKPOINT_FORMAT = 1
+MIN_TRANSFER_COVERAGE = 0.2  # share of the model's weight elements that --init-from must supply
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +238,8 @@ class TransferReport:
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> TransferReport:
-    """Copy the tensors of a checkpoint (or a bare state_dict) that match `model` by name and shape."""
+    """Copy the tensors of a checkpoint (or a bare state_dict) that match `model` by name and shape.
+    Fails when they cover under MIN_TRANSFER_COVERAGE of the model (an encoder alone covers more)."""
     path = Path(path)
     if not path.is_file():
         raise ToothSegError(f"{path}: pretrained file not found; check --init-from")
@@ -256,9 +258,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> TransferReport
         mismatched=[k for k, v in target.items() if k in source and source[k].shape != v.shape],
         unused=[k for k in source if k not in target],
     )
-    if not matched:
+    coverage = sum(target[k].numel() for k in matched) / max(1, sum(v.numel() for v in target.values()))
+    if coverage < MIN_TRANSFER_COVERAGE:
         described = f"{obj['model_name']!r} {obj.get('model_args')}" if isinstance(obj, dict) and "model_name" in obj else "weights"
-        raise ToothSegError(f"{path}: no tensor matches this model by name and shape (the file holds {described}); "
+        raise ToothSegError(f"{path}: only {coverage:.0%} of this model's weights match by name and shape "
+                            f"(the file holds {described}); "
                             f"use the same --model-type and --base-channels as the pretraining run")
     unwrap(model).load_state_dict({k: source[k] for k in matched}, strict=False)
     return report
