@@ -323,6 +323,14 @@ def read_mask(path: Path) -> np.ndarray:
     return (read_image(path) > 0).astype(np.uint8)
 
 
+class InferenceDataset(_ImageDataset):
+    """(image, meta) for prediction; masks, if any, are read at full resolution by the caller."""
+
+    def __getitem__(self, index: int):
+        image = self._image(index)
+        return self._augment(self._rng(index), image=image)["image"], self._meta(index, image)
+
+
 class MIMDataset(_ImageDataset):
     """(masked_img, target_img, mask, meta): `mask` is 1 on pixels hidden from the model."""
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 import torch.distributed as torch_dist
@@ -211,6 +210,17 @@ def load_checkpoint(path: str | os.PathLike, kinds: Iterable[str] | None = None,
         want = " or ".join(repr(k) for k in kinds)
         raise ToothSegError(f"{path}: is a {ckpt['kind']!r} checkpoint, but {purpose or 'this'} needs a {want} checkpoint")
     return ckpt
+
+
+def checkpoint_architecture(path: str | os.PathLike) -> tuple[str, dict] | None:
+    """(model name, constructor args) of a ToothSeg checkpoint; None for a bare state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToothSegError(f"{path}: checkpoint not found; check the path")
+    ckpt = _safe_load(path, "checkpoint")
+    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        return ckpt["model_name"], ckpt["model_args"]
+    return None
 
 
 def build_model_from_checkpoint(path: str | os.PathLike, kinds: Iterable[str] | None = None,
@@ -465,7 +475,9 @@ class Trainer:
         frozen = epoch < self.freeze_epochs
         running = torch.zeros((), device=self.device)
         total, n_batches = torch.zeros((), device=self.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        # disable=None: no bar when stderr is not a terminal (logs stay readable); only rank 0 draws one.
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None if self.dist.is_main else True,
+                   dynamic_ncols=True, leave=False)
         for batch in bar:
             batch = to_device(batch, self.device, self.fmt)
             with autocast(self.device, self.amp_dtype):
@@ -567,7 +579,3 @@ def open_writer(log_dir: Path | None, dist: DistEnv):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(log_dir))
-
-
-def timestamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
