@@ -1,0 +1,246 @@
+"""fbf.py: the bilateral grid against the exact filter, edge keeping, bit depth, and the dataset-tree CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import fbf
+from fbf import bilateral_filter
+from phantom import generate_panoramic
+from utils import ToothSegError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def psnr(test: np.ndarray, reference: np.ndarray, peak: float = 255.0) -> float:
+    error = np.mean((test.astype(np.float64) - reference.astype(np.float64)) ** 2)
+    return float(10 * np.log10(peak ** 2 / error))
+
+
+def noisy_step(height=48, width=96, low=60.0, high=160.0, noise=10.0, seed=0) -> np.ndarray:
+    """A vertical step edge between columns width/2 - 1 and width/2, with Gaussian noise (float, 0-255)."""
+    img = np.full((height, width), low)
+    img[:, width // 2:] = high
+    return (img + np.random.default_rng(seed).normal(0, noise, img.shape)).astype(np.float32)
+
+
+def edge_width(img: np.ndarray, low=60.0, high=160.0) -> float:
+    """10-90% rise distance, in pixels, of the row-averaged profile across the step."""
+    profile = img.mean(axis=0)
+    columns = np.arange(len(profile))
+    at = [np.interp(low + level * (high - low), profile, columns) for level in (0.1, 0.9)]
+    return at[1] - at[0]
+
+
+@pytest.fixture(scope="module")
+def phantom_small() -> np.ndarray:
+    image, _ = generate_panoramic(3, 96, 192, age_group="adult")
+    return image
+
+
+# ----------------------------------------------------------------------------------------------
+# The filter
+# ----------------------------------------------------------------------------------------------
+def test_exact_reference_agrees_with_opencv_away_from_the_border(phantom_small):
+    # OpenCV mirrors the image at the border while the exact filter leaves outside pixels out, so
+    # compare the interior; inside, the two differ only by OpenCV's rounding to 8 bits.
+    sigma_space = 2.0
+    exact = bilateral_filter(phantom_small.astype(np.float32), sigma_space, 30, method="exact")
+    opencv = bilateral_filter(phantom_small, sigma_space, 30, method="opencv")
+    margin = fbf._window_radius(sigma_space)
+    difference = np.abs(opencv.astype(np.float64) - exact)[margin:-margin, margin:-margin]
+    assert difference.max() <= 0.5 + 1e-3
+    assert np.abs(exact - phantom_small).mean() > 1.0  # it did filter
+
+
+@pytest.mark.parametrize("sigma_space", [3.0, 6.0])
+def test_grid_is_within_45_db_of_the_exact_filter(phantom_small, sigma_space):
+    image = phantom_small.astype(np.float32)
+    exact = bilateral_filter(image, sigma_space, 30, method="exact")
+    grid = bilateral_filter(image, sigma_space, 30)  # default sampling = the sigmas
+    assert psnr(grid, exact) >= 45.0
+    # ...and far closer to it than the unfiltered image is, so the PSNR is not just "nothing happened"
+    assert psnr(image, exact) < psnr(grid, exact) - 15
+
+
+def test_finer_sampling_gets_closer_to_the_exact_filter(phantom_small):
+    image = phantom_small.astype(np.float32)
+    exact = bilateral_filter(image, 4, 30, method="exact")
+    coarse = bilateral_filter(image, 4, 30)
+    fine = bilateral_filter(image, 4, 30, sample_space=2, sample_color=15)
+    assert psnr(fine, exact) > psnr(coarse, exact) + 1.0
+
+
+def test_torch_path_on_cpu_matches_numpy_path(phantom_small):
+    image = phantom_small.astype(np.float32)
+    for sigma_space, sample_space in ((3.0, None), (5.0, 2.5)):
+        numpy_out = bilateral_filter(image, sigma_space, 25, sample_space=sample_space, backend="numpy")
+        torch_out = bilateral_filter(image, sigma_space, 25, sample_space=sample_space, backend="torch", device="cpu")
+        assert torch_out.dtype == np.float32 and torch_out.shape == image.shape
+        assert np.abs(torch_out - numpy_out).max() < 0.01
+    torch_uint8 = bilateral_filter(phantom_small, 3, 25, backend="torch", device="cpu")
+    assert torch_uint8.dtype == np.uint8
+    assert np.abs(torch_uint8.astype(int) - bilateral_filter(phantom_small, 3, 25)).max() <= 1  # rounding ties only
+
+
+def test_noisy_step_loses_noise_but_keeps_a_sharp_edge():
+    image = noisy_step()
+    filtered = bilateral_filter(image, 3, 30)
+    half = image.shape[1] // 2
+    flat_left, flat_right = (slice(None), slice(4, half - 12)), (slice(None), slice(half + 12, -4))
+    for flat in (flat_left, flat_right):
+        assert filtered[flat].std() <= image[flat].std() / 2
+    contrast = filtered[:, half:half + 3].mean() - filtered[:, half - 3:half].mean()
+    assert contrast >= 0.9 * 100
+    assert edge_width(filtered) <= 1.5  # a clean step measures 0.8 px
+
+
+def test_downsample_filter_upsample_shortcut_blurs_the_edge():
+    # The shortcut the grid replaces: filter a 4x smaller image, then scale it back up.
+    image = noisy_step()
+    small = cv2.resize(image, (image.shape[1] // 4, image.shape[0] // 4), interpolation=cv2.INTER_AREA)
+    shortcut = cv2.resize(bilateral_filter(small, 3 / 4, 30, method="exact"), image.shape[::-1],
+                          interpolation=cv2.INTER_LINEAR)
+    assert edge_width(shortcut) > 2.5
+    assert edge_width(shortcut) > 2 * edge_width(bilateral_filter(image, 3, 30))
+
+
+@pytest.mark.parametrize("method", ["grid", "opencv", "exact"])
+def test_16_bit_images_keep_their_depth_and_sigma_color_scales_with_it(phantom_small, method):
+    image8 = phantom_small[:48, :64]
+    image16 = image8.astype(np.uint16) * 257
+    out8 = bilateral_filter(image8, 2, 20, method=method)
+    out16 = bilateral_filter(image16, 2, 20, method=method)
+    assert out8.dtype == np.uint8 and out16.dtype == np.uint16
+    assert np.abs(out16 / 257.0 - out8).max() <= 1.0  # the same filter, at 257x the precision
+    assert len(np.unique(out16 % 257)) > 1  # real 16-bit values, not an 8-bit image scaled up
+
+
+def test_constant_image_stays_constant():
+    flat = np.full((20, 30), 77, np.uint8)
+    for method in fbf.METHODS:
+        assert np.array_equal(bilateral_filter(flat, 3, 20, method=method), flat)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(img=np.zeros((4, 4, 3), np.uint8)), "2D grey image"),
+    (dict(sigma_space=0), "sigma_space must be > 0"),
+    (dict(sample_color=-1), "sample_color must be > 0"),
+    (dict(method="fast"), "unknown method"),
+    (dict(backend="jax"), "unknown backend"),
+    (dict(img=np.zeros((4, 4), np.int32)), "cannot filter dtype int32"),
+])
+def test_bad_arguments_get_one_line_errors(bad, message):
+    arguments = dict(img=np.zeros((4, 4), np.uint8), sigma_space=2, sigma_color=10) | bad
+    with pytest.raises(ToothSegError, match=message) as caught:
+        bilateral_filter(**arguments)
+    assert "\n" not in str(caught.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset-tree CLI
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """A small processed_2d tree (one masks folder spelled 'Masks') with its index beside it."""
+    root = tmp_path / "data" / "processed_2d"
+    for number, (age, status, masks) in enumerate([("adult", "labeled", "masks"), ("adult", "unlabeled", None),
+                                                   ("children", "labeled", "Masks")]):
+        image, mask = generate_panoramic(number, 40, 80, age_group=age)
+        noisy = np.clip(image + np.random.default_rng(number).normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+        _mkdir_and_write(root / age / status / "images" / f"img{number}.png", noisy)
+        if masks:
+            _mkdir_and_write(root / age / status / masks / f"img{number}.png", mask)
+    (tmp_path / "data" / "sts2d_index.csv").write_text("rel_path,split\nadult/labeled/images/img0.png,train\n")
+    return root
+
+
+def _mkdir_and_write(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+
+
+def run_fbf(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "fbf.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_tree_is_mirrored_images_filtered_masks_and_index_copied(dataset):
+    fbf.main(["--input-dir", str(dataset), "--backend", "numpy", "--workers", "1", "--sigma-space", "2"])
+    output = dataset.with_name("processed_2d_fbf")  # the default output is a sibling
+    assert files_under(output) == files_under(dataset) | {"sts2d_index.csv"}
+    assert (output / "sts2d_index.csv").read_bytes() == (dataset.parent / "sts2d_index.csv").read_bytes()
+    for source in dataset.rglob("*.png"):
+        target = output / source.relative_to(dataset)
+        if source.parent.name.lower() == "masks":
+            assert target.read_bytes() == source.read_bytes()
+        else:
+            original = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+            written = cv2.imread(str(target), cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(written, bilateral_filter(original, 2, 20))
+            assert not np.array_equal(written, original)
+    assert not any(p.name.startswith(".") for p in output.rglob("*"))  # no temporary files left behind
+
+
+def test_existing_outputs_are_kept_unless_overwrite(dataset, tmp_path):
+    output = tmp_path / "filtered"
+    arguments = ["--input-dir", str(dataset), "--output-dir", str(output), "--backend", "numpy", "--workers", "1"]
+    fbf.main(arguments)
+    image = output / "adult" / "labeled" / "images" / "img0.png"
+    mask = output / "adult" / "labeled" / "masks" / "img0.png"
+    good_image, good_mask = image.read_bytes(), mask.read_bytes()
+    image.write_bytes(b"stale")
+    mask.write_bytes(b"stale")
+    fbf.main(arguments)
+    assert image.read_bytes() == b"stale" and mask.read_bytes() == b"stale"
+    fbf.main(arguments + ["--overwrite"])
+    assert image.read_bytes() == good_image and mask.read_bytes() == good_mask
+
+
+def test_16_bit_png_is_written_as_16_bit(tmp_path):
+    source = tmp_path / "in" / "images" / "deep.png"
+    image8, _ = generate_panoramic(5, 40, 80)
+    image16 = image8.astype(np.uint16) * 257 + np.random.default_rng(0).integers(0, 257, image8.shape).astype(np.uint16)
+    _mkdir_and_write(source, image16)
+    fbf.main(["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"), "--backend", "numpy",
+              "--workers", "1"])
+    written = cv2.imread(str(tmp_path / "out" / "images" / "deep.png"), cv2.IMREAD_UNCHANGED)
+    assert written.dtype == np.uint16
+    assert np.array_equal(written, bilateral_filter(image16, 3, 20))
+
+
+def test_bad_files_are_named_counted_and_the_rest_still_written(dataset, tmp_path):
+    bad = dataset / "adult" / "unlabeled" / "images" / "broken.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    output = tmp_path / "out"
+    result = run_fbf("--input-dir", str(dataset), "--output-dir", str(output), "--backend", "numpy", "--workers", "2")
+    assert result.returncode == 2
+    assert [line for line in result.stdout.splitlines() if line.startswith("skipped")] == [
+        f"skipped {bad}: cannot decode image (corrupt or not an image); replace or remove it"]
+    errors = result.stderr.strip().splitlines()
+    assert errors[-1].startswith("error: 1 of 6 files could not be decoded")
+    assert "Traceback" not in result.stderr
+    assert files_under(output) == files_under(dataset) - {"adult/unlabeled/images/broken.png"} | {"sts2d_index.csv"}
+
+
+def test_missing_input_is_a_one_line_error(tmp_path):
+    result = run_fbf(cwd=tmp_path)  # no arguments: ./sts_tooth_data/processed_2d
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: sts_tooth_data/processed_2d: input folder not found; run prepare_sts2d.py first or pass --input-dir"]
+    assert not (tmp_path / "sts_tooth_data").exists()
+
+
+def test_output_inside_input_is_refused(dataset):
+    with pytest.raises(ToothSegError, match="must lie outside"):
+        fbf.main(["--input-dir", str(dataset), "--output-dir", str(dataset / "filtered"), "--backend", "numpy"])
+    assert not (dataset / "filtered").exists()
