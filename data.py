@@ -160,6 +160,8 @@ def pretraining_samples(images_dir: str | os.PathLike, index: str | os.PathLike 
     """Every image except labelled val/test ones, so that nothing leaks into evaluation."""
     index_path = find_index(images_dir, index)
     if index_path is None:
+        print(f"note: no {INDEX_NAME} in or beside {images_dir}: pretraining on every image there. If you will "
+              f"evaluate on some of them, build an index with prepare_sts2d.py so val/test stay unseen.")
         return samples_from_folders(Path(images_dir))
     return samples_from_index(index_path, index_base_dir(images_dir, index_path), ("train", "pretrain"))
 

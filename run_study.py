@@ -1,0 +1,293 @@
+"""The pretraining study: does MIM or full-image pretraining help tooth segmentation, and by how much
+when labels are scarce? Runs the grid models x initialisation x label fraction x seed by calling the
+stage scripts as subprocesses with the flags a user would type, then tabulates test metrics.
+
+Per model, each pretraining (mim, fullimage) runs once (seed --pretrain-seed); every cell then
+fine-tunes (finetune_seg.py) and evaluates on the test split (eval.py). The study is resumable:
+a cell is done when OUT_DIR/cells/NAME/cell.json exists; failed or interrupted cells are redone from
+scratch, so a crash loses only the cell in progress.
+
+Outputs in OUT_DIR: study.csv (one row per cell), study.md (mean ± std over seeds, bootstrap 95% CIs
+over test images, and each pretraining's paired difference to scratch), and study_dice.png
+(test Dice against label fraction, one line per initialisation).
+
+Example (the README's real-data run):
+  python run_study.py --images-dir ./ufba/processed_2d --out-dir runs/study_ufba --models unet \\
+      --inits scratch mim fullimage --label-fractions 0.1 0.3 1.0 --seeds 0 1 --img-height 160 --img-width 320
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from metrics import METRIC_NAMES
+from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, run_cli
+
+HERE = Path(__file__).resolve().parent
+INITS = ("scratch", "mim", "fullimage")
+PRETRAIN_SCRIPTS = {"mim": ("mim_pretrain.py", "mim_best.pth"), "fullimage": ("fullimage_pretrain.py", "fullimage_best.pth")}
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--models", nargs="+", default=["unet"], metavar="NAME", help="unet, scag, nac")
+    grid.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, metavar="INIT", help="scratch, mim, fullimage")
+    grid.add_argument("--label-fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0], metavar="F")
+    grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="S")
+    data = parser.add_argument_group("data")
+    data.add_argument("--images-dir", type=Path, required=True, metavar="DIR", help="processed_2d (with its index) or images")
+    data.add_argument("--masks-dir", type=Path, metavar="DIR", help="only for folders without an index")
+    data.add_argument("--img-height", type=int, default=160, metavar="H")
+    data.add_argument("--img-width", type=int, default=320, metavar="W")
+    train = parser.add_argument_group("training budget")
+    train.add_argument("--pretrain-epochs", type=int, default=30, metavar="N")
+    train.add_argument("--finetune-epochs", type=int, default=40, metavar="N")
+    train.add_argument("--batch-size", type=int, default=8, metavar="B")
+    train.add_argument("--base-channels", type=int, default=32, metavar="C")
+    train.add_argument("--pretrain-seed", type=int, default=0, metavar="S")
+    train.add_argument("--pretrain-args", default="", metavar="'FLAGS'", help="extra flags for both pretraining scripts")
+    train.add_argument("--finetune-args", default="", metavar="'FLAGS'", help="extra flags for finetune_seg.py")
+    train.add_argument("--workers", type=int, default=2, metavar="N")
+    train.add_argument("--cpu", action="store_true")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out-dir", type=Path, default=Path("runs/study"), metavar="DIR")
+    out.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples for the CIs")
+    out.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    return parser.parse_args(argv)
+
+
+def cell_name(model: str, init: str, fraction: float, seed: int) -> str:
+    return f"{model}_{init}_f{fraction:g}_s{seed}"
+
+
+def script(name: str) -> list[str]:
+    return [sys.executable, str(HERE / name)]
+
+
+def common_flags(args) -> list[str]:
+    flags = ["--img-height", str(args.img_height), "--img-width", str(args.img_width), "--batch-size", str(args.batch_size),
+             "--num-workers", str(args.workers)]
+    return flags + (["--cpu"] if args.cpu else [])
+
+
+def pretrain_command(args, model: str, init: str) -> tuple[list[str], Path]:
+    name, best = PRETRAIN_SCRIPTS[init]
+    out = args.out_dir / "pretrain" / f"{init}_{model}"
+    cmd = script(name) + ["--images-dir", str(args.images_dir), "--checkpoint-dir", str(out), "--model-type", model,
+                          "--base-channels", str(args.base_channels), "--epochs", str(args.pretrain_epochs),
+                          "--seed", str(args.pretrain_seed), *common_flags(args), *shlex.split(args.pretrain_args)]
+    return cmd, out / best
+
+
+def cell_commands(args, model: str, init: str, fraction: float, seed: int, pretrained: Path | None) -> list[list[str]]:
+    cell = args.out_dir / "cells" / cell_name(model, init, fraction, seed)
+    finetune = script("finetune_seg.py") + [
+        "--images-dir", str(args.images_dir), "--save-dir", str(cell), "--model-type", model,
+        "--base-channels", str(args.base_channels), "--epochs", str(args.finetune_epochs), "--seed", str(seed),
+        "--label-fraction", f"{fraction:g}", *common_flags(args), *shlex.split(args.finetune_args)]
+    if args.masks_dir is not None:
+        finetune += ["--masks-dir", str(args.masks_dir)]
+    if pretrained is not None:
+        finetune += ["--init-from", str(pretrained)]
+    evaluate = script("eval.py") + ["--checkpoint", str(cell / "best_model.pth"), "--split", "test",
+                                     "--out-dir", str(cell / "eval_test"), "--workers", str(args.workers)]
+    return [finetune, evaluate + (["--cpu"] if args.cpu else [])]
+
+
+def grid(args):
+    """Every (model, init, label fraction, seed) cell, in run order."""
+    return itertools.product(args.models, args.inits, args.label_fractions, args.seeds)
+
+
+def run_logged(cmd: list[str], log: Path) -> bool:
+    """Run one stage, appending its output to `log`; True on success."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode == 0
+
+
+def tail(path: Path, lines: int = 3) -> str:
+    return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        print("# dry run: commands that a full run executes (completed steps are skipped at run time)")
+    started, ran, skipped, failed = time.time(), 0, 0, []
+
+    # Pretraining, once per model and method.
+    pretrained: dict[tuple[str, str], Path] = {}
+    for model in args.models:
+        for init in (i for i in args.inits if i != "scratch"):
+            cmd, best = pretrain_command(args, model, init)
+            pretrained[model, init] = best
+            done = best.parent / "done.json"
+            if args.dry_run:
+                print(shlex.join(cmd))
+            elif done.exists():
+                print(f"skip pretraining {init} {model}: done")
+            else:
+                shutil.rmtree(best.parent, ignore_errors=True)
+                print(f"pretraining {init} {model} ...", flush=True)
+                if not run_logged(cmd, best.parent.with_suffix(".log")):
+                    failed.append(f"pretrain {init} {model}: {tail(best.parent.with_suffix('.log'))}")
+                    continue
+                atomic_write_text(done, json.dumps({"checkpoint": str(best), "finished": time.time()}))
+
+    # Cells: fine-tune then evaluate; cell.json marks a finished cell.
+    for model, init, fraction, seed in grid(args):
+        name = cell_name(model, init, fraction, seed)
+        cell = args.out_dir / "cells" / name
+        source = pretrained.get((model, init))
+        commands = cell_commands(args, model, init, fraction, seed, source)
+        if args.dry_run:
+            print("\n".join(shlex.join(c) for c in commands))
+            continue
+        if (cell / "cell.json").exists():
+            skipped += 1
+            print(f"skip {name}: done")
+            continue
+        if source is not None and not (source.parent / "done.json").exists():
+            failed.append(f"{name}: its {init} pretraining failed")
+            continue
+        shutil.rmtree(cell, ignore_errors=True)
+        print(f"cell {name} ...", flush=True)
+        cell_start = time.time()
+        log = cell.with_suffix(".log")
+        log.unlink(missing_ok=True)
+        if not all(run_logged(c, log) for c in commands):
+            failed.append(f"{name}: {tail(log)}")
+            continue
+        summary = json.loads((cell / "eval_test" / "summary.json").read_text())
+        record = {"model": model, "init": init, "label_fraction": fraction, "seed": seed,
+                  **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
+                  "n_test": summary["n_images"], "best_epoch": summary["checkpoint_epoch"],
+                  "seconds": round(time.time() - cell_start, 1)}
+        atomic_write_text(cell / "cell.json", json.dumps(record, indent=2))
+        ran += 1
+        print(f"  {name}: test dice {record['dice']:.4f}, hd95 {record['hd95']:.1f} px", flush=True)
+    if args.dry_run:
+        return
+
+    # Tables and plot over every finished cell of this grid.
+    records = collect(args)
+    if records:
+        write_outputs(args, records)
+    print(f"cells run {ran}, skipped (done) {skipped}, failed {len(failed)}; {time.time() - started:.0f} s")
+    if failed:
+        raise ToothSegError("some steps failed (their logs are beside the cell folders): " + "; ".join(failed))
+
+
+def collect(args) -> list[dict]:
+    """The records of this grid's finished cells."""
+    paths = (args.out_dir / "cells" / cell_name(*cell) / "cell.json" for cell in grid(args))
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+def per_image_dice(args, record: dict) -> dict[str, float]:
+    path = args.out_dir / "cells" / cell_name(record["model"], record["init"], record["label_fraction"],
+                                              record["seed"]) / "eval_test" / "per_image.csv"
+    with path.open(newline="") as f:
+        return {row["pair_id"]: float(row["dice"]) for row in csv.DictReader(f)}
+
+
+def bootstrap_ci(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of the mean over images."""
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def write_outputs(args, records: list[dict]) -> None:
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(args.out_dir / "study.csv", buf.getvalue())
+
+    rng = np.random.default_rng(0)
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["init"], r["label_fraction"]), []).append(r)
+
+    def image_means(group: list[dict]) -> dict[str, float]:
+        """Each test image's Dice averaged over seeds."""
+        per_seed = [per_image_dice(args, r) for r in group]
+        common = set.intersection(*(set(p) for p in per_seed))
+        return {k: float(np.mean([p[k] for p in per_seed])) for k in sorted(common)}
+
+    lines = ["| model | init | labels | seeds | test Dice (mean ± std over seeds) | 95% CI over images | HD95 px | ASSD px |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    diffs = ["| model | labels | pretraining | Dice − scratch | paired 95% CI over images | verdict |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for (model, init, fraction), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], INITS.index(kv[0][1]))):
+        dice = np.array([r["dice"] for r in group])
+        lo, hi = bootstrap_ci(np.array(list(image_means(group).values())), args.bootstrap, rng)
+        lines.append(f"| {model} | {init} | {fraction:g} | {len(group)} | {dice.mean():.4f} ± {dice.std():.4f} | "
+                     f"[{lo:.4f}, {hi:.4f}] | {np.mean([r['hd95'] for r in group]):.1f} | "
+                     f"{np.mean([r['assd'] for r in group]):.1f} |")
+        scratch = groups.get((model, "scratch", fraction))
+        if init != "scratch" and scratch:
+            ours, base = image_means(group), image_means(scratch)
+            keys = sorted(set(ours) & set(base))
+            delta = np.array([ours[k] - base[k] for k in keys])
+            dlo, dhi = bootstrap_ci(delta, args.bootstrap, rng)
+            verdict = "helps" if dlo > 0 else "hurts" if dhi < 0 else "no clear difference"
+            diffs.append(f"| {model} | {fraction:g} | {init} | {delta.mean():+.4f} | [{dlo:+.4f}, {dhi:+.4f}] | {verdict} |")
+    table = "\n".join(lines)
+    text = ["# Pretraining study", "", f"Images: `{args.images_dir}`, input {args.img_height}x{args.img_width}, "
+            f"base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, fine-tuning {args.finetune_epochs} "
+            f"epochs, batch {args.batch_size}.", "", table, ""]
+    if len(diffs) > 2:
+        text += ["Pretraining against scratch (same label fraction; per-image Dice averaged over seeds, "
+                 "paired bootstrap over test images):", "", "\n".join(diffs), ""]
+    atomic_write_text(args.out_dir / "study.md", "\n".join(text))
+    plot(args, groups)
+    print(table)
+    if len(diffs) > 2:
+        print("\n".join(diffs))
+    print(f"wrote {args.out_dir / 'study.csv'}, {args.out_dir / 'study.md'} and {args.out_dir / 'study_dice.png'}")
+
+
+def plot(args, groups: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for model in args.models:
+        for init in args.inits:
+            points = sorted((f, [r["dice"] for r in g]) for (m, i, f), g in groups.items() if m == model and i == init)
+            if not points:
+                continue
+            x = [f for f, _ in points]
+            ax.errorbar(x, [np.mean(d) for _, d in points], yerr=[np.std(d) for _, d in points], marker="o",
+                        capsize=3, label=f"{model} · {init}" if len(args.models) > 1 else init)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of labelled training images")
+    ax.set_ylabel("test Dice (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(args.out_dir / "study_dice.png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_cli(main)
