@@ -1,0 +1,330 @@
+"""2D U-Nets for ToothSeg: `UNet2D`, `UNet2D_scAG` (spatial-channel attention gates on the skips) and
+`UNet2D_NAC` (neighbour-aware context at the bottleneck plus scAG), and the `MODELS` registry that
+the scripts' `--model-type` selects from.
+
+Every model has the same four top-level parts, so weights move between pretraining and segmentation
+by name and the parameter names say where they live:
+
+    encoder.stem, encoder.down1..down4   feature extractor (DoubleConv stages)
+    bottleneck                           identity for unet/scag, the NAC block for nac
+    decoder.up1..up4 (+ decoder.gate1..gate4 for scag/nac)
+    head.conv                            final 1x1 conv
+
+"Encoder" in `encoder_parameters()` / `set_encoder_trainable()` means `encoder` plus `bottleneck`.
+
+Choices worth knowing:
+- Widths are base*(1, 2, 4, 8, 16). With `bilinear=True` the deepest stage and the decoder widths are
+  halved, as in milesial/Pytorch-UNet, because bilinear upsampling cannot reduce channels the way a
+  transposed conv does; `bilinear=False` keeps full widths and upsamples with ConvTranspose2d.
+- Any input height/width works: the input is padded on the bottom/right to a multiple of 16 (four 2x
+  poolings) by *replicating* the edge pixels, and the output is cropped back exactly. Replicate
+  rather than zeros (which would add dark borders that shift the statistics at the image edge) and
+  rather than reflect (which fails when the padding exceeds the image size).
+- NAC's last BatchNorm starts with gamma = 0, so the block starts as the identity and a fresh
+  `UNet2D_NAC` computes what a `UNet2D_scAG` computes; the gamma learns to open the branch.
+- `model.config` holds the constructor arguments as plain types and `model.name` the registry key,
+  so `build_model(ckpt["model_name"], **ckpt["model_args"])` rebuilds a checkpointed model.
+"""
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import ToothSegError
+
+# Four 2x max-poolings: spatial sizes must be divisible by 2**4.
+SIZE_MULTIPLE = 16
+ENCODER_PREFIXES = ("encoder.", "bottleneck.")
+
+
+# ----------------------------------------------------------------------------------------------
+# U-Net building blocks
+# ----------------------------------------------------------------------------------------------
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1):
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False),
+            bn=nn.BatchNorm2d(out_channels),
+            relu=nn.ReLU(inplace=True),
+        ))
+
+
+class DoubleConv(nn.Sequential):
+    """(Conv3x3 -> BN -> ReLU) x 2."""
+
+    def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None):
+        mid_channels = mid_channels or out_channels
+        super().__init__(ConvBNReLU(in_channels, mid_channels), ConvBNReLU(mid_channels, out_channels))
+
+
+class Down(nn.Module):
+    """MaxPool2d(2) then DoubleConv."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2)
+        self.convs = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(self.pool(x))
+
+
+class Up(nn.Module):
+    """Upsample the deeper feature 2x, optionally gate the skip with it, concatenate, DoubleConv.
+
+    `in_channels` is the width after concatenation; the upsampled feature and the skip each carry half.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bilinear: bool):
+        super().__init__()
+        if bilinear:
+            self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+            self.convs = DoubleConv(in_channels, out_channels, mid_channels=in_channels // 2)
+        else:
+            self.upsample = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+            self.convs = DoubleConv(in_channels, out_channels)
+
+    def forward(self, deeper: torch.Tensor, skip: torch.Tensor, gate: nn.Module | None = None) -> torch.Tensor:
+        g = self.upsample(deeper)
+        if gate is not None:
+            skip = gate(skip, g)
+        return self.convs(torch.cat([skip, g], dim=1))
+
+
+class OutConv(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and context blocks
+# ----------------------------------------------------------------------------------------------
+class ScAG(nn.Module):
+    """Spatial-channel attention gate (Khanh et al., Appl. Sci. 2020), as defined in DESIGN.md.
+
+    Gates skip feature `x` (C_x channels) with decoder feature `g` (C_g channels, same H x W):
+      spatial: S_t = Conv7x7([mean_c(t); max_c(t); Conv1x1(t)]),  a_s = sigmoid(S_x + S_g)
+      channel: c_t = ReLU(W1_t GAP(t)) + ReLU(W1_t GMP(t)),     a_c = sigmoid(W2 (c_x + c_g))
+      output:  x * a_s * a_c
+    W1_t is shared between the average- and max-pooled vectors but separate for x and g, so C_g may
+    differ from C_x; both map to the same hidden width max(C_x // reduction, min_hidden), and W2 maps
+    back to C_x. The floor keeps narrow skips from getting a 1-2 unit bottleneck whose ReLUs can all
+    start dead, which would leave W1_x without gradient for good.
+    """
+
+    def __init__(self, skip_channels: int, gate_channels: int, reduction: int = 8, min_hidden: int = 8):
+        super().__init__()
+        hidden = max(skip_channels // reduction, min_hidden)
+        self.spatial_proj_x = nn.Conv2d(skip_channels, 1, kernel_size=1)
+        self.spatial_proj_g = nn.Conv2d(gate_channels, 1, kernel_size=1)
+        self.spatial_conv_x = nn.Conv2d(3, 1, kernel_size=7, padding=3)
+        self.spatial_conv_g = nn.Conv2d(3, 1, kernel_size=7, padding=3)
+        self.channel_reduce_x = nn.Linear(skip_channels, hidden)
+        self.channel_reduce_g = nn.Linear(gate_channels, hidden)
+        self.channel_expand = nn.Linear(hidden, skip_channels)
+
+    @staticmethod
+    def _spatial_logits(t: torch.Tensor, proj: nn.Module, conv: nn.Module) -> torch.Tensor:
+        descriptor = torch.cat([t.mean(dim=1, keepdim=True), t.amax(dim=1, keepdim=True), proj(t)], dim=1)
+        return conv(descriptor)
+
+    @staticmethod
+    def _channel_code(t: torch.Tensor, reduce: nn.Module) -> torch.Tensor:
+        return F.relu(reduce(t.mean(dim=(2, 3)))) + F.relu(reduce(t.amax(dim=(2, 3))))
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        spatial = torch.sigmoid(self._spatial_logits(x, self.spatial_proj_x, self.spatial_conv_x)
+                                + self._spatial_logits(g, self.spatial_proj_g, self.spatial_conv_g))
+        channel = torch.sigmoid(self.channel_expand(self._channel_code(x, self.channel_reduce_x)
+                                                    + self._channel_code(g, self.channel_reduce_g)))
+        return x * spatial * channel[:, :, None, None]
+
+
+class BranchSelector(nn.Module):
+    """Selective-Kernel attention: GAP -> FC reduce -> ReLU -> FC to K*C -> softmax over the K branches,
+    per channel. Returns weights of shape (B, K, C) that sum to 1 over K."""
+
+    def __init__(self, channels: int, branches: int, reduction: int = 16, min_hidden: int = 32):
+        super().__init__()
+        self.branches = branches
+        hidden = max(channels // reduction, min_hidden)  # SKNet's d = max(C / r, L)
+        self.reduce = nn.Linear(channels, hidden)
+        self.expand = nn.Linear(hidden, branches * channels)
+
+    def forward(self, summed: torch.Tensor) -> torch.Tensor:
+        logits = self.expand(F.relu(self.reduce(summed.mean(dim=(2, 3)))))
+        return logits.unflatten(1, (self.branches, -1)).softmax(dim=1)
+
+
+class NAC(nn.Module):
+    """Neighbour-aware context block, as defined in DESIGN.md:
+
+        NAC(x) = x + BN(Conv1x1(sum_k a_k * ReLU(BN(Conv3x3_dilation_k(x)))))
+
+    with `a` from `BranchSelector` on the summed branches. The final BN's gamma starts at zero, so
+    the block starts as the identity (the zero-gamma residual trick) and learns how much context to add.
+    """
+
+    def __init__(self, channels: int, dilations: tuple[int, ...] = (1, 2, 3, 5), reduction: int = 16):
+        super().__init__()
+        self.branches = nn.ModuleList(ConvBNReLU(channels, channels, dilation=d) for d in dilations)
+        self.select = BranchSelector(channels, len(dilations), reduction)
+        self.project = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
+        self.project_bn = nn.BatchNorm2d(channels)
+        nn.init.zeros_(self.project_bn.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [branch(x) for branch in self.branches]
+        weights = self.select(sum(features))
+        fused = sum(w[:, :, None, None] * f for w, f in zip(weights.unbind(dim=1), features))
+        return x + self.project_bn(self.project(fused))
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder, decoder and the models
+# ----------------------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    def __init__(self, in_channels: int, base: int, bilinear: bool):
+        super().__init__()
+        factor = 2 if bilinear else 1
+        self.stem = DoubleConv(in_channels, base)
+        self.down1 = Down(base, base * 2)
+        self.down2 = Down(base * 2, base * 4)
+        self.down3 = Down(base * 4, base * 8)
+        self.down4 = Down(base * 8, base * 16 // factor)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features from shallow to deep: the four skips, then the deepest map."""
+        features = [self.stem(x)]
+        for down in (self.down1, self.down2, self.down3, self.down4):
+            features.append(down(features[-1]))
+        return features
+
+
+class Decoder(nn.Module):
+    """Four Up stages, deepest first; with `gate_reduction` set, a ScAG gates each skip."""
+
+    def __init__(self, base: int, bilinear: bool, gate_reduction: int | None = None):
+        super().__init__()
+        factor = 2 if bilinear else 1
+        self.up1 = Up(base * 16, base * 8 // factor, bilinear)
+        self.up2 = Up(base * 8, base * 4 // factor, bilinear)
+        self.up3 = Up(base * 4, base * 2 // factor, bilinear)
+        self.up4 = Up(base * 2, base, bilinear)
+        # Each stage's upsampled feature has the same width as its skip (base * 8, 4, 2, 1).
+        skip_widths = (base * 8, base * 4, base * 2, base)
+        gates = [ScAG(w, w, gate_reduction) if gate_reduction else None for w in skip_widths]
+        self.gate1, self.gate2, self.gate3, self.gate4 = gates
+
+    def forward(self, deepest: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = self.up1(deepest, skips[3], self.gate1)
+        x = self.up2(x, skips[2], self.gate2)
+        x = self.up3(x, skips[1], self.gate3)
+        return self.up4(x, skips[0], self.gate4)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+    """Replicate-pad the bottom and right edges so height and width are multiples of `multiple`."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    return x
+
+
+class UNetBase(nn.Module):
+    """Shared body; subclasses set `name`, `config` and which gate/bottleneck they use."""
+
+    name: str
+    config: dict
+
+    def __init__(self, in_channels: int, out_channels: int, base_channels: int, bilinear: bool,
+                 gate_reduction: int | None = None, bottleneck: nn.Module | None = None):
+        super().__init__()
+        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                           ("base_channels", base_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ToothSegError(f"model {arg} must be a positive integer, got {value!r}")
+        self.encoder = Encoder(in_channels, base_channels, bilinear)
+        self.bottleneck = bottleneck if bottleneck is not None else nn.Identity()
+        self.decoder = Decoder(base_channels, bilinear, gate_reduction)
+        self.head = OutConv(base_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        features = self.encoder(pad_to_multiple(x))
+        decoded = self.decoder(self.bottleneck(features[-1]), features[:-1])
+        return self.head(decoded)[..., :height, :width]
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of `encoder` and `bottleneck`: what pretraining transfers and freezing holds."""
+        return (p for name, p in self.named_parameters() if name.startswith(ENCODER_PREFIXES))
+
+    def set_encoder_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze `encoder` + `bottleneck` (requires_grad only; BatchNorm running
+        statistics still update in train mode)."""
+        for p in self.encoder_parameters():
+            p.requires_grad_(trainable)
+
+
+class UNet2D(UNetBase):
+    """Plain U-Net: DoubleConv stem, 4 Down, 4 Up with concatenated skips, 1x1 head."""
+
+    name = "unet"
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
+                 bilinear: bool = True):
+        super().__init__(in_channels, out_channels, base_channels, bilinear)
+        self.config = dict(in_channels=in_channels, out_channels=out_channels,
+                           base_channels=base_channels, bilinear=bilinear)
+
+
+class UNet2D_scAG(UNetBase):
+    """U-Net with a spatial-channel attention gate (ScAG) on every skip connection."""
+
+    name = "scag"
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
+                 bilinear: bool = True, gate_reduction: int = 8):
+        super().__init__(in_channels, out_channels, base_channels, bilinear, gate_reduction=gate_reduction)
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+                           bilinear=bilinear, gate_reduction=gate_reduction)
+
+
+class UNet2D_NAC(UNetBase):
+    """U-Net with a NAC block at the bottleneck and ScAG on every skip connection."""
+
+    name = "nac"
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
+                 bilinear: bool = True, gate_reduction: int = 8, nac_dilations: tuple[int, ...] = (1, 2, 3, 5),
+                 nac_reduction: int = 16):
+        deepest_channels = base_channels * 16 // (2 if bilinear else 1)
+        super().__init__(in_channels, out_channels, base_channels, bilinear, gate_reduction=gate_reduction,
+                         bottleneck=NAC(deepest_channels, tuple(nac_dilations), nac_reduction))
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+                           bilinear=bilinear, gate_reduction=gate_reduction,
+                           nac_dilations=list(nac_dilations), nac_reduction=nac_reduction)
+
+
+MODELS: dict[str, type[UNetBase]] = {cls.name: cls for cls in (UNet2D, UNet2D_scAG, UNet2D_NAC)}
+
+
+def build_model(name: str, **kwargs) -> UNetBase:
+    """Build a registered model by its `--model-type` name, with one-line errors for bad names or args."""
+    if name not in MODELS:
+        raise ToothSegError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    cls = MODELS[name]
+    accepted = [p for p in inspect.signature(cls).parameters]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ToothSegError(f"model {name!r} does not take {', '.join(unknown)}; it accepts {', '.join(accepted)}")
+    return cls(**kwargs)
