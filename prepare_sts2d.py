@@ -1,0 +1,736 @@
+"""Build processed_2d/ and sts2d_index.csv from STS-2D-Tooth, a plain images/masks folder pair,
+TG3K, or the built-in synthetic panoramic phantom.
+
+    python prepare_sts2d.py --zip-dir downloads/             # SD-Tooth.zip.001 ... .015, read in place
+    python prepare_sts2d.py --raw-dir raw/                   # an extracted STS-2D-Tooth tree (or an ancestor)
+    python prepare_sts2d.py --images-dir imgs --masks-dir masks
+    python prepare_sts2d.py --tg3k-dir tg3k/                 # thyroid ultrasound, stored as adult/labeled
+    python prepare_sts2d.py --synthetic 60 --data-root runs/demo/data
+
+Output in --data-root: processed_2d/{adult,children}/{labeled,unlabeled}/{images,masks}/<pair_id>.png
+(8-bit grey images, masks 0/255) and sts2d_index.csv, one row per file (columns in data.INDEX_COLUMNS).
+
+Rules:
+- Images are paired with masks by file stem inside the same age group and label status; a mask may
+  also carry one of the suffixes in MASK_SUFFIXES (x_mask.png pairs with x.png) when that is
+  unambiguous. Folder names match without regard to case.
+- Masks are binarised with > 0 (TG3K's JPEG masks with > 127). 16-bit images are scaled to 8 bits.
+- Splits: labelled pairs go to train/val/test (--val-ratio, --test-ratio), stratified by age group
+  and deterministic in --seed; unlabelled images go to pretrain. Byte-identical images form a
+  duplicate group (`dup_group`, the group's first pair_id) that always lands in one split: an
+  unlabelled copy of a labelled image takes that image's split, so it can't leak into pretraining
+  when its twin is in val/test. Duplicate groups are listed in duplicates.csv, and groups whose
+  masks disagree are printed.
+- A stratum of n >= 3 duplicate groups gives at least one to val and one to test (when the ratio is
+  > 0) and keeps at least one for train; smaller strata go to train.
+- TG3K keeps its official split: tg3k-trainval.json's "val" becomes our test split, and val is
+  carved from its "train" list by --val-ratio.
+- Bad input (an undecodable image, a mask whose size differs from its image, an image without a
+  mask or a mask without an image, an unsafe zip member path) stops the run with a one-line error
+  naming the file, unless --skip-bad: then the files are left out and listed in rejected.csv.
+- The output is rebuilt in a temporary folder and swapped in at the end, so a failed run leaves the
+  previous output intact. A second run with the same source and settings does nothing and says so
+  (prepare_stamp.json records them); --force rebuilds. The source is only read.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import zipfile
+import zlib
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import phantom
+from data import AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, PROCESSED_NAME, SPLITS, read_index, write_index
+from utils import ToothSegError, atomic_write_bytes, atomic_write_text, decode_image, is_image_file, make_parser, run_cli, to_uint8
+
+STAMP_NAME = "prepare_stamp.json"
+REJECTED_NAME = "rejected.csv"
+DUPLICATES_NAME = "duplicates.csv"
+STAMP_VERSION = 1  # bump when the output format changes, so older builds are redone
+STS_FOLDER = "sts-2d-tooth"
+AGE_FOLDERS = {"a-pxi": "adult", "c-pxi": "children"}
+STATUS_FOLDERS = {"labeled": "labeled", "labelled": "labeled", "unlabeled": "unlabeled", "unlabelled": "unlabeled"}
+KIND_FOLDERS = {"image": "image", "images": "image", "mask": "mask", "masks": "mask"}
+MASK_SUFFIXES = ("_mask", "-mask", "_masks", "_label", "-label", "_gt", "-gt", "_seg", "-seg")
+ZIP_PART = re.compile(r"^(?P<prefix>.+\.zip)\.(?P<number>\d{3})$", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a source yields: files with their place in the layout, read lazily
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceFile:
+    name: str                     # shown in messages: a path, or "<zip part>:<member>"
+    read: Callable[[], bytes]
+    stamp: str                    # identifies this version of the file for the up-to-date check
+
+
+@dataclass(frozen=True)
+class Found:
+    age_group: str
+    label_status: str
+    kind: str                     # "image" or "mask"
+    stem: str
+    file: SourceFile
+    preset_split: str = ""        # TG3K: "test" or "trainval" from its json
+
+
+@dataclass
+class Source:
+    kind: str                     # the index's `source` column
+    description: str
+    files: list[Found]
+    rejects: list[tuple[str, str]]
+    mask_threshold: int = 0       # mask = value > threshold
+    close: Callable[[], None] = lambda: None
+
+
+class BadInput(Exception):
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
+def _file_on_disk(path: Path) -> SourceFile:
+    st = path.stat()
+    return SourceFile(str(path), path.read_bytes, f"{st.st_size}:{st.st_mtime_ns}")
+
+
+def _child_dirs(folder: Path, names: dict[str, str]) -> list[tuple[str, Path]]:
+    """Sub-folders whose lower-cased name is a key of `names`, as (value, path); others are noted."""
+    found = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if child.name.lower() in names:
+            found.append((names[child.name.lower()], child))
+        elif not child.name.startswith((".", "__")):
+            print(f"note: ignoring unexpected folder {child}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+def find_sts_folder(raw_dir: Path) -> Path:
+    """The STS-2D-Tooth folder: `raw_dir` itself or the single one below it (any case)."""
+    if not raw_dir.is_dir():
+        raise ToothSegError(f"{raw_dir}: folder not found; check --raw-dir")
+    if raw_dir.name.lower() == STS_FOLDER:
+        return raw_dir
+    matches = []
+    for root, dirs, _ in os.walk(raw_dir):
+        dirs.sort()
+        matches += [Path(root) / d for d in dirs if d.lower() == STS_FOLDER]
+        dirs[:] = [d for d in dirs if d.lower() != STS_FOLDER]
+    if not matches:
+        raise ToothSegError(f"{raw_dir}: no STS-2D-Tooth folder inside; point --raw-dir at the extracted SD-Tooth tree")
+    if len(matches) > 1:
+        raise ToothSegError(f"{raw_dir}: several STS-2D-Tooth folders ({matches[0]}, {matches[1]}); point --raw-dir at one of them")
+    return matches[0]
+
+
+def source_from_raw(raw_dir: Path) -> Source:
+    sts = find_sts_folder(raw_dir)
+    files = []
+    for age, age_dir in _child_dirs(sts, AGE_FOLDERS):
+        for status, status_dir in _child_dirs(age_dir, STATUS_FOLDERS):
+            for kind, kind_dir in _child_dirs(status_dir, KIND_FOLDERS):
+                files += [Found(age, status, kind, p.stem, _file_on_disk(p))
+                          for p in sorted(kind_dir.iterdir()) if p.is_file() and is_image_file(p)]
+    return Source("raw", f"extracted tree {sts}", files, [])
+
+
+def source_from_folders(images_dir: Path, masks_dir: Path) -> Source:
+    """A flat folder of images and one of same-named masks, taken as adult/labeled."""
+    files = []
+    for kind, folder in (("image", images_dir), ("mask", masks_dir)):
+        if not folder.is_dir():
+            raise ToothSegError(f"{folder}: folder not found; check --{kind}s-dir")
+        files += [Found("adult", "labeled", kind, p.stem, _file_on_disk(p))
+                  for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)]
+    return Source("folder", f"folders {images_dir} + {masks_dir}", files, [])
+
+
+class ConcatenatedParts(io.RawIOBase):
+    """The zip parts read as one seekable stream, so zipfile can open a split download without a
+    merged copy. Parts are opened on first use and closed with the stream."""
+
+    def __init__(self, paths: list[Path]):
+        super().__init__()
+        self.paths = paths
+        sizes = [p.stat().st_size for p in paths]
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.size = sum(sizes)
+        self.pos = 0
+        self.handles: dict[int, io.BufferedReader] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise OSError("seek before the start of the zip")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        if self.pos >= self.size:
+            return 0
+        part = bisect.bisect_right(self.starts, self.pos) - 1
+        if part not in self.handles:
+            self.handles[part] = open(self.paths[part], "rb")
+        handle = self.handles[part]
+        handle.seek(self.pos - self.starts[part])
+        n = handle.readinto(memoryview(buffer)[:min(len(buffer), self.size - self.pos)])
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+        super().close()
+
+
+def find_zip_parts(zip_dir: Path) -> list[Path]:
+    """SD-Tooth.zip.001, .002, ... in order (or a single .zip). A gap in the numbering is an error."""
+    if not zip_dir.is_dir():
+        raise ToothSegError(f"{zip_dir}: folder not found; check --zip-dir")
+    numbered = defaultdict(dict)
+    for p in zip_dir.iterdir():
+        match = ZIP_PART.match(p.name)
+        if match and p.is_file():
+            numbered[match["prefix"]][int(match["number"])] = p
+    if not numbered:
+        whole = sorted(p for p in zip_dir.iterdir() if p.suffix.lower() == ".zip" and p.is_file())
+        if len(whole) == 1:
+            return whole
+        raise ToothSegError(f"{zip_dir}: no zip parts (SD-Tooth.zip.001, .002, ...) found; check --zip-dir")
+    if len(numbered) > 1:
+        raise ToothSegError(f"{zip_dir}: parts of several zips ({', '.join(sorted(numbered))}); keep one set per folder")
+    prefix, parts = next(iter(numbered.items()))
+    for number in range(1, max(parts) + 1):
+        if number not in parts:
+            raise ToothSegError(f"{zip_dir / f'{prefix}.{number:03d}'}: zip part missing "
+                                f"(found {len(parts)} of .001-.{max(parts):03d}); download it and run again")
+    return [parts[n] for n in sorted(parts)]
+
+
+def source_from_zip(zip_dir: Path) -> Source:
+    parts = find_zip_parts(zip_dir)
+    label = f"{parts[0]}" + (f" (+{len(parts) - 1} parts)" if len(parts) > 1 else "")
+    stream = io.BufferedReader(ConcatenatedParts(parts), buffer_size=1 << 20)
+    try:
+        archive = zipfile.ZipFile(stream)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        stream.close()
+        raise ToothSegError(f"{label}: not a readable zip ({exc}); the download is corrupt or a last part is missing") from None
+
+    def reader(info: zipfile.ZipInfo, name: str) -> Callable[[], bytes]:
+        def read() -> bytes:
+            try:
+                return archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+                raise BadInput(name, f"corrupt zip member ({exc})") from None
+        return read
+
+    files, rejects, skipped = [], [], 0
+    for info in archive.infolist():
+        parts_of_name = PurePosixPath(info.filename.replace("\\", "/")).parts
+        lowered = [p.lower() for p in parts_of_name]
+        if STS_FOLDER not in lowered or info.is_dir():
+            continue  # only STS-2D-Tooth is extracted
+        name = f"{parts[0].name}:{info.filename}"
+        if info.filename.startswith(("/", "\\")) or ".." in parts_of_name or re.match(r"^[A-Za-z]:", info.filename):
+            rejects.append((name, "zip member path escapes the target folder; refused"))
+            continue
+        layout = lowered[lowered.index(STS_FOLDER) + 1:]
+        if len(layout) != 4 or layout[0] not in AGE_FOLDERS or layout[1] not in STATUS_FOLDERS or layout[2] not in KIND_FOLDERS:
+            skipped += 1
+            continue
+        if not is_image_file(Path(parts_of_name[-1])):
+            continue
+        files.append(Found(AGE_FOLDERS[layout[0]], STATUS_FOLDERS[layout[1]], KIND_FOLDERS[layout[2]],
+                           PurePosixPath(parts_of_name[-1]).stem,
+                           SourceFile(name, reader(info, name), f"{info.CRC}:{info.file_size}")))
+    if skipped:
+        print(f"note: ignored {skipped} STS-2D-Tooth zip members outside {{A,C}}-PXI/{{Labeled,Unlabeled}}/{{Image,Mask}}/")
+    return Source("zip", f"zip {label}", files, rejects, close=archive.close)
+
+
+def source_from_tg3k(tg3k_dir: Path) -> Source:
+    """TG3K: thyroid-image/NNNN.jpg, thyroid-mask/NNNN.jpg and tg3k-trainval.json, whose integers
+    index the numerically sorted image list. Stored as adult/labeled."""
+    if not tg3k_dir.is_dir():
+        raise ToothSegError(f"{tg3k_dir}: folder not found; check --tg3k-dir")
+    candidates = [tg3k_dir] + [p for p in sorted(tg3k_dir.iterdir()) if p.is_dir() and p.name.lower() == "tg3k"]
+    root = next((c for c in candidates if any(p.name.lower() == "thyroid-image" for p in c.iterdir() if p.is_dir())), None)
+    if root is None:
+        raise ToothSegError(f"{tg3k_dir}: no thyroid-image folder (looked in it and in tg3k/); point --tg3k-dir at the TG3K folder")
+    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    if "thyroid-mask" not in folders:
+        raise ToothSegError(f"{root}: no thyroid-mask folder beside thyroid-image; the TG3K download is incomplete")
+    split_json = next((p for p in root.iterdir() if p.name.lower() == "tg3k-trainval.json"), root / "tg3k-trainval.json")
+    try:
+        split = json.loads(split_json.read_text())
+        train, val = [int(i) for i in split["train"]], [int(i) for i in split["val"]]
+    except OSError as exc:
+        raise ToothSegError(f"{split_json}: cannot read ({exc.strerror}); TG3K needs its train/val list") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ToothSegError(f"{split_json}: not a TG3K split file ({exc!r}); expected {{\"train\": [ints], \"val\": [ints]}}") from None
+
+    def numeric(p: Path):
+        return (int(p.stem), p.name) if p.stem.isdigit() else (float("inf"), p.name)
+
+    images = sorted((p for p in folders["thyroid-image"].iterdir() if p.is_file() and is_image_file(p)), key=numeric)
+    bad = [i for i in train + val if not 0 <= i < len(images)]
+    if bad:
+        raise ToothSegError(f"{split_json}: index {bad[0]} is outside the {len(images)} images in {folders['thyroid-image']}; "
+                            "the json and the image folder don't match")
+    if set(train) & set(val):
+        raise ToothSegError(f"{split_json}: index {sorted(set(train) & set(val))[0]} is in both train and val; fix the json")
+    preset = {i: "trainval" for i in train} | {i: "test" for i in val}
+    files, rejects = [], []
+    for i, p in enumerate(images):
+        if i not in preset:
+            rejects.append((str(p), f"not listed in {split_json.name}"))
+            continue
+        files.append(Found("adult", "labeled", "image", p.stem, _file_on_disk(p), preset[i]))
+    files += [Found("adult", "labeled", "mask", p.stem, _file_on_disk(p))
+              for p in sorted(folders["thyroid-mask"].iterdir()) if p.is_file() and is_image_file(p)]
+    return Source("tg3k", f"TG3K {root}", files, rejects, mask_threshold=127)
+
+
+@functools.lru_cache(maxsize=32)  # an item's image and mask come from one call
+def _phantom_pngs(seed: int, age_group: str, height: int, width: int) -> tuple[bytes, bytes]:
+    image, mask = phantom.generate_panoramic(seed, height, width, age_group)
+    return _encode_png(image), _encode_png(mask)
+
+
+def _phantom_file(key: tuple, which: int) -> bytes:
+    return _phantom_pngs(*key)[which]
+
+
+def source_from_synthetic(n: int, seed: int, height: int, width: int) -> Source:
+    """N phantom images in STS proportions, as in-memory PNG files fed through the same path."""
+    version = hashlib.sha1(Path(phantom.__file__).read_bytes()).hexdigest()[:12]  # a changed phantom rebuilds
+    files = []
+    for item in phantom.synthetic_manifest(n, seed):
+        key = (item["seed"], item["age_group"], height, width)
+        kinds = ("image", "mask") if item["label_status"] == "labeled" else ("image",)
+        for i, kind in enumerate(kinds):
+            files.append(Found(item["age_group"], item["label_status"], kind, item["name"],
+                               SourceFile(f"phantom:{item['name']}:{kind}", functools.partial(_phantom_file, key, i),
+                                          f"{version}:{key}")))
+    return Source("synthetic", f"synthetic phantom, {n} images of {height}x{width}", files, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairing
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    age_group: str
+    label_status: str
+    stem: str
+    image: SourceFile
+    mask: SourceFile | None
+    preset_split: str
+    pair_id: str = ""
+
+
+def strip_mask_suffix(stem: str) -> str | None:
+    lowered = stem.lower()
+    return next((stem[:-len(s)] for s in MASK_SUFFIXES if lowered.endswith(s) and len(stem) > len(s)), None)
+
+
+def pair_files(files: list[Found]) -> tuple[list[Entry], list[tuple[str, str]]]:
+    """Pair images and masks by stem within each (age group, label status); everything that does
+    not pair is returned as a reject with its reason."""
+    groups = defaultdict(lambda: {"image": defaultdict(list), "mask": defaultdict(list)})
+    for f in files:
+        groups[(f.age_group, f.label_status)][f.kind][f.stem].append(f)
+    entries, rejects = [], []
+    for (age, status), group in sorted(groups.items()):
+        images, masks = group["image"], group["mask"]
+        for stem, same in images.items():
+            rejects += [(f.file.name, f"another image has the same name stem {stem!r} ({same[0].file.name})") for f in same[1:]]
+        for stem, same in masks.items():
+            rejects += [(f.file.name, f"another mask has the same name stem {stem!r} ({same[0].file.name})") for f in same[1:]]
+        # Exact stems first; then masks with a known suffix, if exactly one such mask claims the image.
+        mask_of = {stem: same[0] for stem, same in masks.items() if stem in images}
+        claims = defaultdict(list)
+        for stem, same in masks.items():
+            if stem not in images:
+                base = strip_mask_suffix(stem)
+                if base in images and base not in mask_of:
+                    claims[base].append(same[0])
+                else:
+                    rejects.append((same[0].file.name, f"mask without an image (no image named {stem}.* beside it)"))
+        for base, claimants in claims.items():
+            if len(claimants) == 1:
+                mask_of[base] = claimants[0]
+            else:
+                rejects += [(m.file.name, f"one of several masks for image {base!r}; keep one") for m in claimants]
+        for stem, same in sorted(images.items()):
+            image, mask = same[0], mask_of.get(stem)
+            if status == "unlabeled" and mask is not None:
+                rejects.append((mask.file.name, "mask in an unlabelled folder; move the pair to Labeled"))
+                mask = None
+            if status == "labeled" and mask is None:
+                rejects.append((image.file.name, f"labelled image without a mask (no mask named {stem}.*)"))
+                continue
+            entries.append(Entry(age, status, stem, image.file, mask.file if mask else None, image.preset_split))
+    return entries, rejects
+
+
+def assign_pair_ids(entries: list[Entry]) -> None:
+    """pair_id = the file stem made file-name safe; where stems collide across groups, prefixed
+    with age group and label status; any remaining clash gets a numeric suffix."""
+    safe = [re.sub(r"[^A-Za-z0-9._-]+", "_", e.stem).strip(".") or "image" for e in entries]
+    counts = Counter(safe)
+    ids = [f"{e.age_group}_{e.label_status}_{s}" if counts[s] > 1 else s for e, s in zip(entries, safe)]
+    seen = Counter()
+    for e, pid in sorted(zip(entries, ids), key=lambda t: (t[1], t[0].image.name)):
+        seen[pid] += 1
+        e.pair_id = pid if seen[pid] == 1 else f"{pid}-{seen[pid]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Converting one pair
+# ----------------------------------------------------------------------------------------------
+def _encode_png(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise ToothSegError(f"PNG encoding failed for an array of shape {img.shape} and dtype {img.dtype}")
+    return buf.tobytes()
+
+
+def _decode(file: SourceFile) -> np.ndarray:
+    data = file.read()
+    try:
+        return decode_image(data, file.name)
+    except ToothSegError:
+        raise BadInput(file.name, "cannot decode image (corrupt or not an image)") from None
+
+
+def convert_pair(entry: Entry, out_dir: Path, mask_threshold: int) -> list[dict]:
+    """Decode, check and write one image (and its mask); return their index rows."""
+    image = to_uint8(_decode(entry.image))
+    arrays = {"images": image}
+    if entry.mask is not None:
+        mask = _decode(entry.mask)
+        if mask.shape[:2] != image.shape[:2]:
+            raise BadInput(entry.mask.name, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image's "
+                                            f"{image.shape[1]}x{image.shape[0]} ({entry.image.name})")
+        arrays["masks"] = np.where(mask > mask_threshold, 255, 0).astype(np.uint8)
+    rows = []
+    for folder, array in arrays.items():
+        data = _encode_png(array)
+        rel_path = f"{entry.age_group}/{entry.label_status}/{folder}/{entry.pair_id}.png"
+        atomic_write_bytes(out_dir / rel_path, data)
+        rows.append({"rel_path": rel_path, "age_group": entry.age_group, "label_status": entry.label_status,
+                     "is_mask": folder == "masks", "pair_id": entry.pair_id, "split": "", "width": array.shape[1],
+                     "height": array.shape[0], "sha1": hashlib.sha1(data).hexdigest(), "dup_group": "", "source": ""})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and duplicates
+# ----------------------------------------------------------------------------------------------
+def split_sizes(n: int, val_ratio: float, test_ratio: float) -> tuple[int, int]:
+    """(n_val, n_test) for a stratum of n units: rounded ratios, at least one each when n >= 3 and
+    the ratio is > 0, and at least one unit left for train."""
+    n_val, n_test = round(n * val_ratio), round(n * test_ratio)
+    if n >= 3:
+        n_val, n_test = max(n_val, int(val_ratio > 0)), max(n_test, int(test_ratio > 0))
+    while n_val + n_test > max(n - 1, 0):
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_val, n_test
+
+
+def assign_splits(pairs: list[dict], val_ratio: float, test_ratio: float, seed: int) -> dict[str, dict]:
+    """pairs: {pair_id, age_group, labeled, sha1, mask_sha1, preset_split}. Returns pair_id ->
+    {split, dup_group}. Units of splitting are duplicate groups (identical image bytes)."""
+    groups = defaultdict(list)
+    for p in sorted(pairs, key=lambda p: p["pair_id"]):
+        groups[p["sha1"]].append(p)
+    strata = defaultdict(list)
+    result = {}
+    for members in groups.values():
+        dup_group = members[0]["pair_id"]
+        labeled = [m for m in members if m["labeled"]]
+        if not labeled:
+            split = "pretrain"
+        elif any(m["preset_split"] == "test" for m in labeled):
+            split = "test"  # TG3K's official val list is our test set
+        else:
+            split = None
+            strata[labeled[0]["age_group"]].append(dup_group)
+        for m in members:
+            result[m["pair_id"]] = {"split": split, "dup_group": dup_group}
+    # A source with a preset test set (TG3K) only has val carved from the rest.
+    preset = any(p["preset_split"] for p in pairs)
+    chosen = {}
+    for age, units in sorted(strata.items()):
+        units.sort(key=lambda u: hashlib.sha1(f"{seed}:{u}".encode()).hexdigest())
+        n_val, n_test = split_sizes(len(units), val_ratio, 0.0 if preset else test_ratio)
+        for i, unit in enumerate(units):
+            chosen[unit] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    for info in result.values():
+        if info["split"] is None:
+            info["split"] = chosen[info["dup_group"]]
+    return result
+
+
+def duplicate_report(pairs: list[dict], assigned: dict[str, dict]) -> tuple[list[dict], list[list[str]]]:
+    """(rows for duplicates.csv, the pair_ids of each group whose masks disagree)."""
+    members = defaultdict(list)
+    for p in pairs:
+        members[assigned[p["pair_id"]]["dup_group"]].append(p)
+    rows, conflicts = [], []
+    for group, ms in sorted(members.items()):
+        if len(ms) < 2:
+            continue
+        masks = {m["mask_sha1"] for m in ms if m["labeled"]}
+        conflict = len(masks) > 1
+        if conflict:
+            conflicts.append(sorted(m["pair_id"] for m in ms if m["labeled"]))
+        rows += [{"dup_group": group, "pair_id": m["pair_id"], "image": m["image_rel_path"], "label_status":
+                  "labeled" if m["labeled"] else "unlabeled", "mask_sha1": m["mask_sha1"],
+                  "split": assigned[m["pair_id"]]["split"], "conflicting_masks": conflict}
+                 for m in sorted(ms, key=lambda m: m["pair_id"])]
+    return rows, conflicts
+
+
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_or_remove(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """A report file exists exactly when it has rows, so a stale one never outlives its build."""
+    if rows:
+        write_csv(path, rows, columns)
+    elif path.exists():
+        path.unlink()
+
+
+def print_statistics(rows: list[dict]) -> None:
+    def line(label, key, values):
+        counts = Counter(r[key] for r in rows)
+        print(f"{label}: " + " / ".join(f"{v} {counts.get(v, 0)}" for v in values))
+
+    line("age_group", "age_group", AGE_GROUPS)
+    line("label_status", "label_status", LABEL_STATUSES)
+    line("is_mask", "is_mask", (False, True))
+    images = [r for r in rows if not r["is_mask"]]
+    by_split = Counter((r["split"], r["age_group"]) for r in images)
+    print("split (images): " + " / ".join(
+        f"{s} {sum(by_split[(s, a)] for a in AGE_GROUPS)} ({', '.join(f'{a} {by_split[(s, a)]}' for a in AGE_GROUPS)})"
+        for s in SPLITS))
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------
+def build_parser():
+    parser = make_parser(__doc__.split("\n\n")[0])
+    source = parser.add_argument_group("source (give exactly one)")
+    source.add_argument("--zip-dir", type=Path, metavar="DIR", help="folder with the Zenodo parts SD-Tooth.zip.001, .002, ...")
+    source.add_argument("--raw-dir", type=Path, metavar="DIR", help="an extracted STS-2D-Tooth folder, or any folder above it")
+    source.add_argument("--images-dir", type=Path, metavar="DIR", help="a flat folder of images (adult/labeled); needs --masks-dir")
+    source.add_argument("--masks-dir", type=Path, metavar="DIR", help="masks with the same file stems as --images-dir")
+    source.add_argument("--tg3k-dir", type=Path, metavar="DIR", help="TG3K folder (thyroid-image/, thyroid-mask/, tg3k-trainval.json)")
+    source.add_argument("--synthetic", type=int, metavar="N", help="N images from the built-in panoramic phantom")
+    source.add_argument("--synthetic-size", default="320x640", metavar="HxW", help="phantom image size")
+    output = parser.add_argument_group("output")
+    output.add_argument("--data-root", type=Path, default=Path("./sts_tooth_data"), metavar="DIR",
+                        help=f"receives {PROCESSED_NAME}/, {INDEX_NAME} and the reports")
+    output.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    output.add_argument("--skip-bad", action="store_true", help=f"leave bad files out (listed in {REJECTED_NAME}) instead of failing")
+    output.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N", help="decoding threads")
+    splits = parser.add_argument_group("splits")
+    splits.add_argument("--seed", type=int, default=0, metavar="INT", help="seed for the split (and the phantom)")
+    splits.add_argument("--val-ratio", type=float, default=0.1, metavar="F", help="share of labelled pairs for val")
+    splits.add_argument("--test-ratio", type=float, default=0.1, metavar="F", help="share of labelled pairs for test (TG3K: its json decides)")
+    return parser
+
+
+def load_source(args) -> Source:
+    given = [name for name in ("zip_dir", "raw_dir", "images_dir", "tg3k_dir", "synthetic") if getattr(args, name) is not None]
+    if len(given) != 1:
+        raise ToothSegError("give exactly one source: --zip-dir, --raw-dir, --images-dir/--masks-dir, --tg3k-dir or --synthetic"
+                            + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else ""))
+    if (args.images_dir is None) != (args.masks_dir is None):
+        raise ToothSegError("--images-dir and --masks-dir go together; give both")
+    if args.zip_dir is not None:
+        return source_from_zip(args.zip_dir)
+    if args.raw_dir is not None:
+        return source_from_raw(args.raw_dir)
+    if args.images_dir is not None:
+        return source_from_folders(args.images_dir, args.masks_dir)
+    if args.tg3k_dir is not None:
+        return source_from_tg3k(args.tg3k_dir)
+    match = re.fullmatch(r"(\d+)x(\d+)", args.synthetic_size)
+    if args.synthetic < 1 or not match or int(match[1]) < 32 or int(match[2]) < 64:
+        raise ToothSegError(f"--synthetic needs N >= 1 and --synthetic-size HxW of at least 32x64 "
+                            f"(got {args.synthetic}, {args.synthetic_size!r})")
+    return source_from_synthetic(args.synthetic, args.seed, int(match[1]), int(match[2]))
+
+
+def fingerprint(source: Source, args) -> str:
+    settings = {"version": STAMP_VERSION, "source": source.kind, "seed": args.seed, "val_ratio": args.val_ratio,
+                "test_ratio": args.test_ratio, "skip_bad": args.skip_bad,
+                "files": sorted((f.file.name, f.file.stamp, f.preset_split) for f in source.files),
+                "rejects": sorted(source.rejects)}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def is_up_to_date(data_root: Path, stamp: str) -> bool:
+    try:
+        recorded = json.loads((data_root / STAMP_NAME).read_text())["fingerprint"]
+        rows = read_index(data_root / INDEX_NAME)
+    except (OSError, ValueError, KeyError, ToothSegError):
+        return False
+    processed = data_root / PROCESSED_NAME
+    return recorded == stamp and all((processed / r["rel_path"]).is_file() for r in rows)
+
+
+def fail_or_keep(rejects: list[tuple[str, str]], skip_bad: bool) -> None:
+    if rejects and not skip_bad:
+        name, reason = rejects[0]
+        more = f" ({len(rejects)} bad files in all)" if len(rejects) > 1 else ""
+        raise ToothSegError(f"{name}: {reason}{more}; fix or remove it, or pass --skip-bad to leave bad files out")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not (0 <= args.val_ratio < 1 and 0 <= args.test_ratio < 1 and args.val_ratio + args.test_ratio < 1):
+        raise ToothSegError(f"--val-ratio and --test-ratio must be in [0, 1) with a sum below 1 "
+                            f"(got {args.val_ratio}, {args.test_ratio})")
+    if args.workers < 1:
+        raise ToothSegError(f"--workers must be at least 1, got {args.workers}")
+    source = load_source(args)
+    try:
+        prepare(source, args)
+    finally:
+        source.close()
+
+
+def prepare(source: Source, args) -> None:
+    data_root = args.data_root
+    print(f"source: {source.description}")
+    if not source.files:
+        where = next(str(getattr(args, n)) for n in ("zip_dir", "raw_dir", "images_dir", "tg3k_dir", "synthetic")
+                     if getattr(args, n) is not None)
+        raise ToothSegError(f"{where}: no images found in the source; check the path and its folder layout")
+
+    stamp = fingerprint(source, args)
+    if not args.force and is_up_to_date(data_root, stamp):
+        rows = read_index(data_root / INDEX_NAME)
+        print(f"up to date: {data_root / INDEX_NAME} already matches this source and these settings "
+              f"({len(rows)} files); nothing to do (--force rebuilds)")
+        print_statistics(rows)
+        return
+
+    entries, rejects = pair_files(source.files)
+    rejects = source.rejects + rejects
+    fail_or_keep(rejects, args.skip_bad)
+    assign_pair_ids(entries)
+
+    # Build into a fresh folder that replaces processed_2d only when everything has succeeded.
+    (data_root / STAMP_NAME).unlink(missing_ok=True)
+    processed = data_root / PROCESSED_NAME
+    staging = data_root / f".{PROCESSED_NAME}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    def convert(entry: Entry):
+        try:
+            return entry, convert_pair(entry, staging, source.mask_threshold), None
+        except BadInput as bad:
+            return entry, [], (bad.name, bad.reason)
+
+    rows, pairs = [], []
+    pool = ThreadPoolExecutor(args.workers)
+    try:
+        for entry, entry_rows, bad in tqdm(pool.map(convert, entries), total=len(entries), unit="pair", desc="prepare"):
+            if bad:
+                fail_or_keep([bad], args.skip_bad)
+                rejects.append(bad)
+                continue
+            for row in entry_rows:
+                row["source"] = source.kind
+            rows += entry_rows
+            pairs.append({"pair_id": entry.pair_id, "age_group": entry.age_group, "labeled": entry.mask is not None,
+                          "sha1": entry_rows[0]["sha1"], "mask_sha1": entry_rows[1]["sha1"] if entry.mask else "",
+                          "image_rel_path": entry_rows[0]["rel_path"], "preset_split": entry.preset_split})
+        if not rows:
+            raise ToothSegError(f"{source.description}: no usable images (all {len(rejects)} files were rejected)")
+
+        assigned = assign_splits(pairs, args.val_ratio, args.test_ratio, args.seed)
+        for row in rows:
+            row.update(assigned[row["pair_id"]])
+        rows.sort(key=lambda r: r["rel_path"])
+        old = data_root / f".{PROCESSED_NAME}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if processed.exists():
+            processed.rename(old)
+        staging.rename(processed)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        pool.shutdown(cancel_futures=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    write_index(data_root / INDEX_NAME, rows)
+
+    duplicates, conflicts = duplicate_report(pairs, assigned)
+    write_or_remove(data_root / DUPLICATES_NAME, duplicates,
+                    ("dup_group", "pair_id", "image", "label_status", "mask_sha1", "split", "conflicting_masks"))
+    write_or_remove(data_root / REJECTED_NAME, [{"file": f, "reason": r} for f, r in sorted(rejects)], ("file", "reason"))
+    atomic_write_text(data_root / STAMP_NAME, json.dumps({"fingerprint": stamp, "files": len(rows)}, indent=1) + "\n")
+
+    print(f"wrote {len(rows)} files to {processed} and {data_root / INDEX_NAME}")
+    if duplicates:
+        groups = len({d["dup_group"] for d in duplicates})
+        print(f"duplicates: {groups} groups of identical images ({len(duplicates)} images), each kept in one split; "
+              f"listed in {data_root / DUPLICATES_NAME}")
+    for ids in conflicts:
+        print(f"conflicting masks for one image: {', '.join(ids)}")
+    if conflicts:
+        print(f"{len(conflicts)} duplicate groups have conflicting masks (conflicting_masks=True in {DUPLICATES_NAME})")
+    if rejects:
+        print(f"skipped {len(rejects)} bad files; listed with reasons in {data_root / REJECTED_NAME}")
+    print_statistics(rows)
+
+
+if __name__ == "__main__":
+    run_cli(main)
