@@ -309,27 +309,29 @@ def _draw_tooth(canvas: _Canvas, tooth: Tooth, rng: np.random.Generator, restore
             canvas.fill(canvas.layers["metal"], [pulp], rng.uniform(0.85, 0.95))
 
 
-def generate_panoramic(seed: int, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
-                       age_group: str = "adult") -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic panoramic X-ray: (image uint8 HxW, mask uint8 HxW with 0/255). Deterministic in
-    (seed, height, width, age_group)."""
-    if age_group not in ("adult", "children"):
-        raise ValueError(f"age_group must be 'adult' or 'children', got {age_group!r}")
-    if height < 32 or width < 64:
-        raise ValueError(f"phantom size must be at least 32x64, got {height}x{width}")
-    rng = np.random.default_rng([seed, age_group == "children"])
-    jaw = _jaw(rng, age_group)
-    canvas = _Canvas(height, width)
+@dataclass
+class Dentition:
+    jaw: Jaw
+    teeth: list[Tooth]      # natural teeth, erupted or buds: all labelled
+    implants: list[Tooth]   # lost teeth replaced by an implant: labelled background
+    positions: int          # tooth positions before any loss (adults: 28-32)
+    missing: int            # teeth lost, with or without an implant
+    restore: float          # chance that an erupted tooth carries a restoration
 
-    teeth, implants = [], []
+
+def _dentition(rng: np.random.Generator, age_group: str) -> Dentition:
+    jaw = _jaw(rng, age_group)
+    teeth, implants, missing = [], [], 0
     if age_group == "adult":
         for upper in (True, False):
             for side in (-1, 1):
                 teeth += _adult_quadrant(jaw, rng, side, upper, has_third_molar=rng.random() < 0.55)
+        positions = len(teeth)
         # Missing teeth in about half of the adults; some gaps hold an implant.
         if rng.random() < 0.5:
             for i in sorted(rng.choice(len(teeth), size=rng.integers(1, 4), replace=False), reverse=True):
                 lost = teeth.pop(i)
+                missing += 1
                 if rng.random() < 0.4:
                     implants.append(lost)
         restore = rng.choice([0.0, 0.08, 0.2])
@@ -338,7 +340,36 @@ def generate_panoramic(seed: int, height: int = DEFAULT_HEIGHT, width: int = DEF
         for upper in (True, False):
             for side in (-1, 1):
                 teeth += _child_quadrant(jaw, rng, side, upper, dental_age)
+        positions = len(teeth)
         restore = rng.choice([0.0, 0.0, 0.06])
+    return Dentition(jaw, teeth, implants, positions, missing, float(restore))
+
+
+def _rng(seed: int, age_group: str) -> np.random.Generator:
+    if age_group not in ("adult", "children"):
+        raise ValueError(f"age_group must be 'adult' or 'children', got {age_group!r}")
+    return np.random.default_rng([seed, age_group == "children"])
+
+
+def describe(seed: int, age_group: str = "adult") -> dict:
+    """What generate_panoramic(seed, age_group=...) draws: counts of teeth, buds, missing teeth,
+    implants and tooth positions (the same random stream, without rendering)."""
+    d = _dentition(_rng(seed, age_group), age_group)
+    buds = sum(t.follicle for t in d.teeth)
+    return {"positions": d.positions, "teeth": len(d.teeth) - buds, "buds": buds, "missing": d.missing,
+            "implants": len(d.implants), "restore": d.restore}
+
+
+def generate_panoramic(seed: int, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
+                       age_group: str = "adult") -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic panoramic X-ray: (image uint8 HxW, mask uint8 HxW with 0/255). Deterministic in
+    (seed, height, width, age_group)."""
+    rng = _rng(seed, age_group)
+    if height < 32 or width < 64:
+        raise ValueError(f"phantom size must be at least 32x64, got {height}x{width}")
+    dentition = _dentition(rng, age_group)
+    jaw, teeth, implants, restore = dentition.jaw, dentition.teeth, dentition.implants, dentition.restore
+    canvas = _Canvas(height, width)
 
     for tooth in teeth:
         _draw_tooth(canvas, tooth, rng, restore)

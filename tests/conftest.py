@@ -1,0 +1,30 @@
+"""Shared fixtures: the real ufba425-dev set when it is present, and a small synthetic data root
+built through prepare_sts2d.py that tests of every stage can reuse."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+UFBA_DIR = Path(__file__).resolve().parents[2] / "shared/data/ufba425-dev"
+PHANTOM_IMAGES = 24  # 5 labelled adults, 3 labelled children (each with train/val/test), 16 unlabelled
+PHANTOM_SEED = 7
+
+
+@pytest.fixture(scope="session")
+def ufba_dir() -> Path:
+    """../shared/data/ufba425-dev (322 real panoramic X-rays with masks); skips when absent."""
+    if not (UFBA_DIR / "images").is_dir() or not (UFBA_DIR / "masks").is_dir():
+        pytest.skip(f"real data not found at {UFBA_DIR}")
+    return UFBA_DIR
+
+
+@pytest.fixture(scope="session")
+def phantom_data_root(tmp_path_factory) -> Path:
+    """A data root made by `prepare_sts2d.py --synthetic 24 --seed 7`: processed_2d/ and
+    sts2d_index.csv. Shared by the whole session, so treat it as read-only (copy it to change it)."""
+    import prepare_sts2d
+
+    root = tmp_path_factory.mktemp("phantom_data")
+    prepare_sts2d.main(["--synthetic", str(PHANTOM_IMAGES), "--seed", str(PHANTOM_SEED), "--data-root", str(root)])
+    return root
