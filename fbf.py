@@ -4,13 +4,15 @@
     python fbf.py --input-dir D/processed_2d --output-dir D/processed_2d_fbf --sigma-space 6 --sigma-color 30
 
 The default method is the bilateral grid (Paris & Durand 2006; Chen et al. 2007). Every pixel is
-splatted with trilinear weights into a coarse (y, x, intensity) grid whose cells are
-`sample_space` pixels by `sample_color` grey levels; the grid is blurred with a 3D Gaussian; each
-pixel reads its result back by trilinear interpolation ("slicing") and is normalised by the sliced
-weight. Its cost is a few passes over the pixels plus a blur of a small grid, so it stays flat as
-sigma_space grows, while the exact filter (`--method exact`, or OpenCV's brute force with
+splatted into a coarse (y, x, intensity) grid whose cells are `sample_space` pixels by
+`sample_color` grey levels (nearest cell in y and x, linear between intensity cells); the grid is
+blurred with a 3D Gaussian whose width is corrected for what splatting and slicing add; each pixel
+reads its result back by trilinear interpolation ("slicing") and is normalised by the sliced
+weight. At the default sampling (the sigmas) it comes within about 50 dB PSNR of the exact filter.
+Its cost is a few passes over the pixels plus a blur of a small grid, so it stays flat (or falls)
+as sigma_space grows, while the exact filter (`--method exact`, or OpenCV's brute force with
 `--method opencv`) costs O(sigma_space^2) per pixel. Unlike downsample-filter-upsample, it never
-resamples the image itself: the edge position comes from each pixel's own intensity, so edges stay sharp.
+resamples the image itself: each pixel slices the grid at its own intensity, so edges stay sharp.
 
 Units: `sigma_space` is in pixels and `sigma_color` in grey levels on the 0-255 scale for every
 image depth; for 16-bit images it is multiplied by 257 (65535 / 255) internally, so one setting
@@ -51,7 +53,7 @@ SPATIAL_TRUNCATE = 3.0  # Gaussians are cut at 3 sigma: the exact/OpenCV window 
 NEAREST_VARIANCE = 1.0 / 12.0  # variance, in cells^2, added by splatting to the nearest cell
 LINEAR_VARIANCE = 1.0 / 6.0  # variance added by linear (tent) splatting or interpolation
 GRID_MAX_CELLS = 1 << 27  # about 3 GB while splatting; far beyond any useful sampling rate
-OPENCV_MAX_CHANNELS = 128
+OPENCV_MAX_CHANNELS = 128  # cv2.sepFilter2D refuses images with more channels
 SLICE_BAND_PIXELS = 1 << 14  # pixels sliced per band: small enough for the band's grid to stay in cache
 
 
@@ -150,8 +152,6 @@ class _GridPlan:
     shape: tuple[int, int, int]  # (y, x, intensity) cells
     blur_sigmas: tuple[float, float, float]  # Gaussian sigmas in cells, per axis
     low: float  # the intensity of cell 0
-    sample_space: float
-    sample_color: float
 
 
 def _plan_grid(img: np.ndarray, sigma_space, sigma_color, sample_space, sample_color) -> _GridPlan:
@@ -164,15 +164,17 @@ def _plan_grid(img: np.ndarray, sigma_space, sigma_color, sample_space, sample_c
     """
     height, width = img.shape
     low, high = float(img.min()), float(img.max())
+    # The last pixel's coordinates, in the float32 arithmetic both paths use, so that its cell agrees.
+    last_y, last_x = (np.float32(size - 1) / np.float32(sample_space) for size in (height, width))
+    last_z = (np.float32(high) - np.float32(low)) / np.float32(sample_color)
     # +2 cells: the last pixel's lower corner and the upper corner it interpolates towards.
-    shape = (int((height - 1) / sample_space) + 2, int((width - 1) / sample_space) + 2,
-             int((high - low) / sample_color) + 2)
+    shape = (int(last_y) + 2, int(last_x) + 2, int(last_z) + 2)
     if math.prod(shape) > GRID_MAX_CELLS:
         raise ToothSegError(f"a {shape[0]}x{shape[1]}x{shape[2]} grid is too big for memory; raise sample_space "
                             f"({sample_space}) or sample_color ({sample_color})")
     blur_space = math.sqrt(max((sigma_space / sample_space) ** 2 - NEAREST_VARIANCE - LINEAR_VARIANCE, 0.0))
     blur_color = math.sqrt(max((sigma_color / sample_color) ** 2 - 2 * LINEAR_VARIANCE, 0.0))
-    return _GridPlan(shape, (blur_space, blur_space, blur_color), low, sample_space, sample_color)
+    return _GridPlan(shape, (blur_space, blur_space, blur_color), low)
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
@@ -255,7 +257,7 @@ def _lerp_next(flat: np.ndarray, index: np.ndarray, frac: np.ndarray) -> np.ndar
 
 
 def _grid_bilateral_torch(img: np.ndarray, sigma_space, sigma_color, sample_space, sample_color, device) -> np.ndarray:
-    """The same grid in torch: scatter_add_ splat, conv3d blur, grid_sample slice (CUDA when available)."""
+    """The same grid in torch: scatter_add_ splat, shifted-sum blur, grid_sample slice (CUDA when available)."""
     import torch
     import torch.nn.functional as F
 
@@ -277,12 +279,16 @@ def _grid_bilateral_torch(img: np.ndarray, sigma_space, sigma_color, sample_spac
         channel.scatter_add_(0, index, values * (1 - frac_z))
         channel.scatter_add_(0, index + 1, values * frac_z)
 
-    volume = volume.reshape(2, 1, *plan.shape)  # the two channels as a batch of one-channel volumes
+    # Blur by shifted sums: faster than conv3d on the CPU, and never TF32 (as cuDNN may run conv3d) on a GPU.
+    volume = volume.reshape(2, *plan.shape)
     for axis, sigma in enumerate(plan.blur_sigmas):
-        taps = torch.from_numpy(_gaussian_kernel(sigma)).to(device)
-        kernel_shape, padding = [1, 1, 1, 1, 1], [0, 0, 0]
-        kernel_shape[2 + axis], padding[axis] = len(taps), len(taps) // 2
-        volume = F.conv3d(volume, taps.reshape(kernel_shape), padding=padding)
+        taps = _gaussian_kernel(sigma)
+        padding = [0] * 6  # F.pad lists the last dimension first
+        padding[4 - 2 * axis] = padding[5 - 2 * axis] = len(taps) // 2
+        padded = F.pad(volume, padding)
+        volume = torch.zeros_like(volume)
+        for shift, tap in enumerate(taps):
+            volume.add_(padded.narrow(1 + axis, shift, plan.shape[axis]), alpha=float(tap))
 
     # grid_sample reads (x, y, z) = (last, middle, first volume axis), scaled to [-1, 1] with align_corners.
     def normalised(coord, cells):
@@ -290,7 +296,7 @@ def _grid_bilateral_torch(img: np.ndarray, sigma_space, sigma_color, sample_spac
 
     sample_at = torch.stack(torch.broadcast_tensors(
         normalised(coord_z, cells_z), normalised(coord_x[None, :], cells_x), normalised(coord_y[:, None], cells_y)), dim=-1)
-    sliced = F.grid_sample(volume.reshape(1, 2, *plan.shape), sample_at[None, None], mode="bilinear",
+    sliced = F.grid_sample(volume[None], sample_at[None, None], mode="bilinear",
                            padding_mode="zeros", align_corners=True)[0, :, 0]
     return (sliced[0] / sliced[1]).cpu().numpy()
 
