@@ -383,12 +383,15 @@ def pair_files(files: list[Found]) -> tuple[list[Entry], list[tuple[str, str]]]:
         mask_of = {stem: same[0] for stem, same in masks.items() if stem in images}
         claims = defaultdict(list)
         for stem, same in masks.items():
-            if stem not in images:
-                base = strip_mask_suffix(stem)
-                if base in images and base not in mask_of:
-                    claims[base].append(same[0])
-                else:
-                    rejects.append((same[0].file.name, f"mask without an image (no image named {stem}.* beside it)"))
+            if stem in images:
+                continue
+            base = strip_mask_suffix(stem)
+            if base in mask_of:
+                rejects.append((same[0].file.name, f"second mask for image {base!r} (it already has {mask_of[base].file.name})"))
+            elif base in images:
+                claims[base].append(same[0])
+            else:
+                rejects.append((same[0].file.name, f"mask without an image (no image named {stem}.* beside it)"))
         for base, claimants in claims.items():
             if len(claimants) == 1:
                 mask_of[base] = claimants[0]
@@ -563,7 +566,7 @@ def print_statistics(rows: list[dict]) -> None:
 # The script
 # ----------------------------------------------------------------------------------------------
 def build_parser():
-    parser = make_parser(__doc__.split("\n\n")[0])
+    parser = make_parser("\n\n".join(__doc__.split("\n\n")[:3]))  # summary, usage and output; the rules stay in the source
     source = parser.add_argument_group("source (give exactly one)")
     source.add_argument("--zip-dir", type=Path, metavar="DIR", help="folder with the Zenodo parts SD-Tooth.zip.001, .002, ...")
     source.add_argument("--raw-dir", type=Path, metavar="DIR", help="an extracted STS-2D-Tooth folder, or any folder above it")
@@ -683,7 +686,8 @@ def prepare(source: Source, args) -> None:
     rows, pairs = [], []
     pool = ThreadPoolExecutor(args.workers)
     try:
-        for entry, entry_rows, bad in tqdm(pool.map(convert, entries), total=len(entries), unit="pair", desc="prepare"):
+        for entry, entry_rows, bad in tqdm(pool.map(convert, entries), total=len(entries), unit="pair", desc="prepare",
+                                         disable=None):
             if bad:
                 fail_or_keep([bad], args.skip_bad)
                 rejects.append(bad)

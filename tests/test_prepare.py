@@ -1,0 +1,431 @@
+"""prepare_sts2d.py on every source (folder pair, real ufba425-dev, zip parts, raw tree, TG3K,
+synthetic), its bad-input errors, the split and duplicate rules, determinism and idempotency."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import prepare_sts2d
+from data import INDEX_NAME, PROCESSED_NAME, read_index, segmentation_splits
+from prepare_sts2d import split_sizes
+from utils import ToothSegError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: small images the tests write themselves
+# ----------------------------------------------------------------------------------------------
+def image_bytes(seed: int, shape=(24, 48), dtype=np.uint8, ext=".png") -> bytes:
+    rng = np.random.default_rng(seed)
+    high = 65535 if dtype == np.uint16 else 255
+    return cv2.imencode(ext, rng.integers(0, high, shape, dtype=dtype, endpoint=True))[1].tobytes()
+
+
+def mask_bytes(seed: int, shape=(24, 48), value=1, ext=".png") -> bytes:
+    """A mask whose foreground is a seed-dependent rectangle, drawn with `value` (not always 255)."""
+    m = np.zeros(shape, np.uint8)
+    y, x = seed % (shape[0] - 8), (3 * seed) % (shape[1] - 8)
+    m[y:y + 8, x:x + 8] = value
+    return cv2.imencode(ext, m)[1].tobytes()
+
+
+def expected_mask(seed: int, shape=(24, 48)) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(mask_bytes(seed, shape, 255), np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def folder_pair(root: Path, n: int, start: int = 0) -> tuple[Path, Path]:
+    files = {}
+    for i in range(start, start + n):
+        files[f"images/p{i:03d}.png"] = image_bytes(i)
+        files[f"masks/p{i:03d}.png"] = mask_bytes(i)
+    write_files(root, files)
+    return root / "images", root / "masks"
+
+
+def sts_files(adult=(6, 3), children=(4, 2), top="SD-Tooth/STS-2D-Tooth", names=("A-PXI", "C-PXI"),
+              status=("Labeled", "Unlabeled"), kinds=("Image", "Mask")) -> dict[str, bytes]:
+    """An STS-2D-Tooth tree: (labelled, unlabelled) counts per age group; folder names configurable."""
+    files, seed = {}, 100
+    for age, (n_labeled, n_unlabeled) in zip(names, (adult, children)):
+        for i in range(n_labeled):
+            files[f"{top}/{age}/{status[0]}/{kinds[0]}/{age[0]}{i}.png"] = image_bytes(seed)
+            files[f"{top}/{age}/{status[0]}/{kinds[1]}/{age[0]}{i}.png"] = mask_bytes(seed)
+            seed += 1
+        for i in range(n_unlabeled):
+            files[f"{top}/{age}/{status[1]}/{kinds[0]}/{age[0]}u{i}.png"] = image_bytes(seed)
+            seed += 1
+    return files
+
+
+def zip_parts(folder: Path, files: dict[str, bytes], n_parts: int = 3, extra: dict[str, bytes] | None = None) -> list[Path]:
+    """A zip of `files` split into SD-Tooth.zip.001..00n, like the Zenodo download."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in {**files, **(extra or {})}.items():
+            z.writestr(name, data)
+    data = buf.getvalue()
+    folder.mkdir(parents=True, exist_ok=True)
+    cuts = np.linspace(0, len(data), n_parts + 1).astype(int)
+    parts = []
+    for k in range(n_parts):
+        parts.append(folder / f"SD-Tooth.zip.{k + 1:03d}")
+        parts[-1].write_bytes(data[cuts[k]:cuts[k + 1]])
+    return parts
+
+
+def run(argv: list[str], capsys) -> str:
+    prepare_sts2d.main(argv)
+    return capsys.readouterr().out
+
+
+def error_of(argv: list[str]) -> str:
+    with pytest.raises(ToothSegError) as info:
+        prepare_sts2d.main(argv)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def images_by(rows, key="pair_id"):
+    return {r[key]: r for r in rows if not r["is_mask"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+def test_folder_pair_source(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "src", 8)
+    # A 16-bit image, a 3-channel image and a mask stored with 0/1 values must all be normalised.
+    (images / "p000.png").write_bytes(image_bytes(0, dtype=np.uint16))
+    (images / "p001.png").write_bytes(image_bytes(1, shape=(24, 48, 3)))
+    out = tmp_path / "out"
+    printed = run(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out)], capsys)
+
+    rows = read_index(out / INDEX_NAME)
+    assert len(rows) == 16 and {(r["age_group"], r["label_status"], r["source"]) for r in rows} == {("adult", "labeled", "folder")}
+    for r in rows:
+        data = (out / PROCESSED_NAME / r["rel_path"]).read_bytes()
+        assert hashlib.sha1(data).hexdigest() == r["sha1"]
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert arr.dtype == np.uint8 and arr.shape == (r["height"], r["width"]) == (24, 48)
+        expected_dir = "masks" if r["is_mask"] else "images"
+        assert r["rel_path"] == f"adult/labeled/{expected_dir}/{r['pair_id']}.png"
+        if r["is_mask"]:
+            assert np.array_equal(arr, expected_mask(int(r["pair_id"][1:])))
+    source16 = cv2.imdecode(np.frombuffer(image_bytes(0, dtype=np.uint16), np.uint8), cv2.IMREAD_UNCHANGED)
+    written16 = cv2.imread(str(out / PROCESSED_NAME / "adult/labeled/images/p000.png"), cv2.IMREAD_UNCHANGED)
+    assert np.abs(written16.astype(int) - source16 / 257).max() <= 1
+    for line in ("age_group: adult 16 / children 0", "label_status: labeled 16 / unlabeled 0", "is_mask: False 8 / True 8"):
+        assert line in printed
+    assert "split (images): train 6 " in printed and "val 1 " in printed and "test 1 " in printed
+
+
+def test_pairs_by_name_not_by_order(tmp_path, capsys):
+    """Sorted, the masks [a, b2, b_mask] don't line up with the images [a, b, b2]: pairing by
+    stem (with the `_mask` suffix) must still give each image its own mask."""
+    files = {"images/a.png": image_bytes(1), "images/b.png": image_bytes(2), "images/b2.png": image_bytes(3),
+             "masks/a.png": mask_bytes(1), "masks/b_mask.png": mask_bytes(2), "masks/b2.png": mask_bytes(3)}
+    write_files(tmp_path, files)
+    out = tmp_path / "out"
+    run(["--images-dir", str(tmp_path / "images"), "--masks-dir", str(tmp_path / "masks"), "--data-root", str(out)], capsys)
+    for stem, seed in (("a", 1), ("b", 2), ("b2", 3)):
+        mask = cv2.imread(str(out / PROCESSED_NAME / f"adult/labeled/masks/{stem}.png"), cv2.IMREAD_GRAYSCALE)
+        assert np.array_equal(mask, expected_mask(seed)), stem
+
+
+def test_real_ufba425_dev(ufba_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    printed = run(["--images-dir", str(ufba_dir / "images"), "--masks-dir", str(ufba_dir / "masks"), "--data-root", str(out)], capsys)
+    rows = read_index(out / INDEX_NAME)
+    assert Counter(r["is_mask"] for r in rows) == {False: 322, True: 322}
+    assert {r["pair_id"] for r in rows} == {p.stem for p in (ufba_dir / "images").glob("*.png")}
+    assert Counter(r["split"] for r in rows if not r["is_mask"]) == {"train": 258, "val": 32, "test": 32}
+    assert "is_mask: False 322 / True 322" in printed
+
+
+def test_zip_parts_are_read_as_one_stream(tmp_path, capsys):
+    files = sts_files()
+    parts = zip_parts(tmp_path / "dl", files, extra={"SD-Tooth/STS-3D-Tooth/x/scan.png": image_bytes(9), "SD-Tooth/readme.txt": b"hi"})
+    before = tree_digest(tmp_path / "dl")
+    out = tmp_path / "out"
+    printed = run(["--zip-dir", str(tmp_path / "dl"), "--data-root", str(out)], capsys)
+    rows = read_index(out / INDEX_NAME)
+    assert Counter((r["age_group"], r["label_status"], r["is_mask"]) for r in rows) == {
+        ("adult", "labeled", False): 6, ("adult", "labeled", True): 6, ("adult", "unlabeled", False): 3,
+        ("children", "labeled", False): 4, ("children", "labeled", True): 4, ("children", "unlabeled", False): 2}
+    assert {r["source"] for r in rows} == {"zip"}
+    assert "age_group: adult 15 / children 10" in printed
+    written = cv2.imread(str(out / PROCESSED_NAME / "children/labeled/masks/C1.png"), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(written, expected_mask(110))  # seeds: adult 100-108, then C0 = 109
+    assert tree_digest(tmp_path / "dl") == before and len(parts) == 3  # the source is never modified
+    assert not list(tmp_path.rglob("SD-Tooth.zip")) and not (out / "SD-Tooth").exists()  # no merged copy, no raw dump
+
+
+def test_zip_missing_middle_part(tmp_path):
+    zip_parts(tmp_path / "dl", sts_files())[1].unlink()
+    message = error_of(["--zip-dir", str(tmp_path / "dl"), "--data-root", str(tmp_path / "out")])
+    assert "SD-Tooth.zip.002" in message and "missing" in message
+
+
+def test_zip_member_escaping_the_target_is_refused(tmp_path, capsys):
+    evil = "SD-Tooth/STS-2D-Tooth/A-PXI/Labeled/Image/../../../../../../evil.png"
+    zip_parts(tmp_path / "dl", sts_files(), extra={evil: image_bytes(5)})
+    argv = ["--zip-dir", str(tmp_path / "dl"), "--data-root", str(tmp_path / "out")]
+    message = error_of(argv)
+    assert evil in message and "escapes" in message
+    printed = run(argv + ["--skip-bad"], capsys)
+    rejected = list(csv.DictReader((tmp_path / "out" / "rejected.csv").open()))
+    assert [r["file"].endswith(evil) for r in rejected] == [True] and "skipped 1 bad files" in printed
+    assert not list(tmp_path.rglob("evil.png"))
+
+
+def test_corrupt_zip(tmp_path):
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / "SD-Tooth.zip.001").write_bytes(b"PK\x03\x04 this is not really a zip" * 20)
+    message = error_of(["--zip-dir", str(tmp_path / "dl"), "--data-root", str(tmp_path / "out")])
+    assert "SD-Tooth.zip.001" in message and "zip" in message
+
+
+def test_raw_tree_with_odd_case_folders(tmp_path, capsys):
+    files = sts_files(adult=(3, 1), children=(3, 1), top="sd-tooth/sts-2D-TOOTH", names=("a-Pxi", "C-PXI"),
+                      status=("LABELED", "unlabeled"), kinds=("image", "MASKS"))
+    write_files(tmp_path / "raw", files)
+    out = tmp_path / "out"
+    for raw_dir in (tmp_path / "raw", tmp_path / "raw/sd-tooth/sts-2D-TOOTH"):  # an ancestor, or the folder itself
+        run(["--raw-dir", str(raw_dir), "--data-root", str(out), "--force"], capsys)
+        rows = read_index(out / INDEX_NAME)
+        assert Counter((r["age_group"], r["label_status"], r["is_mask"]) for r in rows) == {
+            ("adult", "labeled", False): 3, ("adult", "labeled", True): 3, ("adult", "unlabeled", False): 1,
+            ("children", "labeled", False): 3, ("children", "labeled", True): 3, ("children", "unlabeled", False): 1}
+        assert {r["source"] for r in rows} == {"raw"}
+
+
+def test_tg3k_split_follows_its_json(tmp_path, capsys):
+    root = tmp_path / "data/tg3k"
+    n = 12
+    files = {}
+    for i in range(n):  # names 0.jpg .. 11.jpg: numeric order differs from text order ("10" < "2")
+        files[f"thyroid-image/{i}.jpg"] = image_bytes(i, shape=(40, 30), ext=".jpg")
+        files[f"thyroid-mask/{i}.jpg"] = mask_bytes(i, shape=(40, 30), value=255, ext=".jpg")
+    write_files(root, files)
+    val = [2, 10, 11]
+    (root / "tg3k-trainval.json").write_text(json.dumps({"train": [i for i in range(n) if i not in val], "val": val}))
+    out = tmp_path / "out"
+    run(["--tg3k-dir", str(tmp_path / "data"), "--data-root", str(out), "--val-ratio", "0.2"], capsys)
+    rows = read_index(out / INDEX_NAME)
+    assert {(r["age_group"], r["label_status"], r["source"]) for r in rows} == {("adult", "labeled", "tg3k")}
+    splits = {pid: r["split"] for pid, r in images_by(rows).items()}
+    assert {pid for pid, s in splits.items() if s == "test"} == {"2", "10", "11"}
+    assert Counter(splits.values()) == {"train": 7, "val": 2, "test": 3}
+    for i in range(n):  # JPEG noise in the masks is gone: exactly the drawn square, 0/255
+        mask = cv2.imread(str(out / PROCESSED_NAME / f"adult/labeled/masks/{i}.png"), cv2.IMREAD_GRAYSCALE)
+        assert set(np.unique(mask)) == {0, 255} and np.array_equal(mask, expected_mask(i, (40, 30)))
+
+
+def test_synthetic_fixture_is_a_usable_data_root(phantom_data_root):
+    rows = read_index(phantom_data_root / INDEX_NAME)
+    images = [r for r in rows if not r["is_mask"]]
+    assert len(images) == 24 and sum(r["is_mask"] for r in rows) == 8
+    assert {r["source"] for r in rows} == {"synthetic"} and {(r["width"], r["height"]) for r in rows} == {(640, 320)}
+    for split in ("train", "val", "test"):
+        assert {r["age_group"] for r in images if r["split"] == split} == {"adult", "children"}
+    assert all(r["split"] == "pretrain" for r in images if r["label_status"] == "unlabeled")
+    mask = cv2.imread(str(phantom_data_root / PROCESSED_NAME / next(r["rel_path"] for r in rows if r["is_mask"])), cv2.IMREAD_GRAYSCALE)
+    assert set(np.unique(mask)) == {0, 255}
+    splits = segmentation_splits(phantom_data_root / PROCESSED_NAME)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [4, 2, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+def _undecodable(images, masks):
+    (images / "p002.png").write_bytes(b"\x89PNG but truncated")
+    return images / "p002.png", "cannot decode"
+
+
+def _mask_size(images, masks):
+    (masks / "p003.png").write_bytes(mask_bytes(3, shape=(20, 48)))
+    return masks / "p003.png", "size 48x20 differs"
+
+
+def _mask_without_image(images, masks):
+    (masks / "p099.png").write_bytes(mask_bytes(99))
+    return masks / "p099.png", "mask without an image"
+
+
+def _image_without_mask(images, masks):
+    (masks / "p001.png").unlink()
+    return images / "p001.png", "without a mask"
+
+
+@pytest.mark.parametrize("defect", [_undecodable, _mask_size, _mask_without_image, _image_without_mask])
+def test_bad_input_is_one_line_naming_the_file(tmp_path, defect):
+    images, masks = folder_pair(tmp_path / "src", 5)
+    bad_file, reason = defect(images, masks)
+    message = error_of(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(tmp_path / "out")])
+    assert message.startswith(str(bad_file)) and reason in message and "--skip-bad" in message
+    assert not (tmp_path / "out" / INDEX_NAME).exists() and not (tmp_path / "out" / PROCESSED_NAME).exists()
+
+
+def test_empty_source(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    message = error_of(["--images-dir", str(tmp_path / "images"), "--masks-dir", str(tmp_path / "masks"), "--data-root", str(tmp_path / "out")])
+    assert str(tmp_path / "images") in message and "no images" in message
+
+
+def test_cli_exit_code_and_one_line_error(tmp_path):
+    images, masks = folder_pair(tmp_path / "src", 3)
+    _undecodable(images, masks)
+    proc = subprocess.run([sys.executable, str(REPO / "prepare_sts2d.py"), "--images-dir", str(images), "--masks-dir", str(masks),
+                           "--data-root", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(images / "p002.png") in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_skip_bad_writes_rejected_csv(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "src", 8)
+    bad = [_undecodable(images, masks)[0], _mask_size(images, masks)[0], _mask_without_image(images, masks)[0],
+           _image_without_mask(images, masks)[0]]
+    out = tmp_path / "out"
+    printed = run(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out), "--skip-bad"], capsys)
+    rejected = list(csv.DictReader((out / "rejected.csv").open()))
+    assert sorted(r["file"] for r in rejected) == sorted(map(str, bad)) and all(r["reason"] for r in rejected)
+    assert "skipped 4 bad files" in printed
+    assert sorted(images_by(read_index(out / INDEX_NAME))) == ["p000", "p004", "p005", "p006", "p007"]
+
+
+def test_needs_exactly_one_source(tmp_path):
+    assert "exactly one source" in error_of(["--data-root", str(tmp_path)])
+    assert "--raw-dir, --synthetic" in error_of(["--raw-dir", str(tmp_path), "--synthetic", "3"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits, duplicates, determinism, idempotency
+# ----------------------------------------------------------------------------------------------
+def test_split_ratios_are_stratified_by_age_group(tmp_path, capsys):
+    write_files(tmp_path / "raw", sts_files(adult=(40, 5), children=(10, 3)))
+    out = tmp_path / "out"
+    run(["--raw-dir", str(tmp_path / "raw"), "--data-root", str(out), "--val-ratio", "0.1", "--test-ratio", "0.2"], capsys)
+    images = images_by(read_index(out / INDEX_NAME)).values()
+    counts = Counter((r["age_group"], r["split"]) for r in images)
+    assert counts == {("adult", "train"): 28, ("adult", "val"): 4, ("adult", "test"): 8, ("adult", "pretrain"): 5,
+                      ("children", "train"): 7, ("children", "val"): 1, ("children", "test"): 2, ("children", "pretrain"): 3}
+
+
+@pytest.mark.parametrize("n, expected", [(1, (0, 0)), (2, (0, 0)), (3, (1, 1)), (10, (1, 1)), (40, (4, 4)), (45, (4, 4))])
+def test_split_sizes(n, expected):
+    assert split_sizes(n, 0.1, 0.1) == expected
+
+
+def test_duplicates_share_a_split_and_conflicts_are_reported(tmp_path, capsys):
+    files = sts_files(adult=(12, 2), children=(4, 1))
+    base = "SD-Tooth/STS-2D-Tooth/A-PXI"
+    same_image = image_bytes(500)
+    for name in ("d1", "d2"):  # identical images with identical masks
+        files[f"{base}/Labeled/Image/{name}.png"] = same_image
+        files[f"{base}/Labeled/Mask/{name}.png"] = mask_bytes(500)
+    files[f"{base}/Unlabeled/Image/d3.png"] = same_image  # an unlabelled copy of them
+    for name, seed in (("c1", 1), ("c2", 2)):  # identical images, different masks
+        files[f"{base}/Labeled/Image/{name}.png"] = image_bytes(600)
+        files[f"{base}/Labeled/Mask/{name}.png"] = mask_bytes(seed)
+    write_files(tmp_path / "raw", files)
+    out = tmp_path / "out"
+    seen_splits = set()
+    for seed in range(6):  # whichever split the groups land in, they land there together
+        printed = run(["--raw-dir", str(tmp_path / "raw"), "--data-root", str(out), "--seed", str(seed)], capsys)
+        images = images_by(read_index(out / INDEX_NAME))
+        assert images["d1"]["dup_group"] == images["d2"]["dup_group"] == images["d3"]["dup_group"] == "d1"
+        assert images["d1"]["split"] == images["d2"]["split"] == images["d3"]["split"] != "pretrain"
+        assert images["c1"]["split"] == images["c2"]["split"] and images["c1"]["dup_group"] == "c1"
+        seen_splits |= {images["d1"]["split"], images["c1"]["split"]}
+        assert "conflicting masks for one image: c1, c2" in printed and "d1, d2" not in printed.split("conflicting")[-1]
+    assert len(seen_splits) >= 2
+    report = {r["pair_id"]: r for r in csv.DictReader((out / "duplicates.csv").open())}
+    assert set(report) == {"c1", "c2", "d1", "d2", "d3"}
+    assert {p: report[p]["conflicting_masks"] for p in report} == {"c1": "True", "c2": "True", "d1": "False", "d2": "False", "d3": "False"}
+
+
+def test_same_seed_gives_identical_output(tmp_path, capsys):
+    write_files(tmp_path / "raw", sts_files(adult=(20, 3), children=(6, 2)))
+    roots = [tmp_path / name for name in ("a", "b", "c")]
+    for root, seed in zip(roots, (3, 3, 4)):
+        run(["--raw-dir", str(tmp_path / "raw"), "--data-root", str(root), "--seed", str(seed)], capsys)
+    index = [(root / INDEX_NAME).read_bytes() for root in roots]
+    assert index[0] == index[1] and tree_digest(roots[0] / PROCESSED_NAME) == tree_digest(roots[1] / PROCESSED_NAME)
+    assert index[0] != index[2]  # another seed, another split
+    splits = [{pid: r["split"] for pid, r in images_by(read_index(root / INDEX_NAME)).items()} for root in roots]
+    assert splits[0] != splits[2] and Counter(splits[0].values()) == Counter(splits[2].values())
+
+
+def test_synthetic_is_deterministic(tmp_path, capsys):
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        run(["--synthetic", "12", "--seed", "2", "--synthetic-size", "64x128", "--data-root", str(root)], capsys)
+    assert (roots[0] / INDEX_NAME).read_bytes() == (roots[1] / INDEX_NAME).read_bytes()
+    assert tree_digest(roots[0] / PROCESSED_NAME) == tree_digest(roots[1] / PROCESSED_NAME)
+    rows = read_index(roots[0] / INDEX_NAME)
+    assert {(r["width"], r["height"]) for r in rows} == {(128, 64)} and sum(not r["is_mask"] for r in rows) == 12
+
+
+def test_rerun_is_idempotent_and_force_rebuilds(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "src", 6)
+    out = tmp_path / "out"
+    argv = ["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out)]
+    assert "wrote 12 files" in run(argv, capsys)
+    index_mtime = (out / INDEX_NAME).stat().st_mtime_ns
+    built = tree_digest(out / PROCESSED_NAME)
+
+    printed = run(argv, capsys)
+    assert "up to date" in printed and "wrote" not in printed and "is_mask: False 6 / True 6" in printed
+    assert (out / INDEX_NAME).stat().st_mtime_ns == index_mtime
+
+    (out / PROCESSED_NAME / "adult/labeled/images/p000.png").unlink()  # incomplete output is rebuilt
+    assert "wrote 12 files" in run(argv, capsys)
+    assert "wrote 12 files" in run(argv + ["--force"], capsys)
+    assert tree_digest(out / PROCESSED_NAME) == built
+
+    folder_pair(tmp_path / "src", 1, start=6)  # a changed source is rebuilt without --force
+    assert "wrote 14 files" in run(argv, capsys)
+    assert "wrote" in run(argv + ["--seed", "1"], capsys)  # so are changed settings
+
+
+def test_source_is_never_modified(tmp_path, capsys):
+    write_files(tmp_path / "raw", sts_files(adult=(3, 1), children=(3, 1)))
+    before = tree_digest(tmp_path / "raw")
+    run(["--raw-dir", str(tmp_path / "raw"), "--data-root", str(tmp_path / "raw" / "out")], capsys)
+    run(["--raw-dir", str(tmp_path / "raw"), "--data-root", str(tmp_path / "raw" / "out"), "--force"], capsys)
+    after = {k: v for k, v in tree_digest(tmp_path / "raw").items() if not k.startswith("out")}
+    assert after == before
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        prepare_sts2d.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "default: sts_tooth_data" in text and "--skip-bad" in text and "--val-ratio F" in text
