@@ -55,11 +55,13 @@ def parse_args(argv=None):
 
 
 def fill_from_checkpoint(args, ckpt: dict) -> None:
-    """Unset data flags take the values the model was fine-tuned with (split ratios and seed too)."""
+    """Without --images-dir, evaluate on the data the model was fine-tuned with (its masks and index too).
+    The split ratios and seed always come from training, so a file-name split is the same one."""
     trained = ckpt.get("args", {})
-    for key in ("images_dir", "masks_dir", "index"):
-        if getattr(args, key) is None and trained.get(key):
-            setattr(args, key, Path(trained[key]))
+    if args.images_dir is None:
+        for key in ("images_dir", "masks_dir", "index"):
+            if getattr(args, key) is None and trained.get(key):
+                setattr(args, key, Path(trained[key]))
     if args.images_dir is None:
         raise ToothSegError(f"{args.checkpoint}: records no images folder; pass --images-dir")
     args.val_ratio, args.test_ratio, args.seed = (trained.get("val_ratio", 0.1), trained.get("test_ratio", 0.1),
