@@ -277,7 +277,11 @@ def source_from_zip(zip_dir: Path) -> Source:
                            SourceFile(name, reader(info, name), f"{info.CRC}:{info.file_size}")))
     if skipped:
         print(f"note: ignored {skipped} STS-2D-Tooth zip members outside {{A,C}}-PXI/{{Labeled,Unlabeled}}/{{Image,Mask}}/")
-    return Source("zip", f"zip {label}", files, rejects, close=archive.close)
+    def close() -> None:  # ZipFile leaves a stream it was given open
+        archive.close()
+        stream.close()
+
+    return Source("zip", f"zip {label}", files, rejects, close=close)
 
 
 def source_from_tg3k(tg3k_dir: Path) -> Source:
@@ -432,7 +436,10 @@ def _encode_png(img: np.ndarray) -> bytes:
 
 
 def _decode(file: SourceFile) -> np.ndarray:
-    data = file.read()
+    try:
+        data = file.read()
+    except OSError as exc:
+        raise BadInput(file.name, f"cannot read ({exc.strerror or exc})") from None
     try:
         return decode_image(data, file.name)
     except ToothSegError:

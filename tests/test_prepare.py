@@ -104,6 +104,11 @@ def error_of(argv: list[str]) -> str:
     return message
 
 
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -196,7 +201,7 @@ def test_zip_member_escaping_the_target_is_refused(tmp_path, capsys):
     message = error_of(argv)
     assert evil in message and "escapes" in message
     printed = run(argv + ["--skip-bad"], capsys)
-    rejected = list(csv.DictReader((tmp_path / "out" / "rejected.csv").open()))
+    rejected = read_csv(tmp_path / "out" / "rejected.csv")
     assert [r["file"].endswith(evil) for r in rejected] == [True] and "skipped 1 bad files" in printed
     assert not list(tmp_path.rglob("evil.png"))
 
@@ -313,7 +318,7 @@ def test_skip_bad_writes_rejected_csv(tmp_path, capsys):
            _image_without_mask(images, masks)[0]]
     out = tmp_path / "out"
     printed = run(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out), "--skip-bad"], capsys)
-    rejected = list(csv.DictReader((out / "rejected.csv").open()))
+    rejected = read_csv(out / "rejected.csv")
     assert sorted(r["file"] for r in rejected) == sorted(map(str, bad)) and all(r["reason"] for r in rejected)
     assert "skipped 4 bad files" in printed
     assert sorted(images_by(read_index(out / INDEX_NAME))) == ["p000", "p004", "p005", "p006", "p007"]
@@ -365,7 +370,7 @@ def test_duplicates_share_a_split_and_conflicts_are_reported(tmp_path, capsys):
         seen_splits |= {images["d1"]["split"], images["c1"]["split"]}
         assert "conflicting masks for one image: c1, c2" in printed and "d1, d2" not in printed.split("conflicting")[-1]
     assert len(seen_splits) >= 2
-    report = {r["pair_id"]: r for r in csv.DictReader((out / "duplicates.csv").open())}
+    report = {r["pair_id"]: r for r in read_csv(out / "duplicates.csv")}
     assert set(report) == {"c1", "c2", "d1", "d2", "d3"}
     assert {p: report[p]["conflicting_masks"] for p in report} == {"c1": "True", "c2": "True", "d1": "False", "d2": "False", "d3": "False"}
 
