@@ -277,6 +277,7 @@ def source_from_zip(zip_dir: Path) -> Source:
                            SourceFile(name, reader(info, name), f"{info.CRC}:{info.file_size}")))
     if skipped:
         print(f"note: ignored {skipped} STS-2D-Tooth zip members outside {{A,C}}-PXI/{{Labeled,Unlabeled}}/{{Image,Mask}}/")
+
     def close() -> None:  # ZipFile leaves a stream it was given open
         archive.close()
         stream.close()
