@@ -34,9 +34,11 @@ a one-line error counting the failures (exit status 2), so scripts notice.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -413,9 +415,10 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = args.output_dir or input_dir.with_name(input_dir.name + "_fbf")
     if not input_dir.is_dir():
         raise ToothSegError(f"{input_dir}: input folder not found; run prepare_sts2d.py first or pass --input-dir")
-    inside = output_dir.resolve().is_relative_to(input_dir.resolve()) or input_dir.resolve().is_relative_to(output_dir.resolve())
-    if inside:
-        raise ToothSegError(f"{output_dir}: the output folder must lie outside {input_dir} (and not contain it); pick a sibling such as {input_dir.name}_fbf")
+    source, target = input_dir.resolve(), output_dir.resolve()
+    if target.is_relative_to(source) or source.is_relative_to(target):
+        raise ToothSegError(f"{output_dir}: the output folder must lie outside {input_dir} (and not contain it); "
+                            f"pick a sibling such as {input_dir.name}_fbf")
     if args.workers < 1:
         raise ToothSegError(f"--workers must be at least 1, got {args.workers}")
     jobs, others = find_jobs(input_dir, output_dir)
@@ -439,23 +442,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{input_dir} -> {output_dir}: {len(todo)} of {len(jobs)} files to do, {method}, "
           f"sigma_space {settings.sigma_space}, sigma_color {settings.sigma_color}")
     failures = []
-    with tqdm(total=len(todo), unit="file", desc="fbf") as bar:
-        def report(job, failure):
+    with ExitStack() as stack:
+        if args.workers > 1 and len(todo) > 1:
+            # spawn: a forked worker cannot use CUDA once the parent has touched it (resolve_backend may have)
+            pool = stack.enter_context(ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn"), _init_worker))
+            results = pool.map(process, todo, [settings] * len(todo), chunksize=4)
+        else:
+            results = (process(job, settings) for job in todo)
+        for job, failure in zip(todo, tqdm(results, total=len(todo), unit="file", desc="fbf")):
             if failure:
                 failures.append(job.source)
-                bar.write(f"skipped {failure}")
-            bar.update()
-
-        if args.workers == 1 or len(todo) < 2:
-            for job in todo:
-                report(job, process(job, settings))
-        else:
-            import multiprocessing
-
-            # spawn: a fork of a process that has touched CUDA cannot use it.
-            with ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn"), _init_worker) as pool:
-                for job, failure in zip(todo, pool.map(process, todo, [settings] * len(todo), chunksize=4)):
-                    report(job, failure)
+                tqdm.write(f"skipped {failure}")
 
     copied = sum(job.copy_only for job in todo)
     print(f"done: {len(todo) - copied - len(failures)} filtered, {copied} copied, {len(jobs) - len(todo)} already there"

@@ -5,7 +5,7 @@
 
 For each image and sigma_space it times the grid (numpy; torch on the CPU; torch on CUDA when there
 is a GPU) and cv2.bilateralFilter with d = 2 ceil(3 sigma_space) + 1, taking the best of --repeats
-runs after one warm-up. All times are numpy array in, numpy array out (CUDA times include the copies).
+runs (interleaved) after one warm-up. All times are numpy array in, numpy array out (CUDA times include the copies).
 Fidelity is PSNR of each 8-bit output against the exact bilateral filter (fbf's brute-force
 reference, float64, window radius ceil(3 sigma_space)). The exact filter is too slow for whole
 large images, so it is computed for a central window only, with its full neighbourhood around it,
@@ -14,6 +14,7 @@ border) and the grid (no pixels outside) legitimately differ.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -34,14 +35,17 @@ from utils import ToothSegError, atomic_write_text, make_parser, read_image, run
 REAL_IMAGES = REPO.parent / "shared" / "data" / "ufba425-dev" / "images"
 
 
-def best_time_ms(run, repeats: int) -> float:
-    run()  # warm-up: imports, allocations, CUDA kernels
-    best = math.inf
+def best_times_ms(runs: dict, repeats: int) -> dict:
+    """Best wall time of each run, with the runs interleaved so that load from other processes hits them alike."""
+    for run in runs.values():
+        run()  # warm-up: imports, allocations, CUDA kernels
+    best = dict.fromkeys(runs, math.inf)
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds * 1000 for name, seconds in best.items()}
 
 
 def psnr(test: np.ndarray, reference: np.ndarray) -> float:
@@ -117,17 +121,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     settings = [(name, image, sigma_space) for name, image in test_images for sigma_space in args.sigma_space]
     for name, image, sigma_space in tqdm(settings, desc="benchmark", unit="setting"):
-        timings = {"grid numpy": best_time_ms(lambda: fbf.bilateral_filter(image, sigma_space, sigma_color), args.repeats)}
+        filter_image = functools.partial(fbf.bilateral_filter, image, sigma_space, sigma_color)
+        runs = {"grid numpy": filter_image}
         for device in torch_devices:
-            timings[f"grid torch {device}"] = best_time_ms(
-                lambda: fbf.bilateral_filter(image, sigma_space, sigma_color, backend="torch", device=device), args.repeats)
-        timings["opencv"] = best_time_ms(
-            lambda: fbf.bilateral_filter(image, sigma_space, sigma_color, method="opencv"), args.repeats)
+            runs[f"grid torch {device}"] = functools.partial(filter_image, backend="torch", device=device)
+        runs["opencv"] = functools.partial(filter_image, method="opencv")
+        timings = best_times_ms(runs, args.repeats)
 
         window = central_window(image.shape, parse_size(args.psnr_window), fbf.window_radius(sigma_space))
         exact = exact_window(image, sigma_space, sigma_color, window)
-        grid_psnr = psnr(fbf.bilateral_filter(image, sigma_space, sigma_color)[window], exact)
-        opencv_psnr = psnr(fbf.bilateral_filter(image, sigma_space, sigma_color, method="opencv")[window], exact)
+        grid_psnr = psnr(filter_image()[window], exact)
+        opencv_psnr = psnr(runs["opencv"]()[window], exact)
         rows.append((name, sigma_space, timings, grid_psnr, opencv_psnr, window))
 
     table = markdown_table(rows, sigma_color, args)
