@@ -28,3 +28,22 @@ def phantom_data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom_data")
     prepare_sts2d.main(["--synthetic", str(PHANTOM_IMAGES), "--seed", str(PHANTOM_SEED), "--data-root", str(root)])
     return root
+
+
+TINY_STUDY_FLAGS = ["--models", "unet", "--inits", "scratch", "mim", "fullimage", "--label-fractions", "1",
+                    "--seeds", "0", "--img-height", "64", "--img-width", "128", "--base-channels", "4",
+                    "--batch-size", "4", "--pretrain-epochs", "1", "--finetune-epochs", "2", "--workers", "0",
+                    "--cpu", "--bootstrap", "200"]
+
+
+@pytest.fixture(scope="session")
+def tiny_study(phantom_data_root, tmp_path_factory) -> Path:
+    """The demo chain in miniature, through the real CLIs: run_study.py on the phantom data root with
+    MIM and full-image pretraining and three fine-tunes (scratch, mim, fullimage), each evaluated on
+    the test split. Returns the run folder (cells/, pretrain/, study.csv, study.md, study_dice.png).
+    Read-only for the tests that share it."""
+    import run_study
+
+    out = tmp_path_factory.mktemp("tiny_study")
+    run_study.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--out-dir", str(out), *TINY_STUDY_FLAGS])
+    return out
