@@ -77,6 +77,13 @@ def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, devi
     return probs
 
 
+def mask_at_size(probs: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:
+    """A (1, 1, h, w) probability map resized to the image's own (H, W) and thresholded: masks are
+    scored, saved and shown at the original resolution, never at network size."""
+    prob = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)[0, 0]
+    return (prob > threshold).cpu().numpy()
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -121,8 +128,7 @@ def main(argv=None):
                                       amp_dtype, device)
         for i, pair_id in enumerate(meta["pair_id"]):
             size = (int(meta["orig_height"][i]), int(meta["orig_width"][i]))
-            prob = F.interpolate(probs[i:i + 1], size=size, mode="bilinear", align_corners=False)[0, 0]
-            pred = (prob > args.threshold).cpu().numpy()
+            pred = mask_at_size(probs[i:i + 1], size, args.threshold)
             sample = by_pair[pair_id]
             if save_preds is not None:
                 write_png(save_preds / f"{sample.image.stem}.png", pred.astype(np.uint8) * 255)
