@@ -294,7 +294,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     from models import MODELS
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model-type", choices=sorted(MODELS), default="unet", help="architecture")
+    model.add_argument("--model-type", choices=sorted(MODELS), default="unet", help="architecture from the models.py registry")
     model.add_argument("--base-channels", type=int, default=32, metavar="C", help="channels of the first stage")
     model.add_argument("--no-bilinear", action="store_true", help="transposed convolutions instead of bilinear upsampling")
 
@@ -307,10 +307,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                       help="decode PNGs every step instead of keeping decoded uint8 images in RAM")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=epochs, metavar="N")
+    optim.add_argument("--epochs", type=int, default=epochs, metavar="N", help="training epochs (the schedule spans all of them)")
     optim.add_argument("--batch-size", type=int, default=batch_size, metavar="B", help="per process; global batch = B x processes")
     optim.add_argument("--lr", type=float, default=lr, metavar="LR", help="AdamW learning rate for the global batch")
-    optim.add_argument("--weight-decay", type=float, default=weight_decay, metavar="WD")
+    optim.add_argument("--weight-decay", type=float, default=weight_decay, metavar="WD", help="AdamW decoupled weight decay (not on norms and biases)")
     optim.add_argument("--scheduler", choices=("cosine", "plateau", "none"), default=scheduler,
                        help="cosine: per-step decay to 1%% of --lr; plateau: halve on a stalled validation metric")
     optim.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
@@ -318,7 +318,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     optim.add_argument("--compile", action="store_true", help="torch.compile the model (slow first epoch)")
 
     runtime = parser.add_argument_group("runtime and logging")
-    runtime.add_argument("--seed", type=int, default=42)
+    runtime.add_argument("--seed", type=int, default=42, metavar="S", help="seed for initialisation, data order, augmentation and masks")
     runtime.add_argument("--cpu", action="store_true", help="train on CPU even when CUDA is available")
     runtime.add_argument("--resume", type=Path, metavar="CKPT", help="continue a run from its last checkpoint (same schedule)")
     runtime.add_argument("--log-interval", type=int, default=10, metavar="STEPS", help="TensorBoard scalar interval")
@@ -334,7 +334,8 @@ def add_pretraining_args(parser: argparse.ArgumentParser, groups: dict, default_
                                 help="sts2d_index.csv (default: found in or beside --images-dir); without one, every image is used")
     groups["data"].add_argument("--val-fraction", type=float, default=0.05, metavar="F",
                                 help="fixed share of the pretraining images held out for the validation loss (2..64 images)")
-    groups["runtime"].add_argument("--checkpoint-dir", type=Path, default=Path(default_checkpoint_dir), metavar="DIR")
+    groups["runtime"].add_argument("--checkpoint-dir", type=Path, default=Path(default_checkpoint_dir), metavar="DIR",
+                                   help="best and last checkpoints go here")
     groups["runtime"].add_argument("--log-dir", "--tensorboard-dir", dest="log_dir", type=Path, metavar="DIR",
                                    help="TensorBoard folder (default: CHECKPOINT_DIR/tensorboard)")
 

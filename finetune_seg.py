@@ -32,12 +32,16 @@ def parse_args(argv=None):
     groups = add_training_args(parser, epochs=100, batch_size=8, lr=1e-3, weight_decay=1e-4)
     # None = take it from --resume/--init-from, else the registry defaults (unet, 32, bilinear).
     parser.set_defaults(model_type=None, base_channels=None, no_bilinear=None)
+    for action in parser._actions:
+        if action.dest in ("model_type", "base_channels"):
+            action.help += "; default: the --init-from checkpoint's, else " + ("unet" if action.dest == "model_type" else "32")
     model, data, optim, runtime = groups["model"], groups["data"], groups["optim"], groups["runtime"]
     model.add_argument("--init-from", type=Path, metavar="CKPT",
                        help="pretrained weights (mim_best.pth, fullimage_best.pth or a bare state_dict); scratch if omitted")
     model.add_argument("--freeze-encoder-epochs", type=int, default=0, metavar="N",
                        help="keep encoder + bottleneck fixed for the first N epochs")
-    data.add_argument("--images-dir", type=Path, default=Path("./sts_tooth_data/processed_2d"), metavar="DIR")
+    data.add_argument("--images-dir", type=Path, default=Path("./sts_tooth_data/processed_2d"), metavar="DIR",
+                      help="processed_2d from prepare_sts2d.py (or its fbf mirror), or a folder of images")
     data.add_argument("--masks-dir", type=Path, metavar="DIR",
                       help="masks with the images' file names (used only without an index; default: --images-dir)")
     data.add_argument("--index", type=Path, metavar="CSV", help="sts2d_index.csv (default: found in or beside --images-dir)")
@@ -49,7 +53,7 @@ def parse_args(argv=None):
     optim.add_argument("--lambda-dice", type=float, default=0.2, metavar="L", help="loss = BCE + L * soft Dice")
     optim.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better val Dice")
     runtime.add_argument("--save-dir", "--checkpoint-dir", dest="save_dir", type=Path,
-                         default=Path("./checkpoints/finetune"), metavar="DIR")
+                         default=Path("./checkpoints/finetune"), metavar="DIR", help="best_model.pth and last.pth go here")
     runtime.add_argument("--tensorboard-dir", "--log-dir", dest="tensorboard_dir", type=Path, metavar="DIR",
                          help="TensorBoard folder (default: SAVE_DIR/tensorboard)")
     return parser.parse_args(argv)

@@ -43,25 +43,25 @@ def parse_args(argv=None):
     grid = parser.add_argument_group("grid")
     grid.add_argument("--models", nargs="+", default=["unet"], metavar="NAME", help="unet, scag, nac")
     grid.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, metavar="INIT", help="scratch, mim, fullimage")
-    grid.add_argument("--label-fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0], metavar="F")
-    grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="S")
+    grid.add_argument("--label-fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0], metavar="F", help="shares of the labelled training pairs")
+    grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="S", help="fine-tuning seeds (also pick the label subsets)")
     data = parser.add_argument_group("data")
     data.add_argument("--images-dir", type=Path, required=True, metavar="DIR", help="processed_2d (with its index) or images")
     data.add_argument("--masks-dir", type=Path, metavar="DIR", help="only for folders without an index")
-    data.add_argument("--img-height", type=int, default=160, metavar="H")
-    data.add_argument("--img-width", type=int, default=320, metavar="W")
+    data.add_argument("--img-height", type=int, default=160, metavar="H", help="network input height")
+    data.add_argument("--img-width", type=int, default=320, metavar="W", help="network input width")
     train = parser.add_argument_group("training budget")
-    train.add_argument("--pretrain-epochs", type=int, default=30, metavar="N")
-    train.add_argument("--finetune-epochs", type=int, default=40, metavar="N")
-    train.add_argument("--batch-size", type=int, default=8, metavar="B")
-    train.add_argument("--base-channels", type=int, default=32, metavar="C")
-    train.add_argument("--pretrain-seed", type=int, default=0, metavar="S")
+    train.add_argument("--pretrain-epochs", type=int, default=30, metavar="N", help="epochs of each pretraining")
+    train.add_argument("--finetune-epochs", type=int, default=40, metavar="N", help="epochs of each fine-tune")
+    train.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size of every stage")
+    train.add_argument("--base-channels", type=int, default=32, metavar="C", help="model width")
+    train.add_argument("--pretrain-seed", type=int, default=0, metavar="S", help="seed of the pretraining runs")
     train.add_argument("--pretrain-args", default="", metavar="'FLAGS'", help="extra flags for both pretraining scripts")
     train.add_argument("--finetune-args", default="", metavar="'FLAGS'", help="extra flags for finetune_seg.py")
-    train.add_argument("--workers", type=int, default=2, metavar="N")
-    train.add_argument("--cpu", action="store_true")
+    train.add_argument("--workers", type=int, default=2, metavar="N", help="DataLoader workers of every stage")
+    train.add_argument("--cpu", action="store_true", help="pass --cpu to every stage")
     out = parser.add_argument_group("output")
-    out.add_argument("--out-dir", type=Path, default=Path("runs/study"), metavar="DIR")
+    out.add_argument("--out-dir", type=Path, default=Path("runs/study"), metavar="DIR", help="pretrain/, cells/ and the study tables go here")
     out.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples for the CIs")
     out.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     return parser.parse_args(argv)
@@ -270,19 +270,26 @@ def plot(args, groups: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for model in args.models:
-        for init in args.inits:
-            points = sorted((f, [r["dice"] for r in g]) for (m, i, f), g in groups.items() if m == model and i == init)
-            if not points:
-                continue
-            x = [f for f, _ in points]
-            ax.errorbar(x, [np.mean(d) for _, d in points], yerr=[np.std(d) for _, d in points], marker="o",
-                        capsize=3, label=f"{model} · {init}" if len(args.models) > 1 else init)
-    ax.set_xscale("log")
-    ax.set_xlabel("fraction of labelled training images")
+    series = [(model, init, sorted((f, [r["dice"] for r in g]) for (m, i, f), g in groups.items() if (m, i) == (model, init)))
+              for model in args.models for init in args.inits]
+    series = [(m, i, points) for m, i, points in series if points]
+    label = (lambda m, i: f"{m} · {i}") if len(args.models) > 1 else (lambda m, i: i)
+    if len(args.label_fractions) == 1:  # one fraction: compare the initialisations side by side
+        for k, (model, init, [(_, dice)]) in enumerate(series):
+            ax.bar(k, np.mean(dice), yerr=np.std(dice), capsize=4, color=f"C{k}")
+            ax.text(k, np.mean(dice) / 2, f"{np.mean(dice):.3f}", ha="center", color="white", fontweight="bold")
+        ax.set_xticks(range(len(series)), [label(m, i) for m, i, _ in series])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"test Dice with {args.label_fractions[0]:.0%} of the training labels")
+    else:
+        for model, init, points in series:
+            ax.errorbar([f for f, _ in points], [np.mean(d) for _, d in points], yerr=[np.std(d) for _, d in points],
+                        marker="o", capsize=3, label=label(model, init))
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of labelled training images")
+        ax.legend()
     ax.set_ylabel("test Dice (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     with atomic_path(args.out_dir / "study_dice.png") as tmp:
         fig.savefig(tmp)

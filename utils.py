@@ -36,8 +36,16 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         sys.exit(130)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults in --help and keeps the description's line breaks."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and shows each option's default, except where the default
+    says nothing (switches, and None for options whose help explains what happens without them)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.nargs != 0 and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
