@@ -1,11 +1,42 @@
-"""Plotting helpers for the scripts and the notebook: overlays, sample grids, saliency, curves,
-model comparisons and best/worst galleries."""
+"""Plotting helpers for the scripts and the notebook: overlays, sample grids, saliency, training
+curves, model comparisons, best/worst galleries and pretraining reconstructions.
+
+Every plot returns a matplotlib `Figure` built without pyplot, so nothing depends on a display or
+on global figure state: in Jupyter the returned figure shows as the cell's output, and `save_path=`
+(or `save_figure`) writes it as a PNG atomically. Overlays colour pixels green (hit), red (false
+positive) and blue (missed).
+
+Predictions come from `load_predictor(cell_dir_or_checkpoint)`, which preprocesses, runs and
+thresholds exactly as eval.py does (network-size inference, logits resized back to each image's own
+size, threshold 0.5), so a Dice shown here equals the Dice in eval.py's per_image.csv.
+"""
 from __future__ import annotations
 
+import argparse
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
 import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data import (GenesisConfig, MaskGenerator, MIMDataset, RestorationDataset, build_eval_transform, hold_out,
+                  pretraining_samples, read_mask, segmentation_splits)
+from engine import build_model_from_checkpoint, memory_format, reconstruction_visuals, resolve_amp
+from metrics import masked_l1_loss, segmentation_metrics
+from utils import ToothSegError, atomic_path, read_image, to_uint8
 
 # Overlay colours (RGB): correct tooth pixels, false positives, missed tooth pixels.
 TRUE_POSITIVE, FALSE_POSITIVE, FALSE_NEGATIVE = (40, 200, 60), (230, 40, 40), (40, 110, 255)
+PANEL_WIDTH = 3.2  # inches per image panel; the height follows the image's aspect ratio
 
 
 def overlay_mask(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
@@ -18,3 +49,381 @@ def overlay_mask(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = No
     for where, colour in layers:
         rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(colour, np.float32)
     return rgb.round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures: creation, saving, shared decorations
+# ----------------------------------------------------------------------------------------------
+def new_figure(rows: int, cols: int, aspect: float, extra_height: float = 0.6):
+    """A Figure (no pyplot, so headless-safe) with a rows x cols grid of image axes; `aspect` = h / w."""
+    fig = Figure(figsize=(PANEL_WIDTH * cols, (PANEL_WIDTH * aspect + extra_height) * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:  # ticks off, frame kept: an all-white or all-black mask still shows its extent
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig, axes
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write `fig` as a PNG atomically (temp file, then rename)."""
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+def _finish(fig, save_path: str | os.PathLike | None):
+    if save_path is not None:
+        save_figure(fig, save_path)
+    return fig
+
+
+def add_overlay_legend(fig, with_truth: bool = True) -> None:
+    """The overlay colour key, below the panels."""
+    colours = [("hit", TRUE_POSITIVE), ("false positive", FALSE_POSITIVE), ("missed", FALSE_NEGATIVE)]
+    if not with_truth:
+        colours = [("prediction", TRUE_POSITIVE)]
+    handles = [Patch(color=np.asarray(c) / 255, label=name) for name, c in colours]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+
+
+def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The Dice eval.py reports (metrics.segmentation_metrics conventions, empty cases included)."""
+    return segmentation_metrics(pred, gt)["dice"]
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    """An image as grayscale uint8, as the datasets read it."""
+    return to_uint8(read_image(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions exactly as eval.py makes them
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Predictor:
+    """A fine-tuned segmentation model with the preprocessing and data it was trained with."""
+    model: object  # torch.nn.Module in eval mode, on `device`
+    checkpoint: dict
+    path: Path
+    device: object  # torch.device
+    _mask_paths: dict[Path, Path] | None = field(default=None, repr=False)
+
+    def network_input(self, image: np.ndarray):
+        """(1, 1, h, w) normalised tensor at network size, via the eval transform."""
+        data = self.checkpoint["data"]
+        return build_eval_transform(data["img_height"], data["img_width"])(image=image)["image"][None]
+
+    def predict(self, image: np.ndarray, threshold: float = 0.5, tta: bool = False) -> np.ndarray:
+        """Boolean HxW mask at the image's own size (eval.py's inference, resize and threshold)."""
+        from eval import mask_at_size, predict_probabilities  # here: eval.py imports this module
+
+        batch = self.network_input(image).to(self.device, memory_format=memory_format(self.device))
+        probs = predict_probabilities(self.model, batch, tta, resolve_amp("auto", self.device), self.device)
+        return mask_at_size(probs, image.shape[:2], threshold)
+
+    def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+        """`get_saliency_map` for an original-size uint8 image, resized back to its size. `region`
+        (optional boolean mask at the image's size) picks the logits whose sum is explained."""
+        batch = self.network_input(image)
+        if region is not None:
+            region = cv2.resize(np.asarray(region, np.uint8), batch.shape[:-3:-1], interpolation=cv2.INTER_NEAREST) > 0
+        saliency = get_saliency_map(self.model, batch, region)
+        return np.clip(cv2.resize(saliency, image.shape[1::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
+
+    def ground_truth(self, image_path: str | os.PathLike) -> np.ndarray:
+        """The mask (uint8 0/1) of one of the labelled images this model was trained and tested with,
+        paired as eval.py pairs them (the index, or file names in the masks folder)."""
+        from eval import fill_from_checkpoint  # here: eval.py imports this module
+
+        if self._mask_paths is None:
+            args = argparse.Namespace(checkpoint=self.path, images_dir=None, masks_dir=None, index=None)
+            fill_from_checkpoint(args, self.checkpoint)
+            splits = segmentation_splits(args.images_dir, args.masks_dir, index=args.index, val_ratio=args.val_ratio,
+                                         test_ratio=args.test_ratio, seed=args.seed)
+            self._mask_paths = {s.image.resolve(): s.mask for part in splits.values() for s in part}
+        mask_path = self._mask_paths.get(Path(image_path).resolve())
+        if mask_path is None:
+            raise ToothSegError(f"{image_path}: not one of the labelled images of {self.path}; pass its mask explicitly")
+        return read_mask(mask_path)
+
+
+def load_predictor(source: str | os.PathLike, device: str = "cpu") -> Predictor:
+    """A Predictor from a study cell folder (its best_model.pth) or a segmentation checkpoint file."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "best_model.pth"
+    device = torch.device(device)
+    model, ckpt = build_model_from_checkpoint(path, ("segmentation",), "a prediction")
+    model = model.to(device, memory_format=memory_format(device)).eval()
+    return Predictor(model, ckpt, path, device)
+
+
+def _as_predictor(model: Predictor | str | os.PathLike, device: str) -> Predictor:
+    return model if isinstance(model, Predictor) else load_predictor(model, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# One sample: input, ground truth, prediction, overlay
+# ----------------------------------------------------------------------------------------------
+def visualize_samples_in_one_plot(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, title: str | None = None,
+                                  save_path: str | os.PathLike | None = None):
+    """Input, ground truth, prediction and overlay side by side; the Dice goes in the title when
+    `gt` is given. `image` is grayscale uint8, masks are HxW (any non-zero pixel is foreground)."""
+    panels = [("input", image)]
+    if gt is not None:
+        panels.append(("ground truth", (gt > 0).astype(np.uint8) * 255))
+    panels += [("prediction", (pred > 0).astype(np.uint8) * 255), ("overlay", overlay_mask(image, pred, gt))]
+    fig, axes = new_figure(1, len(panels), image.shape[0] / image.shape[1], extra_height=0.9)
+    for ax, (name, shown) in zip(axes[0], panels):
+        ax.imshow(shown, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(name)
+    heading = [title] if title else []
+    if gt is not None:
+        heading.append(f"Dice {dice_score(pred, gt):.4f}")
+    if heading:
+        fig.suptitle("  ·  ".join(heading))
+    add_overlay_legend(fig, with_truth=gt is not None)
+    return _finish(fig, save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saliency
+# ----------------------------------------------------------------------------------------------
+def get_saliency_map(model, image, region: np.ndarray | None = None) -> np.ndarray:
+    """Gradient saliency of a segmentation model: |d objective / d input|, max over channels,
+    scaled to [0, 1] (all zeros when the gradient vanishes). The objective is the mean logit over
+    the predicted foreground (logit > 0; every pixel when nothing is predicted), or, with `region`
+    (boolean HxW at the input's size), the sum of the logits inside it. `image` is a normalised
+    (C, H, W) or (1, C, H, W) tensor; returns an HxW float32 array. Runs in eval mode on the model's
+    device and leaves the model's parameters' gradients and its train/eval mode untouched."""
+    device = next(model.parameters()).device
+    x = torch.as_tensor(image).detach().clone().float()
+    x = (x[None] if x.ndim == 3 else x).to(device).requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = model(x)[0, 0]
+            if region is not None:
+                where = torch.as_tensor(np.asarray(region, bool), device=device)
+                if where.shape != logits.shape:
+                    raise ToothSegError(f"saliency region has shape {tuple(where.shape)}, the input {tuple(logits.shape)}; "
+                                        f"give a mask of the input's size")
+                objective = logits[where].sum()
+            else:
+                foreground = logits > 0
+                objective = logits[foreground].mean() if foreground.any() else logits.mean()
+            (grad,) = torch.autograd.grad(objective, x)
+    finally:
+        model.train(was_training)
+    saliency = grad[0].abs().amax(dim=0)
+    peak = saliency.max()
+    return (saliency / peak if peak > 0 else saliency).cpu().numpy().astype(np.float32)
+
+
+def plot_saliency(image: np.ndarray, saliency: np.ndarray, title: str | None = None, alpha: float = 0.5,
+                  save_path: str | os.PathLike | None = None):
+    """The input beside the saliency map laid over it (inferno colour map, with a colour bar)."""
+    fig, axes = new_figure(1, 2, image.shape[0] / image.shape[1], extra_height=0.9)
+    axes[0, 0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0, 0].set_title("input")
+    axes[0, 1].imshow(image, cmap="gray", vmin=0, vmax=255)
+    heat = axes[0, 1].imshow(saliency, cmap="inferno", vmin=0, vmax=1, alpha=alpha)
+    axes[0, 1].set_title("saliency |∂ logit / ∂ input|")
+    fig.colorbar(heat, ax=axes[0, 1], fraction=0.03, label="normalised gradient")
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training curves from TensorBoard event files
+# ----------------------------------------------------------------------------------------------
+def read_scalars(log_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar tag in a TensorBoard folder as (steps, values), sorted by step. A resumed run
+    logs some steps twice; the later value wins, as it is the one the run continued from."""
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir() or not any(p.name.startswith("events.out.tfevents") for p in log_dir.iterdir()):
+        raise ToothSegError(f"{log_dir}: no TensorBoard event files there; pass a run's tensorboard folder")
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0 = keep every point
+    events.Reload()
+    scalars = {}
+    for tag in events.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        scalars[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    return scalars
+
+
+def plot_training_curves(log_dirs: dict[str, str | os.PathLike], tags: Sequence[str] = ("val/dice",),
+                         title: str | None = None, save_path: str | os.PathLike | None = None):
+    """One panel per tag, one line per run (label -> TensorBoard folder). Epoch-level tags
+    (val/*, train/epoch_loss, lr) are logged per epoch; train/batch_loss per optimiser step."""
+    runs = {label: read_scalars(path) for label, path in log_dirs.items()}
+    fig = Figure(figsize=(5 * len(tags), 3.6), layout="constrained")
+    for ax, tag in zip(fig.subplots(1, len(tags), squeeze=False)[0], tags):
+        plotted = [label for label, scalars in runs.items() if tag in scalars]
+        if not plotted:
+            available = sorted(set().union(*(s.keys() for s in runs.values())))
+            raise ToothSegError(f"no run has the scalar {tag!r}; available: {', '.join(available) or 'none'}")
+        for label in plotted:
+            steps, values = runs[label][tag]
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+        ax.set_title(tag)
+        ax.set_xlabel("step" if tag == "train/batch_loss" else "epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several models on the same images; best and worst cases of one evaluation
+# ----------------------------------------------------------------------------------------------
+def compare_models(models: dict[str, Predictor | str | os.PathLike], images: Iterable[str | os.PathLike],
+                   masks: Iterable[str | os.PathLike] | None = None, tta: bool = False, device: str = "cpu",
+                   save_path: str | os.PathLike | None = None):
+    """Rows = images; columns = input, ground truth and each model's overlay with its Dice in the
+    title. `models` maps a label to a Predictor, a study cell folder or a checkpoint. Masks default
+    to the pairs the first model was trained and tested with."""
+    predictors = {label: _as_predictor(m, device) for label, m in models.items()}
+    if not predictors:
+        raise ToothSegError("compare_models needs at least one model")
+    images = [Path(p) for p in images]
+    if not images:
+        raise ToothSegError("compare_models needs at least one image")
+    first = next(iter(predictors.values()))
+    truths = [read_mask(Path(m)) for m in masks] if masks is not None else [first.ground_truth(p) for p in images]
+    if len(truths) != len(images):
+        raise ToothSegError(f"got {len(images)} images but {len(truths)} masks; give one mask per image")
+    pixels = [read_gray(p) for p in images]
+    aspect = max(img.shape[0] / img.shape[1] for img in pixels)
+    fig, axes = new_figure(len(images), 2 + len(predictors), aspect, extra_height=0.7)
+    for row, (path, image, gt) in enumerate(zip(images, pixels, truths)):
+        if gt.shape != image.shape:
+            raise ToothSegError(f"{path}: mask size {gt.shape[::-1]} differs from the image {image.shape[::-1]}; fix the pair")
+        axes[row, 0].imshow(image, cmap="gray", vmin=0, vmax=255)
+        axes[row, 0].set_title(f"{path.stem}\ninput")
+        axes[row, 1].imshow(gt * 255, cmap="gray", vmin=0, vmax=255)
+        axes[row, 1].set_title("ground truth")
+        for col, (label, predictor) in enumerate(predictors.items(), start=2):
+            pred = predictor.predict(image, tta=tta)
+            axes[row, col].imshow(overlay_mask(image, pred, gt))
+            axes[row, col].set_title(f"{label}\nDice {dice_score(pred, gt):.4f}")
+    add_overlay_legend(fig)
+    return _finish(fig, save_path)
+
+
+def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str = "cpu",
+                       save_path: str | os.PathLike | None = None):
+    """The k best (top row) and k worst (bottom row) images of an eval.py run, by Dice, as overlays
+    re-predicted with the evaluated checkpoint and eval's threshold and TTA (from summary.json)."""
+    per_image_csv = Path(per_image_csv)
+    summary_path = per_image_csv.with_name("summary.json")
+    try:
+        with per_image_csv.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        summary = json.loads(summary_path.read_text())
+    except OSError as exc:
+        raise ToothSegError(f"{exc.filename}: cannot read ({exc.strerror}); pass the per_image.csv of an eval.py run") from None
+    if not rows:
+        raise ToothSegError(f"{per_image_csv}: no rows; re-run eval.py")
+    predictor = load_predictor(summary["checkpoint"], device)
+    ranked = sorted(rows, key=lambda r: float(r["dice"]), reverse=True)
+    k = min(k, len(ranked))
+    fig, axes = new_figure(2, k, max(int(r["height"]) / int(r["width"]) for r in rows), extra_height=0.7)
+    for row, (label, chosen) in enumerate((("best", ranked[:k]), ("worst", ranked[::-1][:k]))):
+        for col, record in enumerate(chosen):
+            image = read_gray(record["image"])
+            gt = predictor.ground_truth(record["image"])
+            pred = predictor.predict(image, threshold=summary["threshold"], tta=summary["tta"])
+            if abs(dice_score(pred, gt) - float(record["dice"])) > 0.01:
+                raise ToothSegError(f"{per_image_csv}: Dice of {record['pair_id']} no longer matches "
+                                    f"{summary['checkpoint']} (retrained since?); re-run eval.py")
+            axes[row, col].imshow(overlay_mask(image, pred, gt))
+            axes[row, col].set_title(f"{label} {col + 1}: {record['pair_id']}\n"
+                                     f"Dice {float(record['dice']):.4f}  HD95 {float(record['hd95']):.1f} px")
+    fig.suptitle(f"{summary['model']} on {summary['split']} ({summary['n_images']} images)")
+    add_overlay_legend(fig)
+    return _finish(fig, save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining: what the model reconstructs on its own validation images
+# ----------------------------------------------------------------------------------------------
+def plot_reconstructions(checkpoint: str | os.PathLike, n: int = 3, device: str = "cpu",
+                         save_path: str | os.PathLike | None = None):
+    """A MIM or full-image pretraining checkpoint on the first n images of its own validation hold-out,
+    with the same masks or perturbations it was validated with: columns input (masked / perturbed),
+    target, reconstruction and |error|; the title gives the loss it was trained on (L1 over masked
+    pixels for MIM, over the whole image for full-image)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = sorted(path.glob("*_best.pth"))
+        if not found:
+            raise ToothSegError(f"{path}: no *_best.pth pretraining checkpoint inside; pass the file")
+        path = found[0]
+    model, ckpt = build_model_from_checkpoint(path, ("mim", "fullimage"), "plot_reconstructions")
+    model = model.to(device).eval()
+    args, data = ckpt["args"], ckpt["data"]
+    _, val_samples = hold_out(pretraining_samples(args["images_dir"], args.get("index")), args["val_fraction"], minimum=2)
+    val_samples = val_samples[:n]
+    if ckpt["kind"] == "mim":
+        masker = MaskGenerator(args["mask_type"], args["mask_ratio"], args["min_block_size"], args["max_block_size"],
+                               args["patch_size"])
+        dataset = MIMDataset(val_samples, build_eval_transform(data["img_height"], data["img_width"]), masker,
+                             seed=args["seed"], fixed=True)
+    else:
+        genesis = GenesisConfig(args["flip_prob"], args["local_shuffle_prob"], args["nonlinear_prob"], args["paint_prob"],
+                                args["inpaint_rate"])
+        dataset = RestorationDataset(val_samples, build_eval_transform(data["img_height"], data["img_width"], normalize=False),
+                                     genesis, seed=args["seed"], fixed=True)
+    items = [dataset[i] for i in range(len(dataset))]
+    inputs, targets = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+    with torch.inference_mode():
+        recon = model(inputs.to(device)).float().cpu()
+    if ckpt["kind"] == "mim":
+        hidden = torch.stack([it[2] for it in items])
+        losses = [masked_l1_loss(recon[i:i + 1], targets[i:i + 1], hidden[i:i + 1]).item() for i in range(len(items))]
+    else:
+        losses = (recon - targets).abs().mean(dim=(1, 2, 3)).tolist()
+    shown = reconstruction_visuals(inputs, targets, recon)
+    names = {"input": "masked input" if ckpt["kind"] == "mim" else "perturbed input", "target": "target",
+             "recon": "reconstruction", "abs_error": "|error|"}
+    fig, axes = new_figure(len(items), len(names), data["img_height"] / data["img_width"], extra_height=0.5)
+    for row, meta in enumerate(it[-1] for it in items):
+        for col, (key, name) in enumerate(names.items()):
+            axes[row, col].imshow(shown[key][row, 0].numpy(), cmap="magma" if key == "abs_error" else "gray", vmin=0, vmax=1)
+            axes[row, col].set_title(f"{meta['pair_id']}: {name}" if col == 0 else
+                                     f"{name} (L1 {losses[row]:.4f})" if key == "recon" else name)
+    fig.suptitle(f"{ckpt['kind']} pretraining, {ckpt['model_name']}, epoch {ckpt['epoch']}: validation images")
+    return _finish(fig, save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding things in a run_study.py folder
+# ----------------------------------------------------------------------------------------------
+def study_cells(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """The finished cells of a run_study.py folder: name -> its cell.json record plus "dir"."""
+    run_dir = Path(run_dir)
+    found = sorted((run_dir / "cells").glob("*/cell.json"))
+    if not found:
+        raise ToothSegError(f"{run_dir}: no finished study cells (cells/*/cell.json); run run_study.py or `make demo`")
+    return {p.parent.name: {**json.loads(p.read_text()), "dir": p.parent} for p in found}
+
+
+def pretraining_runs(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """The finished pretraining folders of a run_study.py folder: name (e.g. mim_unet) -> folder."""
+    return {p.parent.name: p.parent for p in sorted((Path(run_dir) / "pretrain").glob("*/done.json"))}
+
+
+def cells_across_inits(cells: dict[str, dict], cell: str) -> dict[str, Path]:
+    """init -> folder of the cells sharing `cell`'s model, label fraction and seed (scratch, mim, ...)."""
+    if cell not in cells:
+        raise ToothSegError(f"no finished cell {cell!r}; choose one of: {', '.join(cells)}")
+    ref = cells[cell]
+    same = lambda r: (r["model"], r["label_fraction"], r["seed"]) == (ref["model"], ref["label_fraction"], ref["seed"])
+    return {r["init"]: r["dir"] for r in cells.values() if same(r)}
