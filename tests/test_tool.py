@@ -1,0 +1,136 @@
+"""tool.py, run as a user runs it: inspecting checkpoints and bare state_dicts, diffing what
+transfers from pretraining to fine-tuning, and one-line errors."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import tool
+from engine import build_model_from_checkpoint, load_checkpoint
+from utils import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tool(*args) -> subprocess.CompletedProcess:
+    """tool.py as a user runs it, in its own process."""
+    return subprocess.run([sys.executable, str(REPO / "tool.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+def run_in_process(capsys, *args) -> tuple[int, str, str]:
+    """The same command line through run_cli in this process (saves a torch import per call)."""
+    try:
+        run_cli(tool.main, [str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def row(output: str, label: str) -> list[str]:
+    """The numbers on the line of a table that starts with `label`."""
+    line = next(line for line in output.splitlines() if line.startswith(label))
+    return re.findall(r"[\d,]+", line[len(label):])
+
+
+def test_inspect_reports_the_real_model(tiny_study, capsys):
+    path = tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth"
+    model, ckpt = build_model_from_checkpoint(path)
+    result = run_tool(path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"^kind +segmentation ", out, re.M)
+    assert re.search(r"^model +unet$", out, re.M)
+    assert "base_channels=4" in out
+    assert re.search(rf"^epoch +{ckpt['epoch']} \(global step {ckpt['global_step']}\)", out, re.M)
+    assert re.search(rf"^best +val/dice = {ckpt['best']['value']:.6g} at epoch {ckpt['best']['epoch']}", out, re.M)
+    assert f"parameters   {sum(p.numel() for p in model.parameters()):,} in " in out
+    assert re.search(r"^input +64 x 128 \(H x W\)", out, re.M)
+    assert re.search(r"^  init_from +.*mim_best\.pth$", out, re.M)  # run arguments
+    for key, tensor in ckpt["model"].items():                      # every key with its shape
+        assert re.search(rf"^  {re.escape(key)} +{'x'.join(map(str, tensor.shape)) or 'scalar'} ", out, re.M)
+
+    code, short, _ = run_in_process(capsys, path, "--no-keys")
+    assert code == 0 and "encoder.stem.0.conv.weight" not in short and "parameters" in short
+
+
+def test_diff_pretraining_to_finetuning_shares_every_key(tiny_study):
+    pretrained = tiny_study / "pretrain" / "mim_unet" / "mim_best.pth"
+    finetuned = tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth"
+    state = load_checkpoint(finetuned)["model"]
+    keys = [k for k in state if not k.endswith("num_batches_tracked")]
+    result = run_tool("--diff", pretrained, finetuned, "--no-keys")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert row(out, "in both, same shape") == [str(len(keys)), f"{sum(state[k].numel() for k in keys):,}"]
+    assert row(out, "only in A") == ["0", "0"] and row(out, "only in B") == ["0", "0"]
+    assert row(out, "shape mismatch") == ["0", "0"]
+    assert "fills 100.0% of its weight elements (enough" in out
+    assert re.search(r"^B +.*best_model\.pth: segmentation checkpoint, unet ", out, re.M)
+
+
+def test_bare_state_dict_inspected_and_diffed(tiny_study, tmp_path):
+    """A bare state_dict saved from a DDP-wrapped model (module. prefix), with one tensor changed,
+    one dropped, one reshaped and one extra: each lands in its own row."""
+    checkpoint = tiny_study / "cells" / "unet_scratch_f1_s0" / "best_model.pth"
+    model, _ = build_model_from_checkpoint(checkpoint)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    changed, dropped, reshaped = "head.conv.weight", "encoder.stem.0.conv.weight", "encoder.stem.1.conv.weight"
+    state[changed] += 0.25
+    del state[dropped]
+    state[reshaped] = torch.zeros(3, 3)
+    state["extra.weight"] = torch.ones(7)
+    bare = tmp_path / "weights.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, bare)
+
+    inspected = run_tool(bare, "--no-keys")
+    assert inspected.returncode == 0, inspected.stderr
+    assert "bare state_dict" in inspected.stdout
+
+    result = run_tool("--diff", bare, checkpoint)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    assert row(out, "in both, same shape")[0] == str(len(keys) - 2)
+    assert row(out, "  of which equal values")[0] == str(len(keys) - 3)
+    assert row(out, "only in A") == ["1", "7"]
+    assert row(out, "only in B")[0] == "1" and row(out, "shape mismatch")[0] == "1"
+    assert re.search(rf"^  {re.escape(changed)} +\S+ +\S+ +differs +0\.25\b", out, re.M)
+    assert re.search(rf"^  {re.escape(dropped)} +- +4x1x3x3 +only in B", out, re.M)
+    assert re.search(rf"^  {re.escape(reshaped)} +3x3 +4x4x3x3 +shape mismatch", out, re.M)
+    assert re.search(r"^  extra\.weight +7 +- +only in A", out, re.M)
+    assert "largest difference among shared keys: max |A - B| = 0.25 (head.conv.weight)" in out
+
+
+def test_too_little_overlap_is_flagged(tiny_study, tmp_path):
+    small = {"head.conv.weight": load_checkpoint(tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth")["model"]["head.conv.weight"]}
+    torch.save(small, tmp_path / "head_only.pt")
+    out = run_tool("--diff", tmp_path / "head_only.pt", tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth",
+                   "--no-keys").stdout
+    assert "too little: finetune_seg.py would refuse; it needs 20%" in out
+
+
+def test_bad_files_give_one_line_errors(tmp_path, capsys):
+    missing = run_tool(tmp_path / "missing.pth")
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: {tmp_path / 'missing.pth'}: file not found; check the path"
+    (tmp_path / "corrupt.pth").write_bytes(b"not a torch file")
+    torch.save({"note": "no tensors here"}, tmp_path / "dict.pth")
+    for name, reason in (("corrupt.pth", "corrupt or not a torch file"), ("dict.pth", "neither a ToothSeg checkpoint")):
+        code, _, err = run_in_process(capsys, "--diff", tmp_path / name, tmp_path / name)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert err.startswith(f"error: {tmp_path / name}: ") and reason in err
+
+
+def test_help_and_usage(capsys):
+    code, out, _ = run_in_process(capsys, "--help")
+    assert code == 0 and "--diff A B" in out and "on by default" in out
+    code, _, err = run_in_process(capsys)
+    assert code == 2 and "give one CKPT to inspect, or --diff A B" in err

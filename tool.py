@@ -1,0 +1,207 @@
+"""Inspect checkpoints: what one file holds, and what two files share.
+
+  python tool.py CKPT              kind, model and its arguments, epoch, metrics, best record,
+                                   parameter count, input size, run arguments and every key's shape
+  python tool.py --diff A B        keys in both (equal shapes; equal values or the largest difference),
+                                   only in A, only in B, shape mismatches, and how much of B
+                                   `--init-from A` would fill
+
+Reads ToothSeg checkpoints (best_model.pth, mim_best.pth, fullimage_best.pth, *_last.pth) and bare
+state_dicts (`torch.save(model.state_dict(), path)`), always with torch.load(weights_only=True).
+The diff matches keys as --init-from does: DDP/compile prefixes ('module.', '_orig_mod.') are
+stripped and BatchNorm step counters (num_batches_tracked) are left out.
+
+Examples:
+  python tool.py runs/demo/cells/unet_mim_f1_s0/best_model.pth --no-keys
+  python tool.py --diff runs/demo/pretrain/mim_unet/mim_best.pth runs/demo/cells/unet_mim_f1_s0/best_model.pth
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from engine import CHECKPOINT_FORMAT, MIN_TRANSFER_COVERAGE, _safe_load
+from utils import ToothSegError, make_parser, run_cli
+
+BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    inspect = parser.add_argument_group("inspect one file")
+    inspect.add_argument("checkpoint", nargs="?", type=Path, metavar="CKPT", help="checkpoint or bare state_dict")
+    compare = parser.add_argument_group("compare two files")
+    compare.add_argument("--diff", nargs=2, type=Path, metavar=("A", "B"),
+                         help="what A and B share; read A as the pretrained source and B as the model it would initialise")
+    output = parser.add_argument_group("output")
+    output.add_argument("--keys", action=argparse.BooleanOptionalAction, default=True,
+                        help="list every key with its shape (with --diff: its status in A and B); on by default")
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.diff is None):
+        parser.error("give one CKPT to inspect, or --diff A B to compare")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(checkpoint metadata or None for a bare state_dict, the state_dict)."""
+    if not path.is_file():
+        raise ToothSegError(f"{path}: file not found; check the path")
+    obj = _safe_load(path, "checkpoint")
+    meta = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
+    state = meta["model"] if meta is not None else obj
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ToothSegError(f"{path}: holds neither a ToothSeg checkpoint nor a state_dict of tensors; "
+                            f"pass a file written by a ToothSeg script or torch.save(model.state_dict())")
+    return meta, state
+
+
+def transferable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys as --init-from matches them (engine.load_pretrained)."""
+    return {k.removeprefix(WRAPPER_PREFIXES[0]).removeprefix(WRAPPER_PREFIXES[1]): v for k, v in state.items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def parameter_count(state: dict[str, torch.Tensor]) -> int:
+    """Learnable elements: every tensor except BatchNorm running statistics (the only buffers ToothSeg models have)."""
+    return sum(v.numel() for k, v in state.items() if not k.endswith(BATCHNORM_STATISTICS))
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------
+def table(headers: list[str], rows: list[list], indent: str = "  ") -> str:
+    """A plain-text table; numbers are right-aligned."""
+    cells = [[str(h) for h in headers]] + [[cell_text(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool) for row in rows) if rows else False
+               for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.rjust(w) if numeric[i] and n else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append(indent + "  ".join(parts).rstrip())
+        if n == 0:
+            lines.append(indent + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cell_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def shape_text(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def size_text(path: Path) -> str:
+    size = float(path.stat().st_size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def describe(meta: dict | None) -> str:
+    if meta is None:
+        return "bare state_dict"
+    model_args = " ".join(f"{k}={v}" for k, v in meta["model_args"].items())
+    return f"{meta['kind']} checkpoint, {meta['model_name']} {model_args}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The two commands
+# ----------------------------------------------------------------------------------------------
+def inspect_file(path: Path, show_keys: bool) -> None:
+    meta, state = read_weights(path)
+    statistics = sum(1 for k in state if k.endswith(BATCHNORM_STATISTICS))
+    facts = [["file", f"{path} ({size_text(path)})"]]
+    if meta is None:
+        facts.append(["kind", "bare state_dict (no model name, epoch or input size recorded)"])
+    else:
+        data, best = meta["data"], meta.get("best") or {}
+        saved = [name for name in ("optimizer", "scheduler", "scaler") if meta.get(name) is not None]
+        facts += [
+            ["kind", f"{meta['kind']} (checkpoint format {meta['format']}, torch {meta.get('torch_version', '?')})"],
+            ["model", meta["model_name"]],
+            ["model args", " ".join(f"{k}={v}" for k, v in meta["model_args"].items())],
+            ["input", f"{data['img_height']} x {data['img_width']} (H x W), {data.get('modality', '?')}, "
+                      f"normalised (x - {data['norm_mean']}) / {data['norm_std']} on the [0, 1] scale"],
+            ["epoch", f"{meta['epoch']} (global step {meta['global_step']})"],
+            ["best", f"{best.get('metric')} = {best['value']:.6g} at epoch {best.get('epoch')}"
+                     if best.get("value") is not None else "none recorded"],
+            ["resume state", ", ".join(saved) or "none (weights only)"],
+        ]
+    facts.append(["parameters", f"{parameter_count(state):,} in {len(state) - statistics} tensors "
+                                f"(+ {statistics} BatchNorm statistics)"])
+    print("\n".join(f"{name:<13}{value}" for name, value in facts))
+    if meta is not None and meta.get("metrics"):
+        print("\nmetrics at this epoch\n" + table(["name", "value"], [[k, v] for k, v in meta["metrics"].items()]))
+    if meta is not None and meta.get("args"):
+        print("\nrun arguments\n" + table(["name", "value"], [[k, v] for k, v in meta["args"].items()]))
+    if show_keys:
+        rows = [[k, shape_text(v), str(v.dtype).removeprefix("torch."), v.numel()] for k, v in state.items()]
+        print(f"\nkeys ({len(state)})\n" + table(["key", "shape", "dtype", "elements"], rows))
+
+
+def diff_files(path_a: Path, path_b: Path, show_keys: bool) -> None:
+    (meta_a, raw_a), (meta_b, raw_b) = read_weights(path_a), read_weights(path_b)
+    a, b = transferable(raw_a), transferable(raw_b)
+    same_shape = [k for k in b if k in a and a[k].shape == b[k].shape]
+    mismatched = [k for k in b if k in a and a[k].shape != b[k].shape]
+    only_a, only_b = [k for k in a if k not in b], [k for k in b if k not in a]
+    equal = {k for k in same_shape if torch.equal(a[k], b[k])}
+    largest = {k: (a[k].double() - b[k].double()).abs().max().item() for k in same_shape if a[k].numel()}
+    elements = lambda keys, source: sum(source[k].numel() for k in keys)
+    coverage = elements(same_shape, b) / max(1, elements(b, b))
+
+    print(f"A  {path_a}: {describe(meta_a)}")
+    print(f"B  {path_b}: {describe(meta_b)}\n")
+    print(table(["", "keys", "elements"], [
+        ["in both, same shape", len(same_shape), elements(same_shape, b)],
+        ["  of which equal values", len(equal), elements(equal, b)],
+        ["only in A", len(only_a), elements(only_a, a)],
+        ["only in B", len(only_b), elements(only_b, b)],
+        ["shape mismatch", len(mismatched), elements(mismatched, b)],
+    ], indent=""))
+    if same_shape and len(equal) < len(same_shape):
+        key = max((k for k in same_shape if k in largest), key=largest.get)
+        print(f"\nlargest difference among shared keys: max |A - B| = {largest[key]:.6g} ({key})")
+    verdict = "enough" if coverage >= MIN_TRANSFER_COVERAGE else "too little: finetune_seg.py would refuse"
+    print(f"\n--init-from A into B's model fills {coverage:.1%} of its weight elements "
+          f"({verdict}; it needs {MIN_TRANSFER_COVERAGE:.0%})")
+    if show_keys:
+        rows = []
+        for k in list(b) + only_a:
+            if k in same_shape:
+                status, diff = ("equal" if k in equal else "differs"), largest.get(k, 0.0)
+            else:
+                status = "only in B" if k not in a else "only in A" if k not in b else "shape mismatch"
+                diff = ""
+            rows.append([k, shape_text(a[k]) if k in a else "-", shape_text(b[k]) if k in b else "-", status, diff])
+        print(f"\nkeys ({len(rows)})\n" + table(["key", "A shape", "B shape", "status", "max |A-B|"], rows))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.diff is not None:
+            diff_files(*args.diff, show_keys=args.keys)
+        else:
+            inspect_file(args.checkpoint, show_keys=args.keys)
+    except BrokenPipeError:  # `python tool.py CKPT | head` closed the pipe early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    run_cli(main)
