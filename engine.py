@@ -79,11 +79,12 @@ def cleanup_runtime(dist: DistEnv) -> None:
 def all_reduce_sums(sums: dict[str, torch.Tensor], dist: DistEnv) -> dict[str, float]:
     """Sum each tensor over all ranks (one collective) and return plain floats."""
     keys = sorted(sums)
-    stacked = torch.stack([sums[k].detach().double().reshape(()) for k in keys])
+    # Sums may live on the GPU or the CPU (a batch count); gather them on the CPU first.
+    stacked = torch.stack([sums[k].detach().to("cpu", torch.float64).reshape(()) for k in keys])
     if dist.enabled:
         # gloo cannot reduce CUDA tensors and nccl cannot reduce CPU ones: follow the backend.
         on_cuda = torch_dist.get_backend() == "nccl"
-        stacked = stacked.cuda() if on_cuda else stacked.cpu()
+        stacked = stacked.cuda() if on_cuda else stacked
         torch_dist.all_reduce(stacked)
     return dict(zip(keys, stacked.cpu().tolist()))
 

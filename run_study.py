@@ -189,7 +189,7 @@ def main(argv=None):
         write_outputs(args, records)
     print(f"cells run {ran}, skipped (done) {skipped}, failed {len(failed)}; {time.time() - started:.0f} s")
     if failed:
-        raise ToothSegError("some steps failed (their logs are beside the cell folders): " + "; ".join(failed))
+        raise ToothSegError(f"{len(failed)} steps failed (logs beside the cell folders); first: {failed[0]}")
 
 
 def collect(args) -> list[dict]:
