@@ -188,7 +188,7 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, model: nn.Module, dat
         torch.save(state, tmp)
 
 
-def _safe_load(path: Path, what: str) -> Any:
+def safe_load(path: Path, what: str) -> Any:
     """torch.load(weights_only=True) with the failure told in one line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -203,7 +203,7 @@ def load_checkpoint(path: str | os.PathLike, kinds: Iterable[str] | None = None,
     path = Path(path)
     if not path.is_file():
         raise ToothSegError(f"{path}: checkpoint not found; check the path")
-    ckpt = _safe_load(path, "checkpoint")
+    ckpt = safe_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "kind" not in ckpt:
         raise ToothSegError(f"{path}: not a ToothSeg checkpoint (a bare state_dict?); "
                             f"use it with --init-from, which accepts plain weights")
@@ -218,7 +218,7 @@ def checkpoint_architecture(path: str | os.PathLike) -> tuple[str, dict] | None:
     path = Path(path)
     if not path.is_file():
         raise ToothSegError(f"{path}: checkpoint not found; check the path")
-    ckpt = _safe_load(path, "checkpoint")
+    ckpt = safe_load(path, "checkpoint")
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         return ckpt["model_name"], ckpt["model_args"]
     return None
@@ -248,20 +248,32 @@ class TransferReport:
                 f"mismatched {len(self.mismatched)}{names(self.mismatched)}, unused {len(self.unused)}{names(self.unused)}")
 
 
+def read_weights(path: str | os.PathLike, flag: str = "the path") -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(checkpoint metadata, or None for a bare state_dict; the state_dict) of a weights file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToothSegError(f"{path}: file not found; check {flag}")
+    obj = safe_load(path, "weights file")
+    meta = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
+    state = meta["model"] if meta is not None else obj
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ToothSegError(f"{path}: holds neither a ToothSeg checkpoint nor a state_dict of tensors; "
+                            f"pass a file written by a ToothSeg script or torch.save(model.state_dict())")
+    return meta, state
+
+
+def transferable_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as weight transfer matches them: DDP/compile prefixes stripped, and BatchNorm's step
+    counters left out (0-d bookkeeping that would match between any two models)."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()
+            if not k.endswith("num_batches_tracked")}
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> TransferReport:
     """Copy the tensors of a checkpoint (or a bare state_dict) that match `model` by name and shape.
     Fails when they cover under MIN_TRANSFER_COVERAGE of the model (an encoder alone covers more)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToothSegError(f"{path}: pretrained file not found; check --init-from")
-    obj = _safe_load(path, "weights file")
-    source = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
-        raise ToothSegError(f"{path}: holds no state_dict of tensors; pass a checkpoint written by a ToothSeg script")
-    # BatchNorm's step counters are 0-d bookkeeping that match between any two models: leave them out.
-    source = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in source.items()
-              if not k.endswith("num_batches_tracked")}
-    target = {k: v for k, v in unwrap(model).state_dict().items() if not k.endswith("num_batches_tracked")}
+    meta, state = read_weights(path, "--init-from")
+    source, target = transferable_state(state), transferable_state(unwrap(model).state_dict())
     matched = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
     report = TransferReport(
         matched=matched,
@@ -271,7 +283,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> TransferReport
     )
     coverage = sum(target[k].numel() for k in matched) / max(1, sum(v.numel() for v in target.values()))
     if coverage < MIN_TRANSFER_COVERAGE:
-        described = f"{obj['model_name']!r} {obj.get('model_args')}" if isinstance(obj, dict) and "model_name" in obj else "weights"
+        described = f"{meta['model_name']!r} {meta['model_args']}" if meta is not None else "weights"
         raise ToothSegError(f"{path}: only {coverage:.0%} of this model's weights match by name and shape "
                             f"(the file holds {described}); "
                             f"use the same --model-type and --base-channels as the pretraining run")

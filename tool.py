@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from engine import CHECKPOINT_FORMAT, MIN_TRANSFER_COVERAGE, _safe_load
-from utils import ToothSegError, make_parser, run_cli
+from engine import MIN_TRANSFER_COVERAGE, read_weights, transferable_state
+from utils import make_parser, run_cli
 
 BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def parse_args(argv=None):
@@ -50,25 +49,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
-def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(checkpoint metadata or None for a bare state_dict, the state_dict)."""
-    if not path.is_file():
-        raise ToothSegError(f"{path}: file not found; check the path")
-    obj = _safe_load(path, "checkpoint")
-    meta = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
-    state = meta["model"] if meta is not None else obj
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ToothSegError(f"{path}: holds neither a ToothSeg checkpoint nor a state_dict of tensors; "
-                            f"pass a file written by a ToothSeg script or torch.save(model.state_dict())")
-    return meta, state
-
-
-def transferable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys as --init-from matches them (engine.load_pretrained)."""
-    return {k.removeprefix(WRAPPER_PREFIXES[0]).removeprefix(WRAPPER_PREFIXES[1]): v for k, v in state.items()
-            if not k.endswith("num_batches_tracked")}
-
-
 def parameter_count(state: dict[str, torch.Tensor]) -> int:
     """Learnable elements: every tensor except BatchNorm running statistics (the only buffers ToothSeg models have)."""
     return sum(v.numel() for k, v in state.items() if not k.endswith(BATCHNORM_STATISTICS))
@@ -156,7 +136,7 @@ def inspect_file(path: Path, show_keys: bool) -> None:
 
 def diff_files(path_a: Path, path_b: Path, show_keys: bool) -> None:
     (meta_a, raw_a), (meta_b, raw_b) = read_weights(path_a), read_weights(path_b)
-    a, b = transferable(raw_a), transferable(raw_b)
+    a, b = transferable_state(raw_a), transferable_state(raw_b)
     same_shape = [k for k in b if k in a and a[k].shape == b[k].shape]
     mismatched = [k for k in b if k in a and a[k].shape != b[k].shape]
     only_a, only_b = [k for k in a if k not in b], [k for k in b if k not in a]
