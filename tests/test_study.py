@@ -1,0 +1,99 @@
+"""run_study.py: resumability after a kill, dry runs, study outputs; TG3K gets the ultrasound transform."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+import finetune_seg
+import prepare_sts2d
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_CELLS = ["--models", "unet", "--inits", "scratch", "--label-fractions", "1", "--seeds", "0", "1",
+             "--img-height", "32", "--img-width", "64", "--base-channels", "4", "--batch-size", "4",
+             "--finetune-epochs", "1", "--workers", "0", "--cpu", "--bootstrap", "100"]
+
+
+def study(images_dir: Path, out: Path, flags: list[str], **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run_study.py", "--images-dir", str(images_dir), "--out-dir", str(out), *flags],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_killed_study_resumes_with_only_the_unfinished_cell(phantom_data_root, tmp_path):
+    images, out = phantom_data_root / "processed_2d", tmp_path / "study"
+    first = out / "cells" / "unet_scratch_f1_s0" / "cell.json"
+    second = out / "cells" / "unet_scratch_f1_s1" / "cell.json"
+    proc = study(images, out, TWO_CELLS, start_new_session=True)
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and the stage it is running
+    proc.wait()
+    assert first.exists() and not second.exists(), "the kill should land while the second cell runs"
+
+    rerun = study(images, out, TWO_CELLS)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    assert "skip unet_scratch_f1_s0: done" in output and "cell unet_scratch_f1_s1 ..." in output
+    assert "cell unet_scratch_f1_s0 ..." not in output
+    assert "cells run 1, skipped (done) 1, failed 0" in output
+    assert second.exists()
+    with (out / "study.csv").open() as f:
+        assert sorted(int(r["seed"]) for r in csv.DictReader(f)) == [0, 1]
+
+
+def test_dry_run_prints_the_stage_commands_and_runs_nothing(tmp_path):
+    out = tmp_path / "study"
+    result = subprocess.run([sys.executable, "run_study.py", "--images-dir", "data/processed_2d", "--out-dir", str(out),
+                             "--models", "unet", "scag", "--inits", "scratch", "mim", "--label-fractions", "0.1", "1",
+                             "--seeds", "0", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert sum("mim_pretrain.py" in line for line in lines) == 2  # once per model
+    assert sum("finetune_seg.py" in line for line in lines) == 2 * 2 * 2
+    assert sum("eval.py" in line for line in lines) == 2 * 2 * 2
+    assert any("--init-from" in line and "pretrain/mim_scag/mim_best.pth" in line and "--label-fraction 0.1" in line
+               for line in lines)
+    assert not out.exists()
+
+
+def test_study_outputs_summarise_every_cell(tiny_study):
+    with (tiny_study / "study.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["init"] for r in rows) == ["fullimage", "mim", "scratch"]
+    for row in rows:
+        cell = json.loads((tiny_study / "cells" / f"unet_{row['init']}_f1_s0" / "cell.json").read_text())
+        summary = json.loads((tiny_study / "cells" / f"unet_{row['init']}_f1_s0" / "eval_test" / "summary.json").read_text())
+        assert float(row["dice"]) == cell["dice"] == summary["metrics"]["dice"]["mean"]
+    table = (tiny_study / "study.md").read_text()
+    assert "| unet | mim | 1 | 1 |" in table and "Dice − scratch" in table
+    figure = cv2.imread(str(tiny_study / "study_dice.png"))
+    assert figure is not None and figure.shape[0] > 200
+
+
+def test_tg3k_data_trains_with_the_ultrasound_transform(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tg3k"
+    (root / "thyroid-image").mkdir(parents=True)
+    (root / "thyroid-mask").mkdir()
+    for i in range(10):
+        image = (rng.random((48, 64)) * 255).astype(np.uint8)
+        mask = np.zeros((48, 64), np.uint8)
+        mask[10 + i:30, 15:40 + i] = 255
+        cv2.imwrite(str(root / "thyroid-image" / f"{i:04d}.jpg"), image)
+        cv2.imwrite(str(root / "thyroid-mask" / f"{i:04d}.jpg"), mask, [cv2.IMWRITE_JPEG_QUALITY, 60])  # JPEG-noisy
+    (root / "tg3k-trainval.json").write_text(json.dumps({"train": list(range(8)), "val": [8, 9]}))
+    prepare_sts2d.main(["--tg3k-dir", str(root), "--data-root", str(tmp_path / "data"), "--val-ratio", "0.25"])
+    finetune_seg.main(["--images-dir", str(tmp_path / "data" / "processed_2d"), "--save-dir", str(tmp_path / "ft"),
+                       "--img-height", "32", "--img-width", "32", "--base-channels", "4", "--epochs", "1",
+                       "--batch-size", "2", "--num-workers", "0", "--cpu"])
+    assert torch.load(tmp_path / "ft" / "last.pth", weights_only=True)["data"]["modality"] == "ultrasound"
