@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 # (from MIM, from full-image, from scratch), each evaluated on the test split; ~10 min on 2 cores.
 DEMO_IMAGES ?= 200
 DEMO_STUDY ?= --models unet --inits scratch mim fullimage --label-fractions 1 --seeds 0 \
-	--img-height 160 --img-width 320 --base-channels 16 --batch-size 8 --pretrain-epochs 4 --finetune-epochs 25
+	--img-height 128 --img-width 256 --base-channels 16 --batch-size 8 --pretrain-epochs 4 --finetune-epochs 25
 
 .PHONY: install demo test clean
 install: $(STAMP)
