@@ -368,6 +368,13 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int,
                       drop_last=train and len(sampler) > batch_size, prefetch_factor=4 if workers > 0 else None)
 
 
+def make_loaders(train_set: Dataset, val_set: Dataset, args: argparse.Namespace, dist: DistEnv,
+                 device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """The training and validation loaders of a training script, from its shared flags."""
+    common = dict(batch_size=args.batch_size, workers=args.num_workers, dist=dist, device=device, seed=args.seed)
+    return make_loader(train_set, train=True, **common), make_loader(val_set, train=False, **common)
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW without weight decay on norms and biases; fused kernels on CUDA."""
     decay, no_decay = [], []
@@ -480,6 +487,9 @@ class Trainer:
                 if self.dist.is_main:
                     print(f"early stop: {self.monitor} has not improved for {self.patience} epochs")
                 break
+        if self.dist.is_main and self.best["value"] is not None:
+            print(f"best {self.monitor} {self.best['value']:.4f} at epoch {self.best['epoch']}; "
+                  f"checkpoints in {self.checkpoint_dir}")
         return self.history
 
     def _train_epoch(self, loader: DataLoader, epoch: int, epochs: int) -> float:

@@ -20,7 +20,7 @@ import torch
 from data import SegmentationDataset, build_eval_transform, build_train_transform, denormalize, modality_of, \
     segmentation_splits, subset_fraction
 from engine import (CheckpointNames, add_training_args, build_trainer, checkpoint_architecture, cleanup_runtime, data_config,
-                    load_pretrained, make_loader, prepare_model, setup_runtime)
+                    load_pretrained, make_loaders, prepare_model, setup_runtime)
 from metrics import BCEDiceLoss, dice_per_image
 from models import ENCODER_PREFIXES, build_model
 from utils import ToothSegError, make_parser, run_cli, set_seed
@@ -113,9 +113,7 @@ def main(argv=None):
                                     seed=args.seed, cache=args.cache_images)
     val_set = SegmentationDataset(splits["val"], build_eval_transform(args.img_height, args.img_width),
                                   seed=args.seed, fixed=True, cache=args.cache_images)
-    loader_args = dict(batch_size=args.batch_size, workers=args.num_workers, dist=dist, device=device, seed=args.seed)
-    train_loader = make_loader(train_set, train=True, **loader_args)
-    val_loader = make_loader(val_set, train=False, **loader_args)
+    train_loader, val_loader = make_loaders(train_set, val_set, args, dist, device)
 
     # Model: architecture from the flags or the checkpoint, then the pretrained weights.
     model_name, model_args = resolve_model_args(args)
@@ -139,9 +137,6 @@ def main(argv=None):
                             frozen_prefixes=ENCODER_PREFIXES if args.freeze_encoder_epochs else (),
                             freeze_epochs=args.freeze_encoder_epochs)
     trainer.fit(train_loader, val_loader, args.epochs)
-    if dist.is_main:
-        print(f"best val/dice {trainer.best['value']:.4f} at epoch {trainer.best['epoch']}; "
-              f"checkpoints in {args.save_dir}")
     cleanup_runtime(dist)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from data import (GenesisConfig, RestorationDataset, build_eval_transform, build_train_transform, hold_out,
                   pretraining_samples)
 from engine import (CheckpointNames, add_pretraining_args, add_training_args, build_trainer, cleanup_runtime,
-                    data_config, load_pretrained, make_loader, model_kwargs, prepare_model, reconstruction_visuals,
+                    data_config, load_pretrained, make_loaders, model_kwargs, prepare_model, reconstruction_visuals,
                     setup_runtime)
 from models import build_model
 from utils import make_parser, run_cli, set_seed
@@ -74,9 +74,7 @@ def main(argv=None):
                                    genesis, seed=args.seed, cache=args.cache_images)
     val_set = RestorationDataset(val_samples, build_eval_transform(args.img_height, args.img_width, normalize=False),
                                  genesis, seed=args.seed, fixed=True, cache=args.cache_images)
-    loader_args = dict(batch_size=args.batch_size, workers=args.num_workers, dist=dist, device=device, seed=args.seed)
-    train_loader = make_loader(train_set, train=True, **loader_args)
-    val_loader = make_loader(val_set, train=False, **loader_args)
+    train_loader, val_loader = make_loaders(train_set, val_set, args, dist, device)
     if dist.is_main:
         print(f"full-image pretraining on {len(train_set)} images, validating on {len(val_set)}; device {device}")
 
@@ -92,9 +90,6 @@ def main(argv=None):
                             checkpoint_dir=args.checkpoint_dir, log_dir=args.log_dir or args.checkpoint_dir / "tensorboard",
                             data_config=data_config(args), steps_per_epoch=len(train_loader), device=device, dist=dist)
     trainer.fit(train_loader, val_loader, args.epochs)
-    if dist.is_main:
-        print(f"best val/loss {trainer.best['value']:.4f} at epoch {trainer.best['epoch']}; "
-              f"checkpoints in {args.checkpoint_dir}")
     cleanup_runtime(dist)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from data import MIMDataset, MaskGenerator, build_eval_transform, build_train_transform, hold_out, pretraining_samples
 from engine import (CheckpointNames, add_pretraining_args, add_training_args, build_trainer, cleanup_runtime,
-                    data_config, make_loader, model_kwargs, prepare_model, reconstruction_visuals, setup_runtime)
+                    data_config, make_loaders, model_kwargs, prepare_model, reconstruction_visuals, setup_runtime)
 from metrics import masked_l1_loss
 from models import build_model
 from utils import make_parser, run_cli, set_seed
@@ -74,9 +74,7 @@ def main(argv=None):
                            seed=args.seed, cache=args.cache_images)
     val_set = MIMDataset(val_samples, build_eval_transform(args.img_height, args.img_width), masker,
                          seed=args.seed, fixed=True, cache=args.cache_images)
-    loader_args = dict(batch_size=args.batch_size, workers=args.num_workers, dist=dist, device=device, seed=args.seed)
-    train_loader = make_loader(train_set, train=True, **loader_args)
-    val_loader = make_loader(val_set, train=False, **loader_args)
+    train_loader, val_loader = make_loaders(train_set, val_set, args, dist, device)
     if dist.is_main:
         print(f"MIM pretraining on {len(train_set)} images, validating on {len(val_set)}; device {device}")
 
@@ -87,9 +85,6 @@ def main(argv=None):
                             log_dir=args.log_dir or args.checkpoint_dir / "tensorboard", data_config=data_config(args),
                             steps_per_epoch=len(train_loader), device=device, dist=dist)
     trainer.fit(train_loader, val_loader, args.epochs)
-    if dist.is_main:
-        print(f"best val/loss {trainer.best['value']:.4f} at epoch {trainer.best['epoch']}; "
-              f"checkpoints in {args.checkpoint_dir}")
     cleanup_runtime(dist)
 
 
