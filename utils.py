@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
 
 class ToothSegError(Exception):
@@ -99,6 +101,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes private files; outputs get the usual mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
