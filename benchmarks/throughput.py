@@ -249,14 +249,15 @@ def device_peak_tflops(requested: float | None, device: torch.device) -> float |
 def render_report(args, *, header: dict, rates: dict, ratios: dict, flops: dict, peak: float | None,
                   profile_table: str | None) -> str:
     lines = ["# ToothSeg throughput", ""] + [f"- {k}: {v}" for k, v in header.items()] + [""]
-    lines += ["## Throughput (images/s; speed-up = naive time / our time)", "",
+    lines += ["## Throughput (images/s; speed-up = naive time / our time, median and range over rounds)", "",
               "| model | train ours | train naive | train speed-up | inference ours | inference naive | inference speed-up |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in args.models:
         cells = []
         for kind in ("train", "inference"):
+            spread = ratios[name, kind]
             cells += [f"{median(rates[name, 'ours', kind]):.2f}", f"{median(rates[name, 'naive', kind]):.2f}",
-                      f"{median(ratios[name, kind]):.2f}x"]
+                      f"{median(spread):.2f}x ({min(spread):.2f}-{max(spread):.2f})"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     peak_note = f"{peak:g} TFLOP/s" if peak else "no peak known for this device (give --peak-tflops)"
