@@ -79,8 +79,13 @@ def cleanup_runtime(dist: DistEnv) -> None:
 def all_reduce_sums(sums: dict[str, torch.Tensor], dist: DistEnv) -> dict[str, float]:
     """Sum each tensor over all ranks (one collective) and return plain floats."""
     keys = sorted(sums)
+    if dist.enabled:  # a rank that saw no batch has no keys; every rank must reduce the same tensor
+        every_rank = [None] * dist.world_size
+        torch_dist.all_gather_object(every_rank, keys)
+        keys = sorted(set().union(*every_rank))
     # Sums may live on the GPU or the CPU (a batch count); gather them on the CPU first.
-    stacked = torch.stack([sums[k].detach().to("cpu", torch.float64).reshape(()) for k in keys])
+    zero = torch.zeros((), dtype=torch.float64)
+    stacked = torch.stack([sums[k].detach().to("cpu", torch.float64).reshape(()) if k in sums else zero for k in keys])
     if dist.enabled:
         # gloo cannot reduce CUDA tensors and nccl cannot reduce CPU ones: follow the backend.
         on_cuda = torch_dist.get_backend() == "nccl"
@@ -541,11 +546,17 @@ class Trainer:
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
         """Mean of each validation quantity over the whole validation set (all ranks)."""
         self.model.eval()
+        # Evaluate the bare module with rank 0's BatchNorm statistics (those it checkpoints), synced here
+        # by every rank: DDP's own forward-time sync would hang when a rank's shard is empty.
+        model = getattr(self.model, "module", self.model)
+        if self.dist.enabled:
+            for buffer in model.buffers():
+                torch_dist.broadcast(buffer, src=0)
         sums: dict[str, torch.Tensor] = {}
         for batch in loader:
             batch = to_device(batch, self.device, self.fmt)
             with autocast(self.device, self.amp_dtype):
-                out = self.task.val_step(self.model, batch)
+                out = self.task.val_step(model, batch)
             for k, v in out.items():
                 sums[k] = sums.get(k, torch.zeros((), device=self.device, dtype=torch.float64)) + v.detach().double()
         totals = all_reduce_sums(sums, self.dist)

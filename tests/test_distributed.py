@@ -116,8 +116,6 @@ def test_pretraining_under_torchrun(labelled_folder, tmp_path, script, checkpoin
     assert last["epoch"] == 1 and torch.isfinite(torch.tensor(last["metrics"]["val/loss"]))
 
 
-@pytest.mark.xfail(strict=True, reason="engine: a rank with an empty validation shard crashes in all_reduce_sums while "
-                                       "rank 0 waits in DDP's buffer broadcast; fix proposed to the lead (issue 6)")
 def test_finetune_with_fewer_validation_images_than_processes(labelled_folder, tmp_path):
     save_dir = tmp_path / "finetune"
     torchrun("finetune_seg.py", "--images-dir", str(labelled_folder / "images"),
