@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 # The demo: phantom data, fbf denoising, MIM and full-image pretraining, three fine-tunes
-# (from MIM, from full-image, from scratch), each evaluated on the test split; ~10 min on 2 cores.
+# (from MIM, from full-image, from scratch), each evaluated on the test split.
 DEMO_IMAGES ?= 200
 DEMO_STUDY ?= --models unet --inits scratch mim fullimage --label-fractions 1 --seeds 0 \
 	--img-height 128 --img-width 256 --base-channels 16 --batch-size 8 --pretrain-epochs 4 --finetune-epochs 25
