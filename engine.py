@@ -73,6 +73,8 @@ def setup_runtime(force_cpu: bool = False) -> tuple[DistEnv, torch.device]:
 
 def cleanup_runtime(dist: DistEnv) -> None:
     if dist.enabled and torch_dist.is_initialized():
+        # Wait for rank 0's last checkpoint write: a rank tearing down gloo early aborts the others.
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
