@@ -211,6 +211,20 @@ def pipeline(loader, clock):
         clock.tick()
 
 
+def profile(run, device: torch.device) -> str:
+    """torch.profiler over one block: the top operators, and how long the loop waited for data."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    waited = sum(e.cpu_time_total for e in events if e.key.startswith("enumerate(DataLoader)")) / 1e6
+    table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15)
+    return f"{table.strip()}\nwaiting for the DataLoader: {waited:.3f} s of {wall:.3f} s ({100 * waited / wall:.1f}%)"
+
+
 # ----------------------------------------------------------------------------------------------
 # Compute use
 # ----------------------------------------------------------------------------------------------
@@ -366,14 +380,8 @@ def main(argv=None):
                     ratios[name, kind].append(rates[name, "ours", kind][-1] / rates[name, "naive", kind][-1])
                     bar.update()
 
-        profile_table = None
-        if args.profile:
-            cuda = device.type == "cuda"
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-            with torch.profiler.profile(activities=activities) as prof:
-                run_block(args.models[0], "ours", "train", args.repeats)
-            profile_table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                                      row_limit=15)
+        profile_table = profile(lambda: run_block(args.models[0], "ours", "train", args.repeats), device) \
+            if args.profile else None
 
         first = trainers[args.models[0]]
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[first.amp_dtype]

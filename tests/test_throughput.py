@@ -2,6 +2,7 @@
 has every row, with positive, mutually consistent numbers."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def number(cell: str) -> float:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("bench") / "throughput.md"
-    result = run_benchmark(*TINY, "--peak-tflops", "0.5", "--out", str(out))
+    result = run_benchmark(*TINY, "--peak-tflops", "0.5", "--profile", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.read_text() == result.stdout
     return result.stdout
@@ -86,6 +87,13 @@ def test_pipeline_table_compares_with_training(report):
     for _, rate, headroom in rows:
         assert number(rate) > 0
         assert number(headroom) == pytest.approx(number(rate) / fastest_train, rel=0.05, abs=0.1)
+
+
+def test_profile_names_the_operators_and_the_data_wait(report):
+    profile = report.split("\n## Profile", 1)[1]
+    assert "aten::convolution_backward" in profile
+    waited, wall = (float(x) for x in re.search(r"waiting for the DataLoader: ([\d.]+) s of ([\d.]+) s", profile).groups())
+    assert 0 <= waited < wall
 
 
 @pytest.mark.parametrize("args, message", [
