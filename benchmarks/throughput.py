@@ -386,7 +386,7 @@ def main(argv=None):
         first = trainers[args.models[0]]
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[first.amp_dtype]
         fmt = "channels_last" if first.fmt == torch.channels_last else "NCHW"
-        fused = "fused " if device.type == "cuda" else ""
+        fused = "fused " if first.optimizer.defaults.get("fused") else ""
         header = {
             "device": device_name(device),
             "torch": torch.__version__,
