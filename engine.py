@@ -125,7 +125,7 @@ def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
     auto: bf16 on GPUs that support it, else fp16 (with a GradScaler); on CPU bf16 where the CPU computes it
-    natively (2.0x the fp32 train step for UNet at 160x320 on an AVX512-BF16 EPYC; docs/PROFILE.md), else fp32.
+    natively (2.1x the fp32 train step for UNet at 160x320 on an AVX512-BF16 EPYC; docs/PROFILE.md), else fp32.
     """
     if requested == "off":
         return None
@@ -145,7 +145,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last: cuDNN's tensor-core NHWC kernels on CUDA, oneDNN's NHWC convolutions on CPU (1.24x the
+    """channels_last: cuDNN's tensor-core NHWC kernels on CUDA, oneDNN's NHWC convolutions on CPU (1.22x the
     NCHW fp32 train step there; docs/PROFILE.md). CPUs without oneDNN keep NCHW."""
     return torch.channels_last if device.type == "cuda" or torch.backends.mkldnn.is_available() \
         else torch.contiguous_format

@@ -30,7 +30,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data import (GenesisConfig, MaskGenerator, MIMDataset, RestorationDataset, build_eval_transform, hold_out,
                   pretraining_samples, read_mask, segmentation_splits)
-from engine import build_model_from_checkpoint, memory_format, reconstruction_visuals, resolve_amp
+from engine import autocast, build_model_from_checkpoint, memory_format, reconstruction_visuals, resolve_amp
 from metrics import masked_l1_loss, segmentation_metrics
 from utils import ToothSegError, atomic_path, read_image, to_uint8
 
@@ -367,7 +367,8 @@ def plot_reconstructions(checkpoint: str | os.PathLike, n: int = 3, device: str 
             raise ToothSegError(f"{path}: no *_best.pth pretraining checkpoint inside; pass the file")
         path = found[0]
     model, ckpt = build_model_from_checkpoint(path, ("mim", "fullimage"), "plot_reconstructions")
-    model = model.to(device).eval()
+    device = torch.device(device)
+    model = model.to(device, memory_format=memory_format(device)).eval()
     args, data = ckpt["args"], ckpt["data"]
     _, val_samples = hold_out(pretraining_samples(args["images_dir"], args.get("index")), args["val_fraction"], minimum=2)
     val_samples = val_samples[:n]
@@ -383,8 +384,9 @@ def plot_reconstructions(checkpoint: str | os.PathLike, n: int = 3, device: str 
                                      genesis, seed=args["seed"], fixed=True)
     items = [dataset[i] for i in range(len(dataset))]
     inputs, targets = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
-    with torch.inference_mode():
-        recon = model(inputs.to(device)).float().cpu()
+    # The run's own precision, as its validation loss was computed (bf16 autocast changes it in the 4th digit).
+    with torch.inference_mode(), autocast(device, resolve_amp(args.get("amp", "auto"), device)):
+        recon = model(inputs.to(device, memory_format=memory_format(device))).float().cpu()
     if ckpt["kind"] == "mim":
         hidden = torch.stack([it[2] for it in items])
         losses = [masked_l1_loss(recon[i:i + 1], targets[i:i + 1], hidden[i:i + 1]).item() for i in range(len(items))]
