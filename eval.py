@@ -99,7 +99,7 @@ def main(argv=None):
     fill_from_checkpoint(args, ckpt)
     data_cfg = ckpt["data"]
     model = model.to(device, memory_format=memory_format(device)).eval()
-    amp_dtype = resolve_amp("auto", device)
+    amp_dtype = resolve_amp(ckpt["args"].get("amp", "auto"), device)  # the precision it was trained and validated in
 
     # Data: a labelled split, or predict mode for a folder without masks.
     predict = args.masks_dir is None and find_index(args.images_dir, args.index) is None

@@ -119,7 +119,8 @@ class Predictor:
         from eval import mask_at_size, predict_probabilities  # here: eval.py imports this module
 
         batch = self.network_input(image).to(self.device, memory_format=memory_format(self.device))
-        probs = predict_probabilities(self.model, batch, tta, resolve_amp("auto", self.device), self.device)
+        amp = resolve_amp(self.checkpoint["args"].get("amp", "auto"), self.device)  # as eval.py
+        probs = predict_probabilities(self.model, batch, tta, amp, self.device)
         return mask_at_size(probs, image.shape[:2], threshold)
 
     def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:

@@ -117,3 +117,15 @@ def test_label_fractions_are_deterministic_and_nested():
     assert len(small) == 5 and len(large) == 15
     assert {s.pair_id for s in small} <= {s.pair_id for s in large}
     assert small == subset_fraction(samples, 0.1, seed=3) and small != subset_fraction(samples, 0.1, seed=4)
+
+
+@pytest.mark.parametrize("trained_amp", ["off", "bf16"])
+def test_eval_runs_at_the_precision_the_model_was_trained_in(finetuned, tmp_path, monkeypatch, trained_amp):
+    ckpt = torch.load(finetuned / "best_model.pth", weights_only=True)
+    ckpt["args"]["amp"] = trained_amp
+    torch.save(ckpt, tmp_path / "model.pth")
+    requested = []
+    monkeypatch.setattr(eval_script, "resolve_amp", lambda amp, device: requested.append(amp) or None)
+    eval_script.main(["--checkpoint", str(tmp_path / "model.pth"), "--out-dir", str(tmp_path / "eval"), "--cpu",
+                      "--workers", "0"])
+    assert requested == [trained_amp]
