@@ -140,6 +140,11 @@ def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def checkpoint_amp(ckpt: dict, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for running a checkpoint: the precision it was trained and validated in (its --amp)."""
+    return resolve_amp(ckpt["args"].get("amp", "auto"), device)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data import InferenceDataset, build_eval_transform, find_index, read_mask, samples_from_folders, \
     segmentation_splits
-from engine import DistEnv, autocast, build_model_from_checkpoint, make_loader, memory_format, resolve_amp, setup_runtime
+from engine import DistEnv, autocast, build_model_from_checkpoint, checkpoint_amp, make_loader, memory_format, setup_runtime
 from metrics import METRIC_NAMES, segmentation_metrics, summarize
 from utils import ToothSegError, atomic_write_text, make_parser, read_image, run_cli, to_uint8, write_png
 from visualizer import overlay_mask
@@ -99,7 +99,7 @@ def main(argv=None):
     fill_from_checkpoint(args, ckpt)
     data_cfg = ckpt["data"]
     model = model.to(device, memory_format=memory_format(device)).eval()
-    amp_dtype = resolve_amp(ckpt["args"].get("amp", "auto"), device)  # the precision it was trained and validated in
+    amp_dtype = checkpoint_amp(ckpt, device)
 
     # Data: a labelled split, or predict mode for a folder without masks.
     predict = args.masks_dir is None and find_index(args.images_dir, args.index) is None

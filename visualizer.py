@@ -30,7 +30,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data import (GenesisConfig, MaskGenerator, MIMDataset, RestorationDataset, build_eval_transform, hold_out,
                   pretraining_samples, read_mask, segmentation_splits)
-from engine import autocast, build_model_from_checkpoint, memory_format, reconstruction_visuals, resolve_amp
+from engine import autocast, build_model_from_checkpoint, checkpoint_amp, memory_format, reconstruction_visuals
 from metrics import masked_l1_loss, segmentation_metrics
 from utils import ToothSegError, atomic_path, read_image, to_uint8
 
@@ -119,8 +119,7 @@ class Predictor:
         from eval import mask_at_size, predict_probabilities  # here: eval.py imports this module
 
         batch = self.network_input(image).to(self.device, memory_format=memory_format(self.device))
-        amp = resolve_amp(self.checkpoint["args"].get("amp", "auto"), self.device)  # as eval.py
-        probs = predict_probabilities(self.model, batch, tta, amp, self.device)
+        probs = predict_probabilities(self.model, batch, tta, checkpoint_amp(self.checkpoint, self.device), self.device)
         return mask_at_size(probs, image.shape[:2], threshold)
 
     def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
@@ -386,7 +385,7 @@ def plot_reconstructions(checkpoint: str | os.PathLike, n: int = 3, device: str 
     items = [dataset[i] for i in range(len(dataset))]
     inputs, targets = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
     # The run's own precision, as its validation loss was computed (bf16 autocast changes it in the 4th digit).
-    with torch.inference_mode(), autocast(device, resolve_amp(args.get("amp", "auto"), device)):
+    with torch.inference_mode(), autocast(device, checkpoint_amp(ckpt, device)):
         recon = model(inputs.to(device, memory_format=memory_format(device))).float().cpu()
     if ckpt["kind"] == "mim":
         hidden = torch.stack([it[2] for it in items])

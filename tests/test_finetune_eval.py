@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import eval as eval_script
 import finetune_seg
 import mim_pretrain
@@ -125,7 +126,7 @@ def test_eval_runs_at_the_precision_the_model_was_trained_in(finetuned, tmp_path
     ckpt["args"]["amp"] = trained_amp
     torch.save(ckpt, tmp_path / "model.pth")
     requested = []
-    monkeypatch.setattr(eval_script, "resolve_amp", lambda amp, device: requested.append(amp) or None)
+    monkeypatch.setattr(engine, "resolve_amp", lambda amp, device: requested.append(amp) or None)
     eval_script.main(["--checkpoint", str(tmp_path / "model.pth"), "--out-dir", str(tmp_path / "eval"), "--cpu",
                       "--workers", "0"])
     assert requested == [trained_amp]
