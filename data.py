@@ -1,13 +1,8 @@
-"""The dataset index, datasets, transforms and the self-supervised corruptions (masking, Models Genesis)."""
+"""Datasets, transforms and the self-supervised corruptions (MIM masks, Models Genesis): the torch side
+of the data. The index, sample discovery, splits and mask reading live in the torch-free `index.py`."""
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable
 
 import albumentations as A
 import cv2
@@ -17,188 +12,8 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils import IMAGE_EXTENSIONS, ToothSegError, atomic_write_text, is_image_file, read_image, to_uint8
-
-INDEX_NAME = "sts2d_index.csv"
-PROCESSED_NAME = "processed_2d"
-# One row per file under processed_2d/. `rel_path` is relative to processed_2d and uses "/".
-# `pair_id` is unique among image rows; a mask row carries its image's pair_id.
-# `split` is train/val/test for labelled pairs and pretrain for unlabelled images.
-# `sha1` is the file's content hash; `dup_group` is shared by all pairs whose image bytes are identical.
-INDEX_COLUMNS = (
-    "rel_path", "age_group", "label_status", "is_mask", "pair_id",
-    "split", "width", "height", "sha1", "dup_group", "source",
-)
-AGE_GROUPS = ("adult", "children")
-LABEL_STATUSES = ("labeled", "unlabeled")
-SPLITS = ("train", "val", "test", "pretrain")
-
-
-def read_index(path: str | os.PathLike) -> list[dict]:
-    """Read sts2d_index.csv into dicts (is_mask as bool, width/height as int)."""
-    path = Path(path)
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            missing = set(INDEX_COLUMNS) - set(reader.fieldnames or ())
-            if missing:
-                raise ToothSegError(
-                    f"{path}: not a ToothSeg index (missing columns {sorted(missing)}); rebuild it with prepare_sts2d.py --force")
-            rows = list(reader)
-    except OSError as exc:
-        raise ToothSegError(f"{path}: cannot read index ({exc.strerror}); run prepare_sts2d.py first") from None
-    for row in rows:
-        row["is_mask"] = row["is_mask"].strip().lower() in ("true", "1")
-        row["width"], row["height"] = int(row["width"]), int(row["height"])
-    return rows
-
-
-def write_index(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Write the index atomically, in INDEX_COLUMNS order."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=INDEX_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row[k] for k in INDEX_COLUMNS})
-    atomic_write_text(path, buf.getvalue())
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding samples: from the index, or from bare folders
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sample:
-    image: Path
-    mask: Path | None
-    pair_id: str
-    age_group: str = "adult"
-    source: str = ""
-
-
-def find_index(images_dir: str | os.PathLike, index: str | os.PathLike | None = None) -> Path | None:
-    """The index given explicitly, else sts2d_index.csv inside `images_dir` or its parent, else None."""
-    if index is not None:
-        index = Path(index)
-        if not index.is_file():
-            raise ToothSegError(f"{index}: index file not found; check --index or run prepare_sts2d.py")
-        return index
-    images_dir = Path(images_dir)
-    for candidate in (images_dir / INDEX_NAME, images_dir.parent / INDEX_NAME):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def index_base_dir(images_dir: str | os.PathLike, index_path: Path) -> Path:
-    """Where the index's rel_paths resolve: `images_dir` (processed_2d, or an fbf mirror of it), or
-    `images_dir/processed_2d` when the user passed the data root."""
-    images_dir = Path(images_dir)
-    if index_path.parent == images_dir and (images_dir / PROCESSED_NAME).is_dir():
-        return images_dir / PROCESSED_NAME
-    return images_dir
-
-
-def samples_from_index(index_path: Path, base_dir: Path, splits: Iterable[str],
-                       labeled_only: bool = False) -> list[Sample]:
-    """Image samples (with their masks where labelled) whose split is in `splits`, in index order."""
-    rows = read_index(index_path)
-    splits = set(splits)
-    masks = {r["pair_id"]: base_dir / r["rel_path"] for r in rows if r["is_mask"]}
-    samples = []
-    for r in rows:
-        if r["is_mask"] or r["split"] not in splits:
-            continue
-        mask = masks.get(r["pair_id"])
-        if labeled_only and mask is None:
-            continue
-        samples.append(Sample(base_dir / r["rel_path"], mask, r["pair_id"], r["age_group"], r["source"]))
-    missing = [s.image for s in samples[:1] if not s.image.is_file()]
-    if missing:
-        raise ToothSegError(f"{missing[0]}: listed in {index_path} but missing; "
-                            f"pass the processed_2d folder as --images-dir, or rebuild with prepare_sts2d.py --force")
-    return samples
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files below `folder`, sorted, skipping anything inside a folder named 'masks'."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and is_image_file(p) and "masks" not in {q.lower() for q in p.relative_to(folder).parts[:-1]})
-
-
-def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> list[Sample]:
-    """Bare folders: every image, paired by file stem with a mask in `masks_dir` when one is given."""
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise ToothSegError(f"{images_dir}: images folder not found; check --images-dir")
-    images = list_images(images_dir)
-    if not images:
-        raise ToothSegError(f"{images_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); check --images-dir")
-    if masks_dir is None:
-        return [Sample(p, None, p.stem) for p in images]
-    masks_dir = Path(masks_dir)
-    masks = {p.stem: p for p in sorted(masks_dir.rglob("*")) if p.is_file() and is_image_file(p)}
-    unpaired = [p for p in images if p.stem not in masks]
-    if unpaired:
-        raise ToothSegError(f"{unpaired[0]}: no mask named {unpaired[0].stem}.* in {masks_dir} "
-                            f"({len(unpaired)} unpaired images); give matching --masks-dir or build an index with prepare_sts2d.py")
-    return [Sample(p, masks[p.stem], p.stem) for p in images]
-
-
-def split_by_name(samples: list[Sample], val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[Sample]]:
-    """A deterministic train/val/test split from file names alone (used when there is no index)."""
-    def key(s: Sample) -> str:
-        return hashlib.sha1(f"{seed}:{s.pair_id}".encode()).hexdigest()
-
-    ordered = sorted(samples, key=key)
-    n_test = round(len(ordered) * test_ratio)
-    n_val = round(len(ordered) * val_ratio)
-    parts = {"test": ordered[:n_test], "val": ordered[n_test:n_test + n_val], "train": ordered[n_test + n_val:]}
-    return {name: sorted(part, key=lambda s: s.pair_id) for name, part in parts.items()}
-
-
-def pretraining_samples(images_dir: str | os.PathLike, index: str | os.PathLike | None = None) -> list[Sample]:
-    """Every image except labelled val/test ones, so that nothing leaks into evaluation."""
-    index_path = find_index(images_dir, index)
-    if index_path is None:
-        print(f"note: no {INDEX_NAME} in or beside {images_dir}: pretraining on every image there. If you will "
-              f"evaluate on some of them, build an index with prepare_sts2d.py so val/test stay unseen.")
-        return samples_from_folders(Path(images_dir))
-    return samples_from_index(index_path, index_base_dir(images_dir, index_path), ("train", "pretrain"))
-
-
-def segmentation_splits(images_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None, *,
-                        index: str | os.PathLike | None = None, val_ratio: float = 0.1, test_ratio: float = 0.1,
-                        seed: int = 0) -> dict[str, list[Sample]]:
-    """Labelled train/val/test samples: from the index when there is one, else split by file name."""
-    index_path = find_index(images_dir, index)
-    if index_path is not None:
-        base = index_base_dir(images_dir, index_path)
-        splits = {name: samples_from_index(index_path, base, (name,), labeled_only=True) for name in ("train", "val", "test")}
-    else:
-        splits = split_by_name(samples_from_folders(Path(images_dir), Path(masks_dir or images_dir)), val_ratio, test_ratio, seed)
-    if not splits["train"]:
-        raise ToothSegError(f"{index_path or images_dir}: no labelled training pairs; check --images-dir/--masks-dir")
-    return splits
-
-
-def hold_out(samples: list[Sample], fraction: float, minimum: int = 1, maximum: int = 64) -> tuple[list[Sample], list[Sample]]:
-    """A small fixed validation part of the pretraining pool, chosen by a hash of the pair id."""
-    if len(samples) < 2:
-        raise ToothSegError(f"need at least 2 images to hold out a validation set, found {len(samples)}")
-    n_val = min(max(minimum, round(len(samples) * fraction)), maximum, len(samples) - 1)
-    ranked = sorted(samples, key=lambda s: hashlib.sha1(s.pair_id.encode()).hexdigest())
-    held = {s.pair_id for s in ranked[:n_val]}
-    return [s for s in samples if s.pair_id not in held], [s for s in samples if s.pair_id in held]
-
-
-def subset_fraction(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
-    """A deterministic subset of `fraction` of the samples (at least one), for low-label studies.
-    Smaller fractions are nested inside larger ones for the same seed."""
-    if not 0 < fraction <= 1:
-        raise ToothSegError(f"label fraction must be in (0, 1], got {fraction}")
-    ranked = sorted(samples, key=lambda s: hashlib.sha1(f"{seed}:{s.pair_id}".encode()).hexdigest())
-    keep = {s.pair_id for s in ranked[:max(1, round(len(samples) * fraction))]}
-    return [s for s in samples if s.pair_id in keep]
+from index import Sample, read_mask
+from utils import ToothSegError, read_image, to_uint8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +75,22 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 # Datasets. Randomness comes from (seed, epoch, index), so results do not depend on the number of
 # workers, and a resumed run sees the same data as an uninterrupted one.
 # ----------------------------------------------------------------------------------------------
+class SharedImages:
+    """Decoded uint8 images in one shared-memory buffer. DataLoader workers start from a fork server, so
+    each receives the dataset pickled; this buffer travels as one shared-memory handle, not as a copy."""
+
+    def __init__(self, images: list[np.ndarray]):
+        self.shapes = [image.shape for image in images]
+        self.offsets = np.cumsum([0] + [image.size for image in images]).tolist()
+        self.buffer = torch.empty(self.offsets[-1], dtype=torch.uint8).share_memory_()
+        for image, start in zip(images, self.offsets):
+            self.buffer[start:start + image.size] = torch.from_numpy(np.ascontiguousarray(image).reshape(-1))
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return self.buffer[start:end].numpy().reshape(self.shapes[index])
+
+
 class _ImageDataset(Dataset):
     def __init__(self, samples: list[Sample], transform: A.Compose, *, seed: int = 0,
                  fixed: bool = False, cache: bool = False):
@@ -271,8 +102,8 @@ class _ImageDataset(Dataset):
         self.fixed = fixed  # validation: the same corruption/augmentation every epoch
         # Shared memory so that persistent DataLoader workers see set_epoch from the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._images = [to_uint8(read_image(s.image)) for s in tqdm(self.samples, desc="caching images", leave=False,
-                                                                     disable=len(self.samples) < 200)] if cache else None
+        self._images = SharedImages([to_uint8(read_image(s.image)) for s in tqdm(
+            self.samples, desc="caching images", leave=False, disable=len(self.samples) < 200)]) if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -305,7 +136,7 @@ class SegmentationDataset(_ImageDataset):
         if unlabelled:
             raise ToothSegError(f"{unlabelled[0]}: has no mask; segmentation needs labelled pairs")
         super().__init__(samples, transform, **kwargs)
-        self._masks = [read_mask(s.mask) for s in self.samples] if self._images is not None else None
+        self._masks = SharedImages([read_mask(s.mask) for s in self.samples]) if self._images is not None else None
 
     def _mask(self, index: int, image: np.ndarray) -> np.ndarray:
         mask = self._masks[index] if self._masks is not None else read_mask(self.samples[index].mask)
@@ -320,17 +151,23 @@ class SegmentationDataset(_ImageDataset):
         return out["image"], out["mask"].unsqueeze(0).float(), self._meta(index, image)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A binary mask as uint8 0/1 (any non-zero pixel is foreground)."""
-    return (read_image(path) > 0).astype(np.uint8)
-
-
 class InferenceDataset(_ImageDataset):
-    """(image, meta) for prediction; masks, if any, are read at full resolution by the caller."""
+    """(image, meta) for prediction; masks, if any, are read at full resolution by the caller. With
+    `skip_bad`, an unreadable image gives a blank input and its one-line error in meta["error"] (empty
+    for good images), so the caller can predict the rest and list what it skipped."""
+
+    def __init__(self, samples: list[Sample], transform: A.Compose, *, skip_bad: bool = False, **kwargs):
+        super().__init__(samples, transform, **kwargs)
+        self.skip_bad = skip_bad
 
     def __getitem__(self, index: int):
-        image = self._image(index)
-        return self._augment(self._rng(index), image=image)["image"], self._meta(index, image)
+        try:
+            image, error = self._image(index), ""
+        except ToothSegError as exc:
+            if not self.skip_bad:
+                raise
+            image, error = np.zeros((1, 1), np.uint8), str(exc)
+        return self._augment(self._rng(index), image=image)["image"], {**self._meta(index, image), "error": error}
 
 
 class MIMDataset(_ImageDataset):

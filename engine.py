@@ -1,5 +1,6 @@
-"""The training core shared by every training script: distributed setup, mixed precision,
-self-describing checkpoints, data loaders, the shared CLI flags and one training loop (`Trainer`).
+"""The training core shared by every training script: distributed setup, mixed precision, data loaders,
+the shared CLI flags and one training loop (`Trainer`), which writes checkpoints by the contract in
+checkpoints.py.
 
 Under `torchrun --nproc_per_node=N` the scripts run unchanged: `--batch-size` is per process, so the
 global batch is N x batch size, and `--lr` is the learning rate for that global batch (no automatic
@@ -14,7 +15,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as torch_dist
@@ -22,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from checkpoints import (BEST, LAST, Checkpoint, DataSpec, ModelSpec, Precision, SplitSpec, TrainingState,
+                         open_checkpoint, plain, save_checkpoint, unwrap)
 from data import NORM_MEAN, NORM_STD, denormalize
-from models import build_model
-from utils import ToothSegError, atomic_path, select_device
+from utils import ToothSegError, check_output_dir, non_negative_int, positive_int, probability, select_device
 
-CHECKPOINT_FORMAT = 1
-MIN_TRANSFER_COVERAGE = 0.2  # share of the model's weight elements that --init-from must supply
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +141,10 @@ def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def checkpoint_amp(ckpt: dict, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for running a checkpoint: the precision it was trained and validated in (its --amp)."""
-    return resolve_amp(ckpt["args"].get("amp", "auto"), device)
+def checkpoint_amp(record: Checkpoint, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for running a checkpoint on `device`: the precision setting it was trained and
+    validated with, so a model trained in fp32 is not scored in bf16."""
+    return resolve_amp(record.precision.amp, device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -169,223 +171,92 @@ def to_device(batch: Any, device: torch.device, fmt: torch.memory_format = torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Shared command-line flags: one name per concept in every training script (older spellings are aliases)
 # ----------------------------------------------------------------------------------------------
-def plain(value: Any) -> Any:
-    """Convert run arguments to plain types, so the checkpoint loads with weights_only=True."""
-    if isinstance(value, argparse.Namespace):
-        value = vars(value)
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def save_checkpoint(path: str | os.PathLike, *, kind: str, model: nn.Module, data_config: dict,
-                    optimizer=None, scheduler=None, scaler=None, epoch: int = 0, global_step: int = 0,
-                    metrics: dict | None = None, best: dict | None = None, args: Any = None) -> None:
-    """Write a self-describing checkpoint atomically."""
-    model = unwrap(model)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "kind": kind,
-        "model_name": model.name,
-        "model_args": plain(model.config),
-        "model": model.state_dict(),
-        "data": plain(data_config),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch,
-        "global_step": global_step,
-        "metrics": plain(metrics or {}),
-        "best": plain(best or {}),
-        "args": plain(args or {}),
-        "torch_version": str(torch.__version__),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def safe_load(path: Path, what: str) -> Any:
-    """torch.load(weights_only=True) with the failure told in one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        reason = ("it holds Python objects beyond tensors and plain types, which are unsafe to load"
-                  if "Unsupported global" in str(exc) else f"corrupt or not a torch file: {type(exc).__name__}")
-        raise ToothSegError(f"{path}: cannot load this {what} ({reason})") from None
-
-
-def load_checkpoint(path: str | os.PathLike, kinds: Iterable[str] | None = None, purpose: str = "") -> dict:
-    """Load a ToothSeg checkpoint safely (weights_only=True); check its kind when `kinds` is given."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToothSegError(f"{path}: checkpoint not found; check the path")
-    ckpt = safe_load(path, "checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "kind" not in ckpt:
-        raise ToothSegError(f"{path}: not a ToothSeg checkpoint (a bare state_dict?); "
-                            f"use it with --init-from, which accepts plain weights")
-    if kinds is not None and ckpt["kind"] not in tuple(kinds):
-        want = " or ".join(repr(k) for k in kinds)
-        raise ToothSegError(f"{path}: is a {ckpt['kind']!r} checkpoint, but {purpose or 'this'} needs a {want} checkpoint")
-    return ckpt
-
-
-def checkpoint_architecture(path: str | os.PathLike) -> tuple[str, dict] | None:
-    """(model name, constructor args) of a ToothSeg checkpoint; None for a bare state_dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToothSegError(f"{path}: checkpoint not found; check the path")
-    ckpt = safe_load(path, "checkpoint")
-    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
-        return ckpt["model_name"], ckpt["model_args"]
-    return None
-
-
-def build_model_from_checkpoint(path: str | os.PathLike, kinds: Iterable[str] | None = None,
-                                purpose: str = "") -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint describes and load its weights; nothing else is needed."""
-    ckpt = load_checkpoint(path, kinds, purpose)
-    model = build_model(ckpt["model_name"], **ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
-
-
-@dataclass
-class TransferReport:
-    matched: list[str]
-    missing: list[str]      # in the model, not in the file
-    mismatched: list[str]   # same name, different shape
-    unused: list[str]       # in the file, not in the model
-
-    def summary(self) -> str:
-        def names(keys):
-            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-            return f" ({shown})" if keys else ""
-        return (f"matched {len(self.matched)}, missing {len(self.missing)}{names(self.missing)}, "
-                f"mismatched {len(self.mismatched)}{names(self.mismatched)}, unused {len(self.unused)}{names(self.unused)}")
-
-
-def read_weights(path: str | os.PathLike, flag: str = "the path") -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(checkpoint metadata, or None for a bare state_dict; the state_dict) of a weights file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ToothSegError(f"{path}: file not found; check {flag}")
-    obj = safe_load(path, "weights file")
-    meta = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
-    state = meta["model"] if meta is not None else obj
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ToothSegError(f"{path}: holds neither a ToothSeg checkpoint nor a state_dict of tensors; "
-                            f"pass a file written by a ToothSeg script or torch.save(model.state_dict())")
-    return meta, state
-
-
-def transferable_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys as weight transfer matches them: DDP/compile prefixes stripped, and BatchNorm's step
-    counters left out (0-d bookkeeping that would match between any two models)."""
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()
-            if not k.endswith("num_batches_tracked")}
-
-
-def load_pretrained(model: nn.Module, path: str | os.PathLike) -> TransferReport:
-    """Copy the tensors of a checkpoint (or a bare state_dict) that match `model` by name and shape.
-    Fails when they cover under MIN_TRANSFER_COVERAGE of the model (an encoder alone covers more)."""
-    meta, state = read_weights(path, "--init-from")
-    source, target = transferable_state(state), transferable_state(unwrap(model).state_dict())
-    matched = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
-    report = TransferReport(
-        matched=matched,
-        missing=[k for k in target if k not in source],
-        mismatched=[k for k, v in target.items() if k in source and source[k].shape != v.shape],
-        unused=[k for k in source if k not in target],
-    )
-    coverage = sum(target[k].numel() for k in matched) / max(1, sum(v.numel() for v in target.values()))
-    if coverage < MIN_TRANSFER_COVERAGE:
-        described = f"{meta['model_name']!r} {meta['model_args']}" if meta is not None else "weights"
-        raise ToothSegError(f"{path}: only {coverage:.0%} of this model's weights match by name and shape "
-                            f"(the file holds {described}); "
-                            f"use the same --model-type and --base-channels as the pretraining run")
-    unwrap(model).load_state_dict({k: source[k] for k in matched}, strict=False)
-    return report
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared command-line flags (seed names kept; the finetune spellings are aliases)
-# ----------------------------------------------------------------------------------------------
-def data_config(args: argparse.Namespace, modality: str = "xray") -> dict:
-    """What eval and predict need to preprocess images exactly as in training."""
-    return {"img_height": args.img_height, "img_width": args.img_width, "norm_mean": NORM_MEAN,
-            "norm_std": NORM_STD, "modality": modality}
-
-
 def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
-                      weight_decay: float, scheduler: str = "cosine") -> dict[str, argparse._ArgumentGroup]:
-    """Add the model, data-loading, optimisation and runtime groups; return the groups so a script
-    can add its own flags to them."""
+                      weight_decay: float, checkpoint_dir: str, scheduler: str = "cosine") -> dict[str, argparse._ArgumentGroup]:
+    """Add the model, data, optimisation and runtime groups; return the groups so a script can add its own flags."""
     from models import MODELS
 
     model = parser.add_argument_group("model")
     model.add_argument("--model-type", choices=sorted(MODELS), default="unet", help="architecture from the models.py registry")
-    model.add_argument("--base-channels", type=int, default=32, metavar="C", help="channels of the first stage")
+    model.add_argument("--base-channels", type=positive_int, default=32, metavar="C", help="channels of the first stage")
     model.add_argument("--no-bilinear", action="store_true", help="transposed convolutions instead of bilinear upsampling")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--img-height", type=int, default=320, metavar="H", help="network input height")
-    data.add_argument("--img-width", type=int, default=640, metavar="W", help="network input width")
-    data.add_argument("--num-workers", "--workers", dest="num_workers", type=int, default=min(4, os.cpu_count() or 1),
-                      metavar="N", help="DataLoader worker processes (persist across epochs)")
+    data.add_argument("--images-dir", type=Path, default=Path("./sts_tooth_data/processed_2d"), metavar="DIR",
+                      help="processed_2d from prepare_sts2d.py (or its fbf mirror), or a folder of images")
+    data.add_argument("--index", type=Path, metavar="CSV", help="sts2d_index.csv (default: found in or beside --images-dir)")
+    data.add_argument("--img-height", type=positive_int, default=320, metavar="H", help="network input height")
+    data.add_argument("--img-width", type=positive_int, default=640, metavar="W", help="network input width")
+    data.add_argument("--num-workers", "--workers", dest="num_workers", type=non_negative_int,
+                      default=min(4, os.cpu_count() or 1), metavar="N", help="DataLoader worker processes (persist across epochs)")
     data.add_argument("--no-cache", dest="cache_images", action="store_false",
-                      help="decode PNGs every step instead of keeping decoded uint8 images in RAM")
+                      help="decode PNGs every step instead of keeping decoded uint8 images in shared RAM")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=epochs, metavar="N", help="training epochs (the schedule spans all of them)")
-    optim.add_argument("--batch-size", type=int, default=batch_size, metavar="B", help="per process; global batch = B x processes")
+    optim.add_argument("--epochs", type=positive_int, default=epochs, metavar="N", help="training epochs (the schedule spans all of them)")
+    optim.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="B", help="per process; global batch = B x processes")
     optim.add_argument("--lr", type=float, default=lr, metavar="LR", help="AdamW learning rate for the global batch")
     optim.add_argument("--weight-decay", type=float, default=weight_decay, metavar="WD", help="AdamW decoupled weight decay (not on norms and biases)")
     optim.add_argument("--scheduler", choices=("cosine", "plateau", "none"), default=scheduler,
                        help="cosine: per-step decay to 1%% of --lr; plateau: halve on a stalled validation metric")
-    optim.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+    optim.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                        help="autocast: auto = bf16 where the device computes it natively (recent GPUs; CPUs with "
                             "AVX512-BF16/AMX), else fp16 with a GradScaler on CUDA and fp32 on CPU; off = fp32")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model (slow first epoch)")
 
     runtime = parser.add_argument_group("runtime and logging")
+    runtime.add_argument("--checkpoint-dir", "--save-dir", dest="checkpoint_dir", type=Path, default=Path(checkpoint_dir),
+                         metavar="DIR", help=f"{BEST} (best validation) and {LAST} go here")
+    runtime.add_argument("--log-dir", "--tensorboard-dir", dest="log_dir", type=Path, metavar="DIR",
+                         help="TensorBoard folder (default: CHECKPOINT_DIR/tensorboard)")
     runtime.add_argument("--seed", type=int, default=42, metavar="S", help="seed for initialisation, data order, augmentation and masks")
     runtime.add_argument("--cpu", action="store_true", help="train on CPU even when CUDA is available")
-    runtime.add_argument("--resume", type=Path, metavar="CKPT", help="continue a run from its last checkpoint (same schedule)")
-    runtime.add_argument("--log-interval", type=int, default=10, metavar="STEPS", help="TensorBoard scalar interval")
-    runtime.add_argument("--image-interval", type=int, default=100, metavar="STEPS", help="TensorBoard image interval")
+    runtime.add_argument("--resume", type=Path, metavar="CKPT", help=f"continue a run from its {LAST} (same schedule)")
+    runtime.add_argument("--log-interval", type=positive_int, default=10, metavar="STEPS", help="TensorBoard scalar interval")
+    runtime.add_argument("--image-interval", type=positive_int, default=100, metavar="STEPS", help="TensorBoard image interval")
     return {"model": model, "data": data, "optim": optim, "runtime": runtime}
 
 
-def add_pretraining_args(parser: argparse.ArgumentParser, groups: dict, default_checkpoint_dir: str) -> None:
-    """Input and output flags shared by the two pretraining scripts."""
-    groups["data"].add_argument("--images-dir", type=Path, default=Path("./sts_tooth_data/processed_2d"), metavar="DIR",
-                                help="processed_2d from prepare_sts2d.py (or its fbf mirror), or any folder of images")
-    groups["data"].add_argument("--index", type=Path, metavar="CSV",
-                                help="sts2d_index.csv (default: found in or beside --images-dir); without one, every image is used")
-    groups["data"].add_argument("--val-fraction", type=float, default=0.05, metavar="F",
-                                help="fixed share of the pretraining images held out for the validation loss (2..64 images)")
-    groups["runtime"].add_argument("--checkpoint-dir", type=Path, default=Path(default_checkpoint_dir), metavar="DIR",
-                                   help="best and last checkpoints go here")
-    groups["runtime"].add_argument("--log-dir", "--tensorboard-dir", dest="log_dir", type=Path, metavar="DIR",
-                                   help="TensorBoard folder (default: CHECKPOINT_DIR/tensorboard)")
+def add_pretraining_args(groups: dict) -> None:
+    """The hold-out flag of the two pretraining scripts."""
+    groups["data"].add_argument("--val-ratio", "--val-fraction", dest="val_ratio", type=probability, default=0.05,
+                                metavar="F", help="share of the pretraining images held out for the validation loss "
+                                                  "(2..64 images, fixed by their names)")
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, then check what argparse cannot: the output folder must be a folder."""
+    args = parser.parse_args(argv)
+    check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    if args.log_dir is not None:
+        check_output_dir(args.log_dir, "--log-dir")
+    return args
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     return {"base_channels": args.base_channels, "bilinear": not args.no_bilinear}
+
+
+def data_spec(args: argparse.Namespace, *, modality: str = "xray", split: SplitSpec | None = None,
+              holdout: float | None = None, mask_threshold: int | None = None) -> DataSpec:
+    """The checkpoint's data section: what eval, predict and the notebook need to preprocess exactly as in
+    training, and to find the run's data and splits again."""
+    return DataSpec(input_size=(args.img_height, args.img_width), norm_mean=NORM_MEAN, norm_std=NORM_STD,
+                    modality=modality, mask_threshold=mask_threshold, images_dir=str(args.images_dir),
+                    masks_dir=str(args.masks_dir) if getattr(args, "masks_dir", None) else None,
+                    split=split or SplitSpec(index=str(args.index) if args.index else None), holdout=holdout,
+                    seed=args.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders and optimisation
+# ----------------------------------------------------------------------------------------------
+# Workers start from a fork server (a clean single-threaded process), never by forking this process: a
+# fork while the tqdm monitor, the TensorBoard writer or another loader's feeder thread holds a lock can
+# leave the child deadlocked inside os.fork() (seen as a torchrun run hanging at its first validation).
+WORKER_START = "forkserver" if "forkserver" in torch.multiprocessing.get_all_start_methods() else "spawn"
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int, dist: DistEnv,
@@ -395,6 +266,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int,
     sampler = (DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=False)
                if train else ShardSampler(len(dataset), dist))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      multiprocessing_context=WORKER_START if workers > 0 else None,
                       persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                       drop_last=train and len(sampler) > batch_size, prefetch_factor=4 if workers > 0 else None)
 
@@ -442,64 +314,73 @@ class Task(Protocol):
         """Return named (N,1,H,W) images in [0, 1] for TensorBoard."""
 
 
-@dataclass
-class CheckpointNames:
-    best: str
-    last: str
-
-
 class Trainer:
+    """One loop for every training script. `record` is the checkpoint the run writes, without its state:
+    each save adds the epoch, the metrics and the training state to it."""
+
     def __init__(self, *, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                 device: torch.device, dist: DistEnv, amp_dtype: torch.dtype | None, kind: str,
-                 checkpoint_dir: Path, names: CheckpointNames, data_config: dict, args: argparse.Namespace,
-                 writer=None, monitor: str = "val/loss", mode: str = "min", patience: int | None = None,
-                 frozen_prefixes: tuple[str, ...] = (), freeze_epochs: int = 0):
+                 device: torch.device, dist: DistEnv, amp_dtype: torch.dtype | None, record: Checkpoint,
+                 checkpoint_dir: Path, writer=None, monitor: str = "val/loss", mode: str = "min",
+                 patience: int | None = None, frozen_prefixes: tuple[str, ...] = (), freeze_epochs: int = 0,
+                 log_interval: int = 10, image_interval: int = 100, fmt: torch.memory_format | None = None):
         self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
-        self.device, self.dist, self.amp_dtype, self.kind = device, dist, amp_dtype, kind
-        self.checkpoint_dir, self.names, self.data_config, self.args = Path(checkpoint_dir), names, data_config, args
-        self.writer, self.monitor, self.mode, self.patience = writer, monitor, mode, patience
+        self.device, self.dist, self.amp_dtype, self.record = device, dist, amp_dtype, record
+        self.checkpoint_dir, self.writer, self.monitor, self.mode, self.patience = Path(checkpoint_dir), writer, monitor, mode, patience
         self.frozen = [p for n, p in unwrap(model).named_parameters() if n.startswith(frozen_prefixes)] if frozen_prefixes else []
-        self.freeze_epochs = freeze_epochs
+        self.freeze_epochs, self.log_interval, self.image_interval = freeze_epochs, log_interval, image_interval
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        self.fmt = memory_format(device)
+        self.fmt = fmt or memory_format(device)
         self.start_epoch, self.global_step, self.epochs_since_best = 0, 0, 0
         self.best = {"metric": monitor, "value": None, "epoch": None}
         self.history: list[dict] = []
 
     # -- state ---------------------------------------------------------------------------------
     def resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, (self.kind,), "--resume")
-        unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt["scheduler"] is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler is not None and ckpt["scaler"] is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.start_epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
-        self.best = ckpt["best"] or self.best
-        self.epochs_since_best = ckpt["metrics"].get("epochs_since_best", 0)
+        saved = open_checkpoint(path, (self.record.kind,), "--resume")
+        state = saved.state
+        unwrap(self.model).load_state_dict(state.weights)
+        if state.optimizer is None:
+            raise ToothSegError(f"{path}: holds weights only, no optimiser state to resume; use --init-from instead")
+        self.optimizer.load_state_dict(state.optimizer)
+        if self.scheduler is not None and state.scheduler is not None:
+            self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
+        self.start_epoch, self.global_step, self.epochs_since_best = saved.epoch, state.global_step, state.epochs_since_best
+        self.best = state.best or self.best
         if self.dist.is_main:
             print(f"resumed {path} at epoch {self.start_epoch} (step {self.global_step})")
 
     def _save(self, name: str, epoch: int, metrics: dict) -> None:
-        save_checkpoint(self.checkpoint_dir / name, kind=self.kind, model=self.model, data_config=self.data_config,
-                        optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
-                        global_step=self.global_step, metrics={**metrics, "epochs_since_best": self.epochs_since_best},
-                        best=self.best, args=self.args)
+        state = TrainingState(
+            weights=unwrap(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None, global_step=self.global_step,
+            best=dict(self.best), epochs_since_best=self.epochs_since_best)
+        save_checkpoint(self.checkpoint_dir / name, self.record.with_state(epoch=epoch, metrics=metrics, state=state))
 
     def _improved(self, value: float) -> bool:
         best = self.best["value"]
         return best is None or (value < best if self.mode == "min" else value > best)
+
+    def _check_finite(self, metrics: dict, epoch: int) -> None:
+        """A diverged run stops before it writes anything, so the last good checkpoints stay as they are."""
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise ToothSegError(f"training diverged: {shown} at epoch {epoch} (step {self.global_step}); "
+                                f"lower --lr or try --amp off (the checkpoints of the last good epoch are kept)")
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, train_loader: DataLoader, val_loader: DataLoader, epochs: int) -> list[dict]:
         if self.dist.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         for epoch in range(self.start_epoch, epochs):
-            train_loss = self._train_epoch(train_loader, epoch, epochs)
+            train_loss = self.train_epoch(train_loader, epoch, epochs)
             val = self.evaluate(val_loader)
             metrics = {"train/epoch_loss": train_loss, **{f"val/{k}": v for k, v in val.items()},
                        "lr": self.optimizer.param_groups[0]["lr"]}
+            self._check_finite(metrics, epoch + 1)
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(metrics[self.monitor])
             improved = self._improved(metrics[self.monitor])
@@ -512,8 +393,8 @@ class Trainer:
             if self.dist.is_main:
                 self._log_epoch(epoch + 1, metrics, improved)
                 if improved:
-                    self._save(self.names.best, epoch + 1, metrics)
-                self._save(self.names.last, epoch + 1, metrics)
+                    self._save(BEST, epoch + 1, metrics)
+                self._save(LAST, epoch + 1, metrics)
             if self.patience is not None and self.epochs_since_best >= self.patience:
                 if self.dist.is_main:
                     print(f"early stop: {self.monitor} has not improved for {self.patience} epochs")
@@ -523,7 +404,8 @@ class Trainer:
                   f"checkpoints in {self.checkpoint_dir}")
         return self.history
 
-    def _train_epoch(self, loader: DataLoader, epoch: int, epochs: int) -> float:
+    def train_epoch(self, loader: DataLoader, epoch: int, epochs: int) -> float:
+        """One pass over `loader` (epoch is 0-based; `epochs` only labels the progress bar); the mean loss."""
         self.model.train()
         loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
@@ -553,16 +435,14 @@ class Trainer:
             n_batches += 1
             running += loss.detach()
             total += loss.detach()
-            if self.global_step % self.args.log_interval == 0:
-                value = (running / self.args.log_interval).item()  # one sync per interval, not per step
+            if self.global_step % self.log_interval == 0:
+                value = (running / self.log_interval).item()  # one sync per interval, not per step
                 running.zero_()
-                if not math.isfinite(value):
-                    raise ToothSegError(f"loss became {value} at epoch {epoch + 1}, step {self.global_step}; "
-                                        f"lower --lr or try --amp off")
+                self._check_finite({"train/batch_loss": value}, epoch + 1)
                 bar.set_postfix(loss=f"{value:.4f}")
                 if self.writer is not None:
                     self.writer.add_scalar("train/batch_loss", value, self.global_step)
-            if self.writer is not None and self.global_step % self.args.image_interval == 0:
+            if self.writer is not None and self.global_step % self.image_interval == 0:
                 for tag, images in self.task.visuals(batch, output.detach()).items():
                     self.writer.add_images(tag, images[:4].float().cpu(), self.global_step)
         sums = all_reduce_sums({"loss": total, "count": torch.tensor(float(n_batches))}, self.dist)
@@ -610,17 +490,23 @@ def prepare_model(model: nn.Module, device: torch.device, dist: DistEnv, compile
     return torch.compile(model) if compile_model else model
 
 
-def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kind: str, names: CheckpointNames,
-                  checkpoint_dir: Path, log_dir: Path | None, data_config: dict, steps_per_epoch: int,
-                  device: torch.device, dist: DistEnv, monitor: str = "val/loss", mode: str = "min",
-                  **trainer_kwargs) -> Trainer:
-    """The optimiser, scheduler, TensorBoard writer and Trainer from the shared flags; resumes if asked."""
+def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kind: str, data: DataSpec,
+                  task_settings: dict, steps_per_epoch: int, device: torch.device, dist: DistEnv,
+                  monitor: str = "val/loss", mode: str = "min", tensorboard: bool = True, **trainer_kwargs) -> Trainer:
+    """The optimiser, scheduler, TensorBoard writer, checkpoint record and Trainer from the shared flags;
+    resumes if asked."""
     optimizer = make_optimizer(unwrap(model), args.lr, args.weight_decay, device)
     scheduler = make_scheduler(args.scheduler, optimizer, args.epochs * steps_per_epoch, mode)
+    amp_dtype = resolve_amp(args.amp, device)
+    bare = unwrap(model)
+    record = Checkpoint(kind=kind, model=ModelSpec(bare.name, plain(bare.config)), data=data,
+                        precision=Precision(args.amp, str(amp_dtype or torch.float32).removeprefix("torch.")),
+                        task=task_settings, run_args=plain(args))
     trainer = Trainer(task=task, model=model, optimizer=optimizer, scheduler=scheduler, device=device, dist=dist,
-                      amp_dtype=resolve_amp(args.amp, device), kind=kind, checkpoint_dir=checkpoint_dir, names=names,
-                      data_config=data_config, args=args, writer=open_writer(log_dir, dist), monitor=monitor,
-                      mode=mode, **trainer_kwargs)
+                      amp_dtype=amp_dtype, record=record, checkpoint_dir=args.checkpoint_dir,
+                      writer=open_writer(args.log_dir or args.checkpoint_dir / "tensorboard", dist) if tensorboard else None,
+                      monitor=monitor,
+                      mode=mode, log_interval=args.log_interval, image_interval=args.image_interval, **trainer_kwargs)
     if args.resume is not None:
         trainer.resume(args.resume)
     return trainer
@@ -633,9 +519,9 @@ def reconstruction_visuals(inputs: torch.Tensor, target: torch.Tensor, recon: to
             "abs_error": (recon - target).abs().mul(NORM_STD).clamp(0, 1)}
 
 
-def open_writer(log_dir: Path | None, dist: DistEnv):
-    """A TensorBoard SummaryWriter on rank 0 (None elsewhere or when logging is off)."""
-    if log_dir is None or not dist.is_main:
+def open_writer(log_dir: Path, dist: DistEnv):
+    """A TensorBoard SummaryWriter on rank 0 (None elsewhere)."""
+    if not dist.is_main:
         return None
     from torch.utils.tensorboard import SummaryWriter
 

@@ -1,16 +1,22 @@
-"""Evaluate a fine-tuned model on a split, or segment a folder of new X-rays (predict mode).
+"""Evaluate a fine-tuned model on a split or a labelled folder, or segment a folder of new X-rays.
 
 Metrics (Dice, IoU, precision, recall, HD95 and ASSD in pixels) are computed per image at the
-image's own resolution: logits are resized back to the original size before thresholding. Means
-are over images. Writes OUT_DIR/per_image.csv, OUT_DIR/summary.json and overlays of the top-k best
-and worst images (green = hit, red = false positive, blue = missed).
+image's own resolution: probabilities are resized back to the original size before thresholding.
+Means are over images. Writes OUT_DIR/per_image.csv, OUT_DIR/summary.json and overlays of the top-k
+best and worst images (green = hit, red = false positive, blue = missed).
 
-Predict mode: when --images-dir has no masks (no --masks-dir and no index in or beside it), the
-masks are written as PNGs at each image's original size to --save-preds (default OUT_DIR/preds).
+What is scored:
+  no --images-dir                   the data the model was fine-tuned on, its --split (default test)
+  --images-dir with an index        that index's --split (default test)
+  --images-dir + --masks-dir        every pair in the folder (a new clinic's test set), unless --split
+                                    names a part of its file-name split (the training run's ratios and seed)
+  --images-dir without masks        predict mode: masks written to --save-preds (default OUT_DIR/preds)
+Every run prints how many images it scored out of how many it found.
 
 Examples:
-  python eval.py --checkpoint ./checkpoints/finetune_mim_unet/best_model.pth --split test
-  python eval.py --checkpoint best_model.pth --images-dir ./my_xrays --save-preds ./my_xrays_masks
+  python eval.py --checkpoint ./checkpoints/finetune_mim_unet/best.pth --split test
+  python eval.py --checkpoint best.pth --images-dir ./clinic_b/images --masks-dir ./clinic_b/masks
+  python eval.py --checkpoint best.pth --images-dir ./my_xrays --save-preds ./my_xrays_masks --skip-bad
 """
 from __future__ import annotations
 
@@ -21,67 +27,71 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import InferenceDataset, build_eval_transform, find_index, read_mask, samples_from_folders, \
-    segmentation_splits
-from engine import DistEnv, autocast, build_model_from_checkpoint, checkpoint_amp, make_loader, memory_format, setup_runtime
-from metrics import METRIC_NAMES, segmentation_metrics, summarize
-from utils import ToothSegError, atomic_write_text, make_parser, read_image, run_cli, to_uint8, write_png
-from visualizer import overlay_mask
+from data import InferenceDataset
+from engine import DistEnv, make_loader, setup_runtime
+from index import find_index, read_mask, samples_from_folders
+from metrics import ASSD_DEFINITION, METRIC_NAMES, segmentation_metrics, summarize
+from overlay import overlay_mask
+from predict import load_predictor, mask_at_size
+from utils import (ToothSegError, atomic_write_text, check_output_dir, make_parser, non_negative_int, positive_int,
+                   probability, read_image, run_cli, to_uint8, write_png)
+
+SPLIT_CHOICES = ("train", "val", "test", "all")
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    inputs = parser.add_argument_group("inputs (data flags default to those the checkpoint was trained with)")
-    inputs.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="best_model.pth from finetune_seg.py")
-    inputs.add_argument("--images-dir", type=Path, metavar="DIR", help="images to score or segment; default: the training data")
+    inputs = parser.add_argument_group("inputs (default: the data the checkpoint was fine-tuned on)")
+    inputs.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT",
+                        help="a fine-tuning run's best.pth, or its folder")
+    inputs.add_argument("--images-dir", type=Path, metavar="DIR", help="images to score or segment")
     inputs.add_argument("--masks-dir", type=Path, metavar="DIR", help="masks with the images' file names, for folders without an index")
     inputs.add_argument("--index", type=Path, metavar="CSV", help="sts2d_index.csv; default: found in or beside --images-dir")
-    inputs.add_argument("--split", choices=("train", "val", "test"), default="test", help="which labelled split to score")
+    inputs.add_argument("--split", choices=SPLIT_CHOICES, metavar="SPLIT",
+                        help="train, val, test or all; default: test of an index or of the training data, "
+                             "all of a labelled folder given with --masks-dir")
+    inputs.add_argument("--skip-bad", action="store_true",
+                        help="leave out unreadable images (and masks), list them in OUT_DIR/skipped.csv, go on with the rest")
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--out-dir", type=Path, metavar="DIR", help="default: CHECKPOINT_DIR/eval_SPLIT (or predict)")
     outputs.add_argument("--save-preds", type=Path, metavar="DIR", help="also write predicted masks (PNG, original size)")
-    outputs.add_argument("--top-k", type=int, default=5, metavar="K", help="best and worst images to print and overlay")
+    outputs.add_argument("--top-k", type=non_negative_int, default=5, metavar="K", help="best and worst images to print and overlay")
     inference = parser.add_argument_group("inference")
-    inference.add_argument("--threshold", type=float, default=0.5, metavar="P", help="probability threshold")
+    inference.add_argument("--threshold", type=probability, default=0.5, metavar="P", help="probability threshold, in (0, 1)")
     inference.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
-    inference.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass")
-    inference.add_argument("--workers", "--num-workers", dest="workers", type=int, default=2, metavar="N", help="DataLoader worker processes")
+    inference.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per forward pass")
+    inference.add_argument("--workers", "--num-workers", dest="workers", type=non_negative_int, default=2, metavar="N",
+                           help="DataLoader worker processes")
     inference.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for path, flag in ((args.out_dir, "--out-dir"), (args.save_preds, "--save-preds")):
+        if path is not None:
+            check_output_dir(path, flag)
+    return args
 
 
-def fill_from_checkpoint(args, ckpt: dict) -> None:
-    """Without --images-dir, evaluate on the data the model was fine-tuned with (its masks and index too).
-    The split ratios and seed always come from training, so a file-name split is the same one."""
-    trained = ckpt.get("args", {})
+def choose_samples(args, data) -> tuple[list, str, str, int]:
+    """(samples, split name, where they came from, how many labelled images were found there). An empty
+    list of masks means predict mode."""
     if args.images_dir is None:
-        for key in ("images_dir", "masks_dir", "index"):
-            if getattr(args, key) is None and trained.get(key):
-                setattr(args, key, Path(trained[key]))
-    if args.images_dir is None:
-        raise ToothSegError(f"{args.checkpoint}: records no images folder; pass --images-dir")
-    args.val_ratio, args.test_ratio, args.seed = (trained.get("val_ratio", 0.1), trained.get("test_ratio", 0.1),
-                                                  trained.get("seed", 0))
-
-
-@torch.inference_mode()
-def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, device) -> torch.Tensor:
-    with autocast(device, amp_dtype):
-        probs = torch.sigmoid(model(batch).float())
-        if tta:
-            probs = 0.5 * (probs + torch.sigmoid(model(batch.flip(-1)).float()).flip(-1))
-    return probs
-
-
-def mask_at_size(probs: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:
-    """A (1, 1, h, w) probability map resized to the image's own (H, W) and thresholded: masks are
-    scored, saved and shown at the original resolution, never at network size."""
-    prob = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)[0, 0]
-    return (prob > threshold).cpu().numpy()
+        splits, where = data.labelled_splits(), f"the training data ({data.images_dir})"
+    elif args.masks_dir is None and find_index(args.images_dir, args.index) is None:
+        samples = samples_from_folders(args.images_dir)
+        return samples, "predict", str(args.images_dir), len(samples)
+    else:
+        splits, where = data.labelled_splits(args.images_dir, args.masks_dir, args.index), str(args.images_dir)
+    # A labelled folder without an index is scored whole, unless it is the folder the model trained on.
+    trained_here = data.images_dir is not None and args.images_dir is not None and \
+        Path(args.images_dir).resolve() == Path(data.images_dir).resolve()
+    bare_folder = args.images_dir is not None and find_index(args.images_dir, args.index) is None and not trained_here
+    split = args.split or ("all" if bare_folder else "test")
+    found = sum(len(part) for part in splits.values())
+    samples = [s for part in splits.values() for s in part] if split == "all" else splits[split]
+    if not samples:
+        raise ToothSegError(f"{where}: the {split!r} split is empty; choose another --split")
+    return sorted(samples, key=lambda s: s.pair_id) if split == "all" else samples, split, where, found
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -95,70 +105,72 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def main(argv=None):
     args = parse_args(argv)
     _, device = setup_runtime(args.cpu)
-    model, ckpt = build_model_from_checkpoint(args.checkpoint, ("segmentation",), "eval.py")
-    fill_from_checkpoint(args, ckpt)
-    data_cfg = ckpt["data"]
-    model = model.to(device, memory_format=memory_format(device)).eval()
-    amp_dtype = checkpoint_amp(ckpt, device)
+    predictor = load_predictor(args.checkpoint, device)
+    ckpt = predictor.checkpoint
 
-    # Data: a labelled split, or predict mode for a folder without masks.
-    predict = args.masks_dir is None and find_index(args.images_dir, args.index) is None
-    if predict:
-        samples = samples_from_folders(args.images_dir)
-        split_name = "predict"
-    else:
-        samples = segmentation_splits(args.images_dir, args.masks_dir, index=args.index, val_ratio=args.val_ratio,
-                                      test_ratio=args.test_ratio, seed=args.seed)[args.split]
-        split_name = args.split
-        if not samples:
-            raise ToothSegError(f"{args.images_dir}: the {args.split!r} split is empty; choose another --split")
-    out_dir = args.out_dir or args.checkpoint.parent / f"eval_{split_name}"
+    # Data: a labelled split or folder, or predict mode for a folder without masks.
+    samples, split, where, found = choose_samples(args, ckpt.data)
+    predict = split == "predict"
+    out_dir = args.out_dir or ckpt.path.parent / f"eval_{split}"
     save_preds = args.save_preds or (out_dir / "preds" if predict else None)
-    dataset = InferenceDataset(samples, build_eval_transform(data_cfg["img_height"], data_cfg["img_width"]))
+    dataset = InferenceDataset(samples, predictor.transform(), skip_bad=args.skip_bad)
     loader = make_loader(dataset, batch_size=args.batch_size, train=False, workers=args.workers, dist=DistEnv(),
                          device=device, seed=0)
-    print(f"{'predicting' if predict else 'evaluating'} {len(samples)} images "
-          f"({split_name}) with {ckpt['model_name']} from {args.checkpoint} on {device}")
+    what = f"{len(samples)} images from {where}" if predict else \
+        f"{len(samples)} of the {found} labelled images found in {where} (split {split})"
+    print(f"{'predicting' if predict else 'evaluating'} {what} with {ckpt.model.name} from {ckpt.path} on {device}")
 
     # Inference at network size, scoring at each image's own size.
-    rows, packed_preds, started = [], {}, time.time()
+    rows, skipped, packed_preds, started = [], [], {}, time.time()
     by_pair = {s.pair_id: s for s in samples}
-    for images, meta in tqdm(loader, desc=split_name, disable=None):
-        probs = predict_probabilities(model, images.to(device, memory_format=memory_format(device)), args.tta,
-                                      amp_dtype, device)
+    for images, meta in tqdm(loader, desc=split, disable=None):
+        probs = predictor.probabilities(images, args.tta)
         for i, pair_id in enumerate(meta["pair_id"]):
+            sample = by_pair[pair_id]
+            if meta["error"][i]:
+                skipped.append({"image": str(sample.image), "reason": meta["error"][i]})
+                continue
             size = (int(meta["orig_height"][i]), int(meta["orig_width"][i]))
             pred = mask_at_size(probs[i:i + 1], size, args.threshold)
-            sample = by_pair[pair_id]
+            if not predict:
+                try:
+                    gt = read_mask(sample.mask)
+                    if gt.shape != pred.shape:
+                        raise ToothSegError(f"{sample.mask}: mask size {gt.shape[::-1]} differs from its image "
+                                            f"{pred.shape[::-1]}; fix the pair")
+                except ToothSegError as exc:
+                    if not args.skip_bad:
+                        raise
+                    skipped.append({"image": str(sample.image), "reason": str(exc)})
+                    continue
+                packed_preds[pair_id] = np.packbits(pred)  # for the overlays, without predicting twice
+                rows.append({"pair_id": pair_id, "image": str(sample.image), "mask": str(sample.mask),
+                             "age_group": sample.age_group, **segmentation_metrics(pred, gt), "gt_pixels": int(gt.sum()),
+                             "pred_pixels": int(pred.sum()), "height": size[0], "width": size[1]})
             if save_preds is not None:
                 write_png(save_preds / f"{sample.image.stem}.png", pred.astype(np.uint8) * 255)
-            if predict:
-                continue
-            gt = read_mask(sample.mask)
-            if gt.shape != pred.shape:
-                raise ToothSegError(f"{sample.mask}: mask size {gt.shape[::-1]} differs from its image "
-                                    f"{pred.shape[::-1]}; fix the pair")
-            packed_preds[pair_id] = np.packbits(pred)  # for the overlays, without predicting twice
-            rows.append({"pair_id": pair_id, "image": str(sample.image), "age_group": sample.age_group,
-                         **segmentation_metrics(pred, gt), "gt_pixels": int(gt.sum()), "pred_pixels": int(pred.sum()),
-                         "height": size[0], "width": size[1]})
+    if skipped:
+        write_csv(out_dir / "skipped.csv", skipped)
+        print(f"skipped {len(skipped)} unreadable files (listed in {out_dir / 'skipped.csv'}); first: {skipped[0]['reason']}")
     if predict:
-        print(f"wrote {len(samples)} masks to {save_preds}")
+        print(f"wrote {len(samples) - len(skipped)} of {len(samples)} masks to {save_preds}")
         return
+    if not rows:
+        raise ToothSegError(f"{where}: no image could be scored; see {out_dir / 'skipped.csv'}")
 
     # Outputs: per-image table, summary, best and worst overlays.
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "per_image.csv", rows)
     summary = {
         "metrics": summarize(rows, METRIC_NAMES),
         "by_age_group": {g: summarize([r for r in rows if r["age_group"] == g], METRIC_NAMES)
                          for g in sorted({r["age_group"] for r in rows})},
-        "n_images": len(rows), "split": args.split, "threshold": args.threshold, "tta": args.tta,
-        "checkpoint": str(args.checkpoint), "checkpoint_epoch": ckpt["epoch"], "model": ckpt["model_name"],
-        "model_args": ckpt["model_args"], "input_size": [data_cfg["img_height"], data_cfg["img_width"]],
-        "images_dir": str(args.images_dir), "masks_dir": str(args.masks_dir) if args.masks_dir else None,
-        "index": str(find_index(args.images_dir, args.index) or ""), "seconds": round(time.time() - started, 1),
+        "n_images": len(rows), "n_found": found, "n_skipped": len(skipped), "split": split,
+        "threshold": args.threshold, "tta": args.tta, "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch,
+        "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
+        "images_dir": str(args.images_dir or ckpt.data.images_dir), "masks_dir": str(args.masks_dir) if args.masks_dir else None,
+        "seconds": round(time.time() - started, 1),
         "hd_empty_penalty": "image diagonal in pixels when exactly one of prediction and truth is empty",
+        "assd": ASSD_DEFINITION,
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     ranked = sorted(rows, key=lambda r: r["dice"], reverse=True)
@@ -169,9 +181,10 @@ def main(argv=None):
             image = to_uint8(read_image(row["image"]))
             pred = np.unpackbits(packed_preds[row["pair_id"]], count=image.size).reshape(image.shape)
             write_png(out_dir / label / f"{rank:02d}_{row['pair_id']}.png",
-                      overlay_mask(image, pred, read_mask(by_pair[row["pair_id"]].mask))[..., ::-1])
+                      overlay_mask(image, pred, read_mask(row["mask"]))[..., ::-1])
     means = summary["metrics"]
-    print("  ".join(f"{m}={means[m]['mean']:.4f}±{means[m]['std']:.4f}" for m in METRIC_NAMES) + f"  (n={len(rows)})")
+    print("  ".join(f"{m}={means[m]['mean']:.4f}±{means[m]['std']:.4f}" for m in METRIC_NAMES)
+          + f"  (scored {len(rows)} of {found} found)")
     print(f"wrote {out_dir / 'per_image.csv'} and {out_dir / 'summary.json'}")
 
 

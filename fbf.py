@@ -46,9 +46,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from index import INDEX_NAME, find_index
 from utils import ToothSegError, atomic_path, atomic_write_bytes, decode_image, is_image_file, make_parser, run_cli
 
-INDEX_NAME = "sts2d_index.csv"
 METHODS = ("grid", "opencv", "exact")
 BACKENDS = ("numpy", "torch")
 SPATIAL_TRUNCATE = 3.0  # Gaussians are cut at 3 sigma: the exact/OpenCV window and the grid blur
@@ -373,16 +373,23 @@ def resolve_backend(backend: str, device: str | None) -> str:
         return backend
     if device is not None:
         return "torch"
+    # Importing torch takes about 2 s, more than the grid filter needs for a few images on the CPU,
+    # so torch is only asked when a GPU may be there.
+    if not gpu_may_be_present():
+        return "numpy"
     import torch
 
     return "torch" if torch.cuda.is_available() else "numpy"
 
 
-def find_index(input_dir: Path) -> Path | None:
-    for folder in (input_dir, input_dir.parent):
-        if (folder / INDEX_NAME).is_file():
-            return folder / INDEX_NAME
-    return None
+def gpu_may_be_present() -> bool:
+    """False only when no GPU can be visible: CUDA_VISIBLE_DEVICES hides them all, or there is no GPU
+    device node (NVIDIA's, WSL's /dev/dxg, ROCm's /dev/kfd) and the NVIDIA driver lists no GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.split(",")[0].strip() in ("", "-1"):  # CUDA stops at the first invalid id
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*")) or any(Path("/proc/driver/nvidia/gpus").glob("*")) \
+        or Path("/dev/dxg").exists() or Path("/dev/kfd").exists()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
 Each sample is flipped (input and target together), then the input alone gets local pixel
 shuffling, a random Bezier intensity curve (inverted half the time) and in- or out-painting, each
 with its own probability. The L1 loss covers the whole image. `--init-from` continues from a MIM
-checkpoint. Writes CHECKPOINT_DIR/fullimage_best.pth (lowest validation loss) and fullimage_last.pth.
+checkpoint. Writes CHECKPOINT_DIR/best.pth (lowest validation loss) and last.pth.
 
 Example:
   python fullimage_pretrain.py --images-dir ./sts_tooth_data/processed_2d \\
@@ -11,26 +11,28 @@ Example:
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import (GenesisConfig, RestorationDataset, build_eval_transform, build_train_transform, hold_out,
-                  pretraining_samples)
-from engine import (CheckpointNames, add_pretraining_args, add_training_args, build_trainer, cleanup_runtime,
-                    data_config, load_pretrained, make_loaders, model_kwargs, prepare_model, reconstruction_visuals,
-                    setup_runtime)
+from checkpoints import load_pretrained
+from data import GenesisConfig, RestorationDataset, build_eval_transform, build_train_transform
+from engine import (add_pretraining_args, add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders,
+                    model_kwargs, parse_training_args, prepare_model, reconstruction_visuals, setup_runtime)
+from index import hold_out, pretraining_samples
 from models import build_model
 from utils import make_parser, run_cli, set_seed
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    groups = add_training_args(parser, epochs=100, batch_size=8, lr=1e-3, weight_decay=0.05)
-    add_pretraining_args(parser, groups, default_checkpoint_dir="./checkpoints/fullimage")
+    groups = add_training_args(parser, epochs=100, batch_size=8, lr=1e-3, weight_decay=0.05,
+                               checkpoint_dir="./checkpoints/fullimage")
+    add_pretraining_args(groups)
     groups["model"].add_argument("--init-from", type=Path, metavar="CKPT",
-                                 help="start from these weights (e.g. mim_best.pth), matched by name and shape")
+                                 help="start from these weights (e.g. a MIM run's best.pth), matched by name and shape")
     defaults = GenesisConfig()
     genesis = parser.add_argument_group("Models Genesis perturbations (per-sample probabilities)")
     genesis.add_argument("--flip-prob", type=float, default=defaults.flip_prob, metavar="P")
@@ -39,7 +41,7 @@ def parse_args(argv=None):
     genesis.add_argument("--paint-prob", type=float, default=defaults.paint_prob, metavar="P")
     genesis.add_argument("--inpaint-rate", type=float, default=defaults.inpaint_rate, metavar="P",
                          help="when painting: share of in-painting (the rest is out-painting)")
-    return parser.parse_args(argv)
+    return parse_training_args(parser, argv)
 
 
 class RestorationTask:
@@ -67,7 +69,7 @@ def main(argv=None):
     set_seed(args.seed)
 
     # Data: every image but the labelled val/test ones; a fixed hold-out with fixed perturbations.
-    train_samples, val_samples = hold_out(pretraining_samples(args.images_dir, args.index), args.val_fraction, minimum=2)
+    train_samples, val_samples = hold_out(pretraining_samples(args.images_dir, args.index), args.val_ratio, minimum=2)
     genesis = GenesisConfig(args.flip_prob, args.local_shuffle_prob, args.nonlinear_prob, args.paint_prob, args.inpaint_rate)
     # The corruptions act on [0, 1] intensities, so the transforms must not normalise.
     train_set = RestorationDataset(train_samples, build_train_transform(args.img_height, args.img_width, normalize=False),
@@ -86,9 +88,9 @@ def main(argv=None):
             print(f"init from {args.init_from}: {report.summary()}")
     model = prepare_model(model, device, dist, args.compile)
     trainer = build_trainer(args, task=RestorationTask(), model=model, kind="fullimage",
-                            names=CheckpointNames("fullimage_best.pth", "fullimage_last.pth"),
-                            checkpoint_dir=args.checkpoint_dir, log_dir=args.log_dir or args.checkpoint_dir / "tensorboard",
-                            data_config=data_config(args), steps_per_epoch=len(train_loader), device=device, dist=dist)
+                            data=data_spec(args, holdout=args.val_ratio),
+                            task_settings={"genesis": asdict(genesis), "init_from": args.init_from},
+                            steps_per_epoch=len(train_loader), device=device, dist=dist)
     trainer.fit(train_loader, val_loader, args.epochs)
     cleanup_runtime(dist)
 

@@ -12,7 +12,9 @@ own resolution; `summarize(rows)` then averages over images. Conventions:
   the nearest gt surface pixel (and d_gp the reverse); P95 is `np.percentile` with linear
   interpolation. This is the convention of medpy's `hd95` and MONAI's `compute_hausdorff_distance`.
 * ASSD = (mean(d_pg) + mean(d_gp)) / 2, as medpy's `assd`: each surface weighs equally, however
-  many pixels it has.
+  many pixels it has. This is not MONAI's symmetric average surface distance, which pools d_pg and
+  d_gp into one mean (mean(d_pg ∪ d_gp)) and so weighs the larger surface more: on 101 real tooth
+  predictions the two differed by up to 0.94 px per image. Dice and HD95 match MONAI exactly.
 * Empty masks:
     - both empty: dice = iou = precision = recall = 1, hd95 = assd = 0 (a perfect "no tooth");
     - pred empty, gt not: dice = iou = recall = 0, and precision (0/0) is defined as 0;
@@ -40,6 +42,8 @@ from scipy import ndimage
 from utils import ToothSegError
 
 METRIC_NAMES = ("dice", "iou", "precision", "recall", "hd95", "assd")
+ASSD_DEFINITION = ("medpy assd: (mean pred->gt + mean gt->pred surface distance) / 2, in pixels; "
+                   "not MONAI's pooled symmetric mean")
 
 # 4-connected cross: the erosion removes pixels with a background pixel above, below, left or right.
 _SURFACE_STRUCTURE = ndimage.generate_binary_structure(2, 1)

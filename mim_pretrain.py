@@ -2,7 +2,7 @@
 
 The loss is L1 on the hidden pixels only (optionally against per-patch normalised targets).
 Blocks (the seeds' random rectangles) or patch-aligned masks (SimMIM/SparK style) are supported.
-Writes CHECKPOINT_DIR/mim_best.pth (lowest validation loss) and mim_last.pth.
+Writes CHECKPOINT_DIR/best.pth (lowest validation loss) and last.pth.
 
 Example:
   python mim_pretrain.py --images-dir ./sts_tooth_data/processed_2d \\
@@ -10,11 +10,14 @@ Example:
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
-from data import MIMDataset, MaskGenerator, build_eval_transform, build_train_transform, hold_out, pretraining_samples
-from engine import (CheckpointNames, add_pretraining_args, add_training_args, build_trainer, cleanup_runtime,
-                    data_config, make_loaders, model_kwargs, prepare_model, reconstruction_visuals, setup_runtime)
+from data import MIMDataset, MaskGenerator, build_eval_transform, build_train_transform
+from engine import (add_pretraining_args, add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders,
+                    model_kwargs, parse_training_args, prepare_model, reconstruction_visuals, setup_runtime)
+from index import hold_out, pretraining_samples
 from metrics import masked_l1_loss
 from models import build_model
 from utils import make_parser, run_cli, set_seed
@@ -22,8 +25,8 @@ from utils import make_parser, run_cli, set_seed
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    groups = add_training_args(parser, epochs=100, batch_size=8, lr=1e-3, weight_decay=0.05)
-    add_pretraining_args(parser, groups, default_checkpoint_dir="./checkpoints/mim")
+    groups = add_training_args(parser, epochs=100, batch_size=8, lr=1e-3, weight_decay=0.05, checkpoint_dir="./checkpoints/mim")
+    add_pretraining_args(groups)
     mim = parser.add_argument_group("masking")
     mim.add_argument("--mask-type", choices=("blocks", "patches"), default="blocks",
                      help="random rectangles, or a random share of a patch grid")
@@ -33,7 +36,7 @@ def parse_args(argv=None):
     mim.add_argument("--patch-size", type=int, default=32, metavar="PX", help="patches: grid cell size")
     mim.add_argument("--norm-pix-loss", type=int, default=None, metavar="PX",
                      help="compare against targets normalised per PX x PX patch (MAE/SimMIM); off by default")
-    return parser.parse_args(argv)
+    return parse_training_args(parser, argv)
 
 
 class MIMTask:
@@ -68,7 +71,7 @@ def main(argv=None):
     set_seed(args.seed)
 
     # Data: every image but the labelled val/test ones; a fixed hold-out with fixed masks for validation.
-    train_samples, val_samples = hold_out(pretraining_samples(args.images_dir, args.index), args.val_fraction, minimum=2)
+    train_samples, val_samples = hold_out(pretraining_samples(args.images_dir, args.index), args.val_ratio, minimum=2)
     masker = MaskGenerator(args.mask_type, args.mask_ratio, args.min_block_size, args.max_block_size, args.patch_size)
     train_set = MIMDataset(train_samples, build_train_transform(args.img_height, args.img_width), masker,
                            seed=args.seed, cache=args.cache_images)
@@ -81,8 +84,8 @@ def main(argv=None):
     # Model and loop.
     model = prepare_model(build_model(args.model_type, **model_kwargs(args)), device, dist, args.compile)
     trainer = build_trainer(args, task=MIMTask(args.norm_pix_loss), model=model, kind="mim",
-                            names=CheckpointNames("mim_best.pth", "mim_last.pth"), checkpoint_dir=args.checkpoint_dir,
-                            log_dir=args.log_dir or args.checkpoint_dir / "tensorboard", data_config=data_config(args),
+                            data=data_spec(args, holdout=args.val_ratio),
+                            task_settings={"masking": asdict(masker), "norm_pix_loss": args.norm_pix_loss},
                             steps_per_epoch=len(train_loader), device=device, dist=dist)
     trainer.fit(train_loader, val_loader, args.epochs)
     cleanup_runtime(dist)

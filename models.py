@@ -10,7 +10,7 @@ by name and the parameter names say where they live:
     decoder.up1..up4 (+ decoder.gate1..gate4 for scag/nac)
     head.conv                            final 1x1 conv
 
-"Encoder" in `encoder_parameters()` / `set_encoder_trainable()` means `encoder` plus `bottleneck`.
+"Encoder" (`ENCODER_PREFIXES`, what --freeze-encoder-epochs holds fixed) means `encoder` plus `bottleneck`.
 
 Choices worth knowing:
 - Widths are base*(1, 2, 4, 8, 16). With `bilinear=True` the deepest stage and the decoder widths are
@@ -23,13 +23,12 @@ Choices worth knowing:
 - NAC's last BatchNorm starts with gamma = 0, so the block starts as the identity and a fresh
   `UNet2D_NAC` computes what a `UNet2D_scAG` computes; the gamma learns to open the branch.
 - `model.config` holds the constructor arguments as plain types and `model.name` the registry key,
-  so `build_model(ckpt["model_name"], **ckpt["model_args"])` rebuilds a checkpointed model.
+  so a checkpoint's `model` section (`{"name", "args"}`, see checkpoints.py) rebuilds it with `build_model`.
 """
 from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +108,7 @@ class OutConv(nn.Module):
 # Attention and context blocks
 # ----------------------------------------------------------------------------------------------
 class ScAG(nn.Module):
-    """Spatial-channel attention gate (Khanh et al., Appl. Sci. 2020), as defined in DESIGN.md.
+    """Spatial-channel attention gate (Khanh et al., Appl. Sci. 2020).
 
     Gates skip feature `x` (C_x channels) with decoder feature `g` (C_g channels, same H x W):
       spatial: S_t = Conv7x7([mean_c(t); max_c(t); Conv1x1(t)]),  a_s = sigmoid(S_x + S_g)
@@ -166,7 +165,7 @@ class BranchSelector(nn.Module):
 
 
 class NAC(nn.Module):
-    """Neighbour-aware context block, as defined in DESIGN.md:
+    """Neighbour-aware context block. The literature has no standard definition; this is ToothSeg's:
 
         NAC(x) = x + BN(Conv1x1(sum_k a_k * ReLU(BN(Conv3x3_dilation_k(x)))))
 
@@ -263,16 +262,6 @@ class UNetBase(nn.Module):
         features = self.encoder(pad_to_multiple(x))
         decoded = self.decoder(self.bottleneck(features[-1]), features[:-1])
         return self.head(decoded)[..., :height, :width]
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of `encoder` and `bottleneck`: what pretraining transfers and freezing holds."""
-        return (p for name, p in self.named_parameters() if name.startswith(ENCODER_PREFIXES))
-
-    def set_encoder_trainable(self, trainable: bool) -> None:
-        """Freeze or unfreeze `encoder` + `bottleneck` (requires_grad only; BatchNorm running
-        statistics still update in train mode)."""
-        for p in self.encoder_parameters():
-            p.requires_grad_(trainable)
 
 
 class UNet2D(UNetBase):

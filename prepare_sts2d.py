@@ -8,13 +8,17 @@ TG3K, or the built-in synthetic panoramic phantom.
     python prepare_sts2d.py --synthetic 60 --data-root runs/demo/data
 
 Output in --data-root: processed_2d/{adult,children}/{labeled,unlabeled}/{images,masks}/<pair_id>.png
-(8-bit grey images, masks 0/255) and sts2d_index.csv, one row per file (columns in data.INDEX_COLUMNS).
+(8-bit grey images, masks 0/255) and sts2d_index.csv, one row per file (columns in index.INDEX_COLUMNS).
 
 Rules:
 - Images are paired with masks by file stem inside the same age group and label status; a mask may
   also carry one of the suffixes in MASK_SUFFIXES (x_mask.png pairs with x.png) when that is
   unambiguous. Folder names match without regard to case.
-- Masks are binarised with > 0 (TG3K's JPEG masks with > 127). 16-bit images are scaled to 8 bits.
+- A mask pixel is tooth when its value > T. T is index.default_mask_threshold's rule: 127 for lossy
+  (JPEG) masks, whose compression noise lies near 0 and 255 (TG3K, the Tufts Dental Database), and 0
+  for lossless ones (PNG, BMP, TIFF), which may mark tooth with any non-zero value. --mask-threshold
+  sets T for every mask; the index records it per mask (`mask_threshold`). 16-bit images are scaled
+  to 8 bits.
 - Splits: labelled pairs go to train/val/test (--val-ratio, --test-ratio), stratified by age group
   and deterministic in --seed; unlabelled images go to pretrain. Byte-identical images form a
   duplicate group (`dup_group`, the group's first pair_id) that always lands in one split: an
@@ -56,13 +60,14 @@ import numpy as np
 from tqdm import tqdm
 
 import phantom
-from data import AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, PROCESSED_NAME, SPLITS, read_index, write_index
+from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, PROCESSED_NAME, SPLITS, default_mask_threshold, read_index,
+                   write_index)
 from utils import ToothSegError, atomic_write_bytes, atomic_write_text, decode_image, is_image_file, make_parser, run_cli, to_uint8
 
 STAMP_NAME = "prepare_stamp.json"
 REJECTED_NAME = "rejected.csv"
 DUPLICATES_NAME = "duplicates.csv"
-STAMP_VERSION = 1  # bump when the output format changes, so older builds are redone
+STAMP_VERSION = 2  # bump when the output format changes, so older builds are redone
 STS_FOLDER = "sts-2d-tooth"
 AGE_FOLDERS = {"a-pxi": "adult", "c-pxi": "children"}
 STATUS_FOLDERS = {"labeled": "labeled", "labelled": "labeled", "unlabeled": "unlabeled", "unlabelled": "unlabeled"}
@@ -97,7 +102,6 @@ class Source:
     description: str
     files: list[Found]
     rejects: list[tuple[str, str]]
-    mask_threshold: int = 0       # mask = value > threshold
     close: Callable[[], None] = lambda: None
 
 
@@ -325,7 +329,7 @@ def source_from_tg3k(tg3k_dir: Path) -> Source:
         files.append(Found("adult", "labeled", "image", p.stem, _file_on_disk(p), preset[i]))
     files += [Found("adult", "labeled", "mask", p.stem, _file_on_disk(p))
               for p in sorted(folders["thyroid-mask"].iterdir()) if p.is_file() and is_image_file(p)]
-    return Source("tg3k", f"TG3K {root}", files, rejects, mask_threshold=127)
+    return Source("tg3k", f"TG3K {root}", files, rejects)
 
 
 @functools.lru_cache(maxsize=32)  # an item's image and mask come from one call
@@ -447,16 +451,19 @@ def _decode(file: SourceFile) -> np.ndarray:
         raise BadInput(file.name, "cannot decode image (corrupt or not an image)") from None
 
 
-def convert_pair(entry: Entry, out_dir: Path, mask_threshold: int) -> list[dict]:
-    """Decode, check and write one image (and its mask); return their index rows."""
+def convert_pair(entry: Entry, out_dir: Path, mask_threshold: int | None) -> list[dict]:
+    """Decode, check and write one image (and its mask, binarised at `mask_threshold`, None: the
+    default for its format); return their index rows."""
     image = to_uint8(_decode(entry.image))
     arrays = {"images": image}
+    threshold = None
     if entry.mask is not None:
         mask = _decode(entry.mask)
         if mask.shape[:2] != image.shape[:2]:
             raise BadInput(entry.mask.name, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image's "
                                             f"{image.shape[1]}x{image.shape[0]} ({entry.image.name})")
-        arrays["masks"] = np.where(mask > mask_threshold, 255, 0).astype(np.uint8)
+        threshold = default_mask_threshold(entry.mask.name) if mask_threshold is None else mask_threshold
+        arrays["masks"] = np.where(mask > threshold, 255, 0).astype(np.uint8)
     rows = []
     for folder, array in arrays.items():
         data = _encode_png(array)
@@ -464,7 +471,8 @@ def convert_pair(entry: Entry, out_dir: Path, mask_threshold: int) -> list[dict]
         atomic_write_bytes(out_dir / rel_path, data)
         rows.append({"rel_path": rel_path, "age_group": entry.age_group, "label_status": entry.label_status,
                      "is_mask": folder == "masks", "pair_id": entry.pair_id, "split": "", "width": array.shape[1],
-                     "height": array.shape[0], "sha1": hashlib.sha1(data).hexdigest(), "dup_group": "", "source": ""})
+                     "height": array.shape[0], "sha1": hashlib.sha1(data).hexdigest(), "dup_group": "", "source": "",
+                     "mask_threshold": threshold if folder == "masks" else None})
     return rows
 
 
@@ -563,6 +571,9 @@ def print_statistics(rows: list[dict]) -> None:
     line("age_group", "age_group", AGE_GROUPS)
     line("label_status", "label_status", LABEL_STATUSES)
     line("is_mask", "is_mask", (False, True))
+    thresholds = Counter(r["mask_threshold"] for r in rows if r["is_mask"])
+    if thresholds:
+        print("masks binarised at: " + " / ".join(f"> {t} {n}" for t, n in sorted(thresholds.items())))
     images = [r for r in rows if not r["is_mask"]]
     by_split = Counter((r["split"], r["age_group"]) for r in images)
     print("split (images): " + " / ".join(
@@ -588,6 +599,9 @@ def build_parser():
                         help=f"receives {PROCESSED_NAME}/, {INDEX_NAME} and the reports")
     output.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
     output.add_argument("--skip-bad", action="store_true", help=f"leave bad files out (listed in {REJECTED_NAME}) instead of failing")
+    output.add_argument("--mask-threshold", type=int, default=None, metavar="T",
+                        help="a mask pixel is tooth when its value > T (0-254), for every mask; without it 127 for lossy "
+                             "JPEG masks (their compression noise would grow them) and 0 for lossless PNG/BMP/TIFF ones")
     output.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N", help="decoding threads")
     splits = parser.add_argument_group("splits")
     splits.add_argument("--seed", type=int, default=0, metavar="INT", help="seed for the split (and the phantom)")
@@ -620,7 +634,7 @@ def load_source(args) -> Source:
 
 def fingerprint(source: Source, args) -> str:
     settings = {"version": STAMP_VERSION, "source": source.kind, "seed": args.seed, "val_ratio": args.val_ratio,
-                "test_ratio": args.test_ratio, "skip_bad": args.skip_bad,
+                "test_ratio": args.test_ratio, "skip_bad": args.skip_bad, "mask_threshold": args.mask_threshold,
                 "files": sorted((f.file.name, f.file.stamp, f.preset_split) for f in source.files),
                 "rejects": sorted(source.rejects)}
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -650,6 +664,9 @@ def main(argv=None):
                             f"(got {args.val_ratio}, {args.test_ratio})")
     if args.workers < 1:
         raise ToothSegError(f"--workers must be at least 1, got {args.workers}")
+    if args.mask_threshold is not None and not 0 <= args.mask_threshold <= 254:
+        raise ToothSegError(f"--mask-threshold must be in 0..254 (a mask pixel is tooth when its value > T), "
+                            f"got {args.mask_threshold}; or leave it out for the default of each mask's format")
     source = load_source(args)
     try:
         prepare(source, args)
@@ -687,7 +704,7 @@ def prepare(source: Source, args) -> None:
 
     def convert(entry: Entry):
         try:
-            return entry, convert_pair(entry, staging, source.mask_threshold), None
+            return entry, convert_pair(entry, staging, args.mask_threshold), None
         except BadInput as bad:
             return entry, [], (bad.name, bad.reason)
 

@@ -31,17 +31,18 @@ from pathlib import Path
 import numpy as np
 
 from metrics import METRIC_NAMES
+from models import MODELS
 from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, run_cli
 
 HERE = Path(__file__).resolve().parent
 INITS = ("scratch", "mim", "fullimage")
-PRETRAIN_SCRIPTS = {"mim": ("mim_pretrain.py", "mim_best.pth"), "fullimage": ("fullimage_pretrain.py", "fullimage_best.pth")}
+PRETRAIN_SCRIPTS = {"mim": "mim_pretrain.py", "fullimage": "fullimage_pretrain.py"}
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     grid = parser.add_argument_group("grid")
-    grid.add_argument("--models", nargs="+", default=["unet"], metavar="NAME", help="unet, scag, nac")
+    grid.add_argument("--models", nargs="+", default=["unet"], metavar="NAME", help=", ".join(sorted(MODELS)))
     grid.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, metavar="INIT", help="scratch, mim, fullimage")
     grid.add_argument("--label-fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0], metavar="F", help="shares of the labelled training pairs")
     grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="S", help="fine-tuning seeds (also pick the label subsets)")
@@ -64,7 +65,12 @@ def parse_args(argv=None):
     out.add_argument("--out-dir", type=Path, default=Path("runs/study"), metavar="DIR", help="pretrain/, cells/ and the study tables go here")
     out.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples for the CIs")
     out.add_argument("--dry-run", action="store_true", help="print the commands and exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked before any work: a typo in the last model name must not surface after hours of pretraining.
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown --models {', '.join(unknown)}; valid: {', '.join(sorted(MODELS))}")
+    return args
 
 
 def cell_name(model: str, init: str, fraction: float, seed: int) -> str:
@@ -82,25 +88,25 @@ def common_flags(args) -> list[str]:
 
 
 def pretrain_command(args, model: str, init: str) -> tuple[list[str], Path]:
-    name, best = PRETRAIN_SCRIPTS[init]
+    """The pretraining command and the folder it writes."""
     out = args.out_dir / "pretrain" / f"{init}_{model}"
-    cmd = script(name) + ["--images-dir", str(args.images_dir), "--checkpoint-dir", str(out), "--model-type", model,
+    cmd = script(PRETRAIN_SCRIPTS[init]) + ["--images-dir", str(args.images_dir), "--checkpoint-dir", str(out), "--model-type", model,
                           "--base-channels", str(args.base_channels), "--epochs", str(args.pretrain_epochs),
                           "--seed", str(args.pretrain_seed), *common_flags(args), *shlex.split(args.pretrain_args)]
-    return cmd, out / best
+    return cmd, out  # --init-from takes the folder: its best.pth, or an older run's mim_best.pth
 
 
 def cell_commands(args, model: str, init: str, fraction: float, seed: int, pretrained: Path | None) -> list[list[str]]:
     cell = args.out_dir / "cells" / cell_name(model, init, fraction, seed)
     finetune = script("finetune_seg.py") + [
-        "--images-dir", str(args.images_dir), "--save-dir", str(cell), "--model-type", model,
+        "--images-dir", str(args.images_dir), "--checkpoint-dir", str(cell), "--model-type", model,
         "--base-channels", str(args.base_channels), "--epochs", str(args.finetune_epochs), "--seed", str(seed),
         "--label-fraction", f"{fraction:g}", *common_flags(args), *shlex.split(args.finetune_args)]
     if args.masks_dir is not None:
         finetune += ["--masks-dir", str(args.masks_dir)]
     if pretrained is not None:
         finetune += ["--init-from", str(pretrained)]
-    evaluate = script("eval.py") + ["--checkpoint", str(cell / "best_model.pth"), "--split", "test",
+    evaluate = script("eval.py") + ["--checkpoint", str(cell), "--split", "test",
                                      "--out-dir", str(cell / "eval_test"), "--workers", str(args.workers)]
     return [finetune, evaluate + (["--cpu"] if args.cpu else [])]
 
@@ -133,20 +139,20 @@ def main(argv=None):
     pretrained: dict[tuple[str, str], Path] = {}
     for model in args.models:
         for init in (i for i in args.inits if i != "scratch"):
-            cmd, best = pretrain_command(args, model, init)
-            pretrained[model, init] = best
-            done = best.parent / "done.json"
+            cmd, folder = pretrain_command(args, model, init)
+            pretrained[model, init] = folder
+            done = folder / "done.json"
             if args.dry_run:
                 print(shlex.join(cmd))
             elif done.exists():
                 print(f"skip pretraining {init} {model}: done")
             else:
-                shutil.rmtree(best.parent, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
                 print(f"pretraining {init} {model} ...", flush=True)
-                if not run_logged(cmd, best.parent.with_suffix(".log")):
-                    failed.append(f"pretrain {init} {model}: {tail(best.parent.with_suffix('.log'))}")
+                if not run_logged(cmd, folder.with_suffix(".log")):
+                    failed.append(f"pretrain {init} {model}: {tail(folder.with_suffix('.log'))}")
                     continue
-                atomic_write_text(done, json.dumps({"checkpoint": str(best), "finished": time.time()}))
+                atomic_write_text(done, json.dumps({"folder": str(folder), "finished": time.time()}))
 
     # Cells: fine-tune then evaluate; cell.json marks a finished cell.
     for model, init, fraction, seed in grid(args):
@@ -161,7 +167,7 @@ def main(argv=None):
             skipped += 1
             print(f"skip {name}: done")
             continue
-        if source is not None and not (source.parent / "done.json").exists():
+        if source is not None and not (source / "done.json").exists():
             failed.append(f"{name}: its {init} pretraining failed")
             continue
         shutil.rmtree(cell, ignore_errors=True)

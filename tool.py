@@ -1,19 +1,20 @@
 """Inspect checkpoints: what one file holds, and what two files share.
 
-  python tool.py CKPT              kind, model and its arguments, epoch, metrics, best record,
-                                   parameter count, input size, run arguments and every key's shape
+  python tool.py CKPT              kind, model and its arguments, the data, precision and task sections,
+                                   epoch, metrics, best record, parameter count, run arguments
+                                   and every key's shape
   python tool.py --diff A B        keys in both (equal shapes; equal values or the largest difference),
                                    only in A, only in B, shape mismatches, and how much of B
                                    `--init-from A` would fill
 
-Reads ToothSeg checkpoints (best_model.pth, mim_best.pth, fullimage_best.pth, *_last.pth) and bare
+Reads ToothSeg checkpoints (best.pth, last.pth, or a run folder; older formats and names too) and bare
 state_dicts (`torch.save(model.state_dict(), path)`), always with torch.load(weights_only=True).
 The diff matches keys as --init-from does: DDP/compile prefixes ('module.', '_orig_mod.') are
 stripped and BatchNorm step counters (num_batches_tracked) are left out.
 
 Examples:
-  python tool.py runs/demo/cells/unet_mim_f1_s0/best_model.pth --no-keys
-  python tool.py --diff runs/demo/pretrain/mim_unet/mim_best.pth runs/demo/cells/unet_mim_f1_s0/best_model.pth
+  python tool.py runs/demo/cells/unet_mim_f1_s0/best.pth --no-keys
+  python tool.py --diff runs/demo/pretrain/mim_unet/best.pth runs/demo/cells/unet_mim_f1_s0/best.pth
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from engine import MIN_TRANSFER_COVERAGE, read_weights, transferable_state
+from checkpoints import FORMAT, MIN_TRANSFER_COVERAGE, Checkpoint, read_weights, resolve_checkpoint_path, transferable_state
 from utils import make_parser, run_cli
 
 BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -92,50 +93,67 @@ def size_text(path: Path) -> str:
         size /= 1024
 
 
-def describe(meta: dict | None) -> str:
-    if meta is None:
+def describe(record: Checkpoint | None) -> str:
+    if record is None:
         return "bare state_dict"
-    model_args = " ".join(f"{k}={v}" for k, v in meta["model_args"].items())
-    return f"{meta['kind']} checkpoint, {meta['model_name']} {model_args}"
+    model_args = " ".join(f"{k}={v}" for k, v in record.model.args.items())
+    return f"{record.kind} checkpoint, {record.model.name} {model_args}"
+
+
+def settings_text(settings: dict) -> str:
+    return " ".join(f"{k}={settings_text(v) if isinstance(v, dict) else v}" for k, v in settings.items()) or "none"
 
 
 # ----------------------------------------------------------------------------------------------
 # The two commands
 # ----------------------------------------------------------------------------------------------
 def inspect_file(path: Path, show_keys: bool) -> None:
-    meta, state = read_weights(path)
+    path = resolve_checkpoint_path(path)
+    record, state = read_weights(path)
     statistics = sum(1 for k in state if k.endswith(BATCHNORM_STATISTICS))
     facts = [["file", f"{path} ({size_text(path)})"]]
-    if meta is None:
+    if record is None:
         facts.append(["kind", "bare state_dict (no model name, epoch or input size recorded)"])
     else:
-        data, best = meta["data"], meta.get("best") or {}
-        saved = [name for name in ("optimizer", "scheduler", "scaler") if meta.get(name) is not None]
+        data, saved, best = record.data, record.state, record.state.best
+        resumable = [name for name in ("optimizer", "scheduler", "scaler") if getattr(saved, name) is not None]
+        split = data.split
         facts += [
-            ["kind", f"{meta['kind']} (checkpoint format {meta['format']}, torch {meta.get('torch_version', '?')})"],
-            ["model", meta["model_name"]],
-            ["model args", " ".join(f"{k}={v}" for k, v in meta["model_args"].items())],
-            ["input", f"{data['img_height']} x {data['img_width']} (H x W), {data.get('modality', '?')}, "
-                      f"normalised (x - {data['norm_mean']}) / {data['norm_std']} on the [0, 1] scale"],
-            ["epoch", f"{meta['epoch']} (global step {meta['global_step']})"],
+            ["kind", f"{record.kind} (checkpoint format {record.format}"
+                     f"{', upgraded on read' if record.format != FORMAT else ''}, torch {record.torch_version or '?'})"],
+            ["model", record.model.name],
+            ["model args", " ".join(f"{k}={v}" for k, v in record.model.args.items())],
+            ["input", f"{data.input_size[0]} x {data.input_size[1]} (H x W), {data.modality}, "
+                      f"normalised (x - {data.norm_mean}) / {data.norm_std} on the [0, 1] scale"],
+            ["data", f"{data.images_dir or '?'}" + (f", masks {data.masks_dir}" if data.masks_dir else "")
+                     + (f", masks binarised at > {data.mask_threshold}" if data.mask_threshold is not None else "")],
+            ["splits", f"index {split.index}" if split.index else
+                       f"index found in or beside the images, else file names (val {split.val_ratio}, "
+                       f"test {split.test_ratio}, seed {split.seed})"],
+            ["precision", f"--amp {record.precision.amp} (trained in {record.precision.dtype})"],
+            ["task", settings_text(record.task)],
+            ["epoch", f"{record.epoch} (global step {saved.global_step})"],
             ["best", f"{best.get('metric')} = {best['value']:.6g} at epoch {best.get('epoch')}"
                      if best.get("value") is not None else "none recorded"],
-            ["resume state", ", ".join(saved) or "none (weights only)"],
+            ["resume state", ", ".join(resumable) or "none (weights only)"],
         ]
+        if data.holdout is not None:
+            facts.insert(6, ["hold-out", f"{data.holdout:g} of the pretraining images (2..64), fixed by name"])
     facts.append(["parameters", f"{parameter_count(state):,} in {len(state) - statistics} tensors "
                                 f"(+ {statistics} BatchNorm statistics)"])
     print("\n".join(f"{name:<13}{value}" for name, value in facts))
-    if meta is not None and meta.get("metrics"):
-        print("\nmetrics at this epoch\n" + table(["name", "value"], [[k, v] for k, v in meta["metrics"].items()]))
-    if meta is not None and meta.get("args"):
-        print("\nrun arguments\n" + table(["name", "value"], [[k, v] for k, v in meta["args"].items()]))
+    if record is not None and record.metrics:
+        print("\nmetrics at this epoch\n" + table(["name", "value"], [[k, v] for k, v in record.metrics.items()]))
+    if record is not None and record.run_args:
+        print("\nrun arguments (for reading; no stage reads them back)\n"
+              + table(["name", "value"], [[k, v] for k, v in record.run_args.items()]))
     if show_keys:
         rows = [[k, shape_text(v), str(v.dtype).removeprefix("torch."), v.numel()] for k, v in state.items()]
         print(f"\nkeys ({len(state)})\n" + table(["key", "shape", "dtype", "elements"], rows))
 
 
 def diff_files(path_a: Path, path_b: Path, show_keys: bool) -> None:
-    (meta_a, raw_a), (meta_b, raw_b) = read_weights(path_a), read_weights(path_b)
+    (record_a, raw_a), (record_b, raw_b) = read_weights(path_a), read_weights(path_b)
     a, b = transferable_state(raw_a), transferable_state(raw_b)
     same_shape = [k for k in b if k in a and a[k].shape == b[k].shape]
     mismatched = [k for k in b if k in a and a[k].shape != b[k].shape]
@@ -145,8 +163,8 @@ def diff_files(path_a: Path, path_b: Path, show_keys: bool) -> None:
     elements = lambda keys, source: sum(source[k].numel() for k in keys)
     coverage = elements(same_shape, b) / max(1, elements(b, b))
 
-    print(f"A  {path_a}: {describe(meta_a)}")
-    print(f"B  {path_b}: {describe(meta_b)}\n")
+    print(f"A  {path_a}: {describe(record_a)}")
+    print(f"B  {path_b}: {describe(record_b)}\n")
     print(table(["", "keys", "elements"], [
         ["in both, same shape", len(same_shape), elements(same_shape, b)],
         ["  of which equal values", len(equal), elements(equal, b)],

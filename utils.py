@@ -1,11 +1,11 @@
 """Small shared pieces every script uses: user-facing errors, image I/O, atomic writes, seeding,
-devices and CLI help formatting. Topic siblings hold the rest: `data.py` (index, datasets,
-transforms), `metrics.py` (metrics and losses), `engine.py` (checkpoints, training loop, DDP).
+devices and CLI help formatting. Topic siblings hold the rest: `index.py` (the index, sample
+discovery, splits, masks; no torch), `data.py` (datasets, transforms), `metrics.py` (metrics and
+losses), `engine.py` (checkpoints, training loop, DDP).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import sys
@@ -24,6 +24,13 @@ os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
 class ToothSegError(Exception):
     """An error in the user's input or environment. Scripts print it as one line, no traceback."""
+
+    def __init__(self, message: str = ""):
+        # A DataLoader worker re-raises it in the main process as ToothSegError("Caught ToothSegError in
+        # DataLoader worker process 0.\nOriginal Traceback ...\nutils.ToothSegError: <the line>"): keep the line.
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition("ToothSegError: ")[2] or message
+        super().__init__(message)
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
@@ -50,8 +57,47 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad flag is told in one line (not the whole usage block), with where to look."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def make_parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    return Parser(description=description, formatter_class=HelpFormatter)
+
+
+def _int_at_least(lowest: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def probability(text: str) -> float:
+    """An argparse type for a threshold strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Fail before any work when an output folder's path is taken by a file."""
+    if path.exists() and not path.is_dir():
+        raise ToothSegError(f"{path}: exists and is not a folder; give {flag} a folder path")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,23 +171,16 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
     atomic_write_bytes(path, buf.tobytes())
 
 
-def content_hash(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------
 # Reproducibility and devices
 # ----------------------------------------------------------------------------------------------
-def set_seed(seed: int, deterministic: bool = False) -> None:
+def set_seed(seed: int) -> None:
     import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    if deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
 
 
 def select_device(force_cpu: bool = False):

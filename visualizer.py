@@ -6,21 +6,18 @@ on global figure state: in Jupyter the returned figure shows as the cell's outpu
 (or `save_figure`) writes it as a PNG atomically. Overlays colour pixels green (hit), red (false
 positive) and blue (missed).
 
-Predictions come from `load_predictor(cell_dir_or_checkpoint)`, which preprocesses, runs and
+Predictions come from `load_predictor(cell_dir_or_checkpoint)` (predict.py), which preprocesses, runs and
 thresholds exactly as eval.py does (network-size inference, logits resized back to each image's own
 size, threshold 0.5), so a Dice shown here equals the Dice in eval.py's per_image.csv.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -28,27 +25,16 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from data import (GenesisConfig, MaskGenerator, MIMDataset, RestorationDataset, build_eval_transform, hold_out,
-                  pretraining_samples, read_mask, segmentation_splits)
-from engine import autocast, build_model_from_checkpoint, checkpoint_amp, memory_format, reconstruction_visuals
+from checkpoints import open_checkpoint
+from data import GenesisConfig, MaskGenerator, MIMDataset, RestorationDataset, build_eval_transform
+from engine import autocast, checkpoint_amp, memory_format, reconstruction_visuals
+from index import read_mask
 from metrics import masked_l1_loss, segmentation_metrics
+from overlay import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, overlay_mask
+from predict import Predictor, load_predictor
 from utils import ToothSegError, atomic_path, read_image, to_uint8
 
-# Overlay colours (RGB): correct tooth pixels, false positives, missed tooth pixels.
-TRUE_POSITIVE, FALSE_POSITIVE, FALSE_NEGATIVE = (40, 200, 60), (230, 40, 40), (40, 110, 255)
 PANEL_WIDTH = 3.2  # inches per image panel; the height follows the image's aspect ratio
-
-
-def overlay_mask(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
-    """An RGB uint8 overlay of a prediction on a grayscale uint8 image. With `gt`, pixels are coloured
-    green (hit), red (false positive) and blue (missed); without it, the prediction is green."""
-    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
-    pred = pred > 0
-    layers = [(pred, TRUE_POSITIVE)] if gt is None else [
-        (pred & (gt > 0), TRUE_POSITIVE), (pred & ~(gt > 0), FALSE_POSITIVE), (~pred & (gt > 0), FALSE_NEGATIVE)]
-    for where, colour in layers:
-        rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(colour, np.float32)
-    return rgb.round().astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,68 +83,6 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     return to_uint8(read_image(path))
 
 
-# ----------------------------------------------------------------------------------------------
-# Predictions exactly as eval.py makes them
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Predictor:
-    """A fine-tuned segmentation model with the preprocessing and data it was trained with."""
-    model: object  # torch.nn.Module in eval mode, on `device`
-    checkpoint: dict
-    path: Path
-    device: object  # torch.device
-    _mask_paths: dict[Path, Path] | None = field(default=None, repr=False)
-
-    def network_input(self, image: np.ndarray):
-        """(1, 1, h, w) normalised tensor at network size, via the eval transform."""
-        data = self.checkpoint["data"]
-        return build_eval_transform(data["img_height"], data["img_width"])(image=image)["image"][None]
-
-    def predict(self, image: np.ndarray, threshold: float = 0.5, tta: bool = False) -> np.ndarray:
-        """Boolean HxW mask at the image's own size (eval.py's inference, resize and threshold)."""
-        from eval import mask_at_size, predict_probabilities  # here: eval.py imports this module
-
-        batch = self.network_input(image).to(self.device, memory_format=memory_format(self.device))
-        probs = predict_probabilities(self.model, batch, tta, checkpoint_amp(self.checkpoint, self.device), self.device)
-        return mask_at_size(probs, image.shape[:2], threshold)
-
-    def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
-        """`get_saliency_map` for an original-size uint8 image, resized back to its size. `region`
-        (optional boolean mask at the image's size) picks the logits whose sum is explained."""
-        batch = self.network_input(image)
-        if region is not None:
-            region = cv2.resize(np.asarray(region, np.uint8), batch.shape[:-3:-1], interpolation=cv2.INTER_NEAREST) > 0
-        saliency = get_saliency_map(self.model, batch, region)
-        return np.clip(cv2.resize(saliency, image.shape[1::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
-
-    def ground_truth(self, image_path: str | os.PathLike) -> np.ndarray:
-        """The mask (uint8 0/1) of one of the labelled images this model was trained and tested with,
-        paired as eval.py pairs them (the index, or file names in the masks folder)."""
-        from eval import fill_from_checkpoint  # here: eval.py imports this module
-
-        if self._mask_paths is None:
-            args = argparse.Namespace(checkpoint=self.path, images_dir=None, masks_dir=None, index=None)
-            fill_from_checkpoint(args, self.checkpoint)
-            splits = segmentation_splits(args.images_dir, args.masks_dir, index=args.index, val_ratio=args.val_ratio,
-                                         test_ratio=args.test_ratio, seed=args.seed)
-            self._mask_paths = {s.image.resolve(): s.mask for part in splits.values() for s in part}
-        mask_path = self._mask_paths.get(Path(image_path).resolve())
-        if mask_path is None:
-            raise ToothSegError(f"{image_path}: not one of the labelled images of {self.path}; pass its mask explicitly")
-        return read_mask(mask_path)
-
-
-def load_predictor(source: str | os.PathLike, device: str = "cpu") -> Predictor:
-    """A Predictor from a study cell folder (its best_model.pth) or a segmentation checkpoint file."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "best_model.pth"
-    device = torch.device(device)
-    model, ckpt = build_model_from_checkpoint(path, ("segmentation",), "a prediction")
-    model = model.to(device, memory_format=memory_format(device)).eval()
-    return Predictor(model, ckpt, path, device)
-
-
 def _as_predictor(model: Predictor | str | os.PathLike, device: str) -> Predictor:
     return model if isinstance(model, Predictor) else load_predictor(model, device)
 
@@ -190,38 +114,6 @@ def visualize_samples_in_one_plot(image: np.ndarray, gt: np.ndarray | None, pred
 # ----------------------------------------------------------------------------------------------
 # Saliency
 # ----------------------------------------------------------------------------------------------
-def get_saliency_map(model, image, region: np.ndarray | None = None) -> np.ndarray:
-    """Gradient saliency of a segmentation model: |d objective / d input|, max over channels,
-    scaled to [0, 1] (all zeros when the gradient vanishes). The objective is the mean logit over
-    the predicted foreground (logit > 0; every pixel when nothing is predicted), or, with `region`
-    (boolean HxW at the input's size), the sum of the logits inside it. `image` is a normalised
-    (C, H, W) or (1, C, H, W) tensor; returns an HxW float32 array. Runs in eval mode on the model's
-    device and leaves the model's parameters' gradients and its train/eval mode untouched."""
-    device = next(model.parameters()).device
-    x = torch.as_tensor(image).detach().clone().float()
-    x = (x[None] if x.ndim == 3 else x).to(device).requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            logits = model(x)[0, 0]
-            if region is not None:
-                where = torch.as_tensor(np.asarray(region, bool), device=device)
-                if where.shape != logits.shape:
-                    raise ToothSegError(f"saliency region has shape {tuple(where.shape)}, the input {tuple(logits.shape)}; "
-                                        f"give a mask of the input's size")
-                objective = logits[where].sum()
-            else:
-                foreground = logits > 0
-                objective = logits[foreground].mean() if foreground.any() else logits.mean()
-            (grad,) = torch.autograd.grad(objective, x)
-    finally:
-        model.train(was_training)
-    saliency = grad[0].abs().amax(dim=0)
-    peak = saliency.max()
-    return (saliency / peak if peak > 0 else saliency).cpu().numpy().astype(np.float32)
-
-
 def plot_saliency(image: np.ndarray, saliency: np.ndarray, title: str | None = None, alpha: float = 0.5,
                   save_path: str | os.PathLike | None = None):
     """The input beside the saliency map laid over it (inferno colour map, with a colour bar)."""
@@ -338,7 +230,7 @@ def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str
     for row, (label, chosen) in enumerate((("best", ranked[:k]), ("worst", ranked[::-1][:k]))):
         for col, record in enumerate(chosen):
             image = read_gray(record["image"])
-            gt = predictor.ground_truth(record["image"])
+            gt = read_mask(record["mask"]) if record.get("mask") else predictor.ground_truth(record["image"])
             pred = predictor.predict(image, threshold=summary["threshold"], tta=summary["tta"])
             if abs(dice_score(pred, gt) - float(record["dice"])) > 0.01:
                 raise ToothSegError(f"{per_image_csv}: Dice of {record['pair_id']} no longer matches "
@@ -360,48 +252,37 @@ def plot_reconstructions(checkpoint: str | os.PathLike, n: int = 3, device: str 
     with the same masks or perturbations it was validated with: columns input (masked / perturbed),
     target, reconstruction and |error|; the title gives the loss it was trained on (L1 over masked
     pixels for MIM, over the whole image for full-image)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        found = sorted(path.glob("*_best.pth"))
-        if not found:
-            raise ToothSegError(f"{path}: no *_best.pth pretraining checkpoint inside; pass the file")
-        path = found[0]
-    model, ckpt = build_model_from_checkpoint(path, ("mim", "fullimage"), "plot_reconstructions")
+    ckpt = open_checkpoint(checkpoint, ("mim", "fullimage"), "plot_reconstructions")
     device = torch.device(device)
-    model = model.to(device, memory_format=memory_format(device)).eval()
-    args, data = ckpt["args"], ckpt["data"]
-    _, val_samples = hold_out(pretraining_samples(args["images_dir"], args.get("index")), args["val_fraction"], minimum=2)
-    val_samples = val_samples[:n]
-    if ckpt["kind"] == "mim":
-        masker = MaskGenerator(args["mask_type"], args["mask_ratio"], args["min_block_size"], args["max_block_size"],
-                               args["patch_size"])
-        dataset = MIMDataset(val_samples, build_eval_transform(data["img_height"], data["img_width"]), masker,
-                             seed=args["seed"], fixed=True)
+    model = ckpt.build_model().to(device, memory_format=memory_format(device)).eval()
+    data = ckpt.data
+    val_samples = data.pretraining_holdout()[:n]
+    if ckpt.kind == "mim":
+        dataset = MIMDataset(val_samples, build_eval_transform(*data.input_size), MaskGenerator(**ckpt.task["masking"]),
+                             seed=data.seed, fixed=True)
     else:
-        genesis = GenesisConfig(args["flip_prob"], args["local_shuffle_prob"], args["nonlinear_prob"], args["paint_prob"],
-                                args["inpaint_rate"])
-        dataset = RestorationDataset(val_samples, build_eval_transform(data["img_height"], data["img_width"], normalize=False),
-                                     genesis, seed=args["seed"], fixed=True)
+        dataset = RestorationDataset(val_samples, build_eval_transform(*data.input_size, normalize=False),
+                                     GenesisConfig(**ckpt.task["genesis"]), seed=data.seed, fixed=True)
     items = [dataset[i] for i in range(len(dataset))]
     inputs, targets = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
     # The run's own precision, as its validation loss was computed (bf16 autocast changes it in the 4th digit).
     with torch.inference_mode(), autocast(device, checkpoint_amp(ckpt, device)):
         recon = model(inputs.to(device, memory_format=memory_format(device))).float().cpu()
-    if ckpt["kind"] == "mim":
+    if ckpt.kind == "mim":
         hidden = torch.stack([it[2] for it in items])
         losses = [masked_l1_loss(recon[i:i + 1], targets[i:i + 1], hidden[i:i + 1]).item() for i in range(len(items))]
     else:
         losses = (recon - targets).abs().mean(dim=(1, 2, 3)).tolist()
     shown = reconstruction_visuals(inputs, targets, recon)
-    names = {"input": "masked input" if ckpt["kind"] == "mim" else "perturbed input", "target": "target",
+    names = {"input": "masked input" if ckpt.kind == "mim" else "perturbed input", "target": "target",
              "recon": "reconstruction", "abs_error": "|error|"}
-    fig, axes = new_figure(len(items), len(names), data["img_height"] / data["img_width"], extra_height=0.5)
+    fig, axes = new_figure(len(items), len(names), data.input_size[0] / data.input_size[1], extra_height=0.5)
     for row, meta in enumerate(it[-1] for it in items):
         for col, (key, name) in enumerate(names.items()):
             axes[row, col].imshow(shown[key][row, 0].numpy(), cmap="magma" if key == "abs_error" else "gray", vmin=0, vmax=1)
             axes[row, col].set_title(f"{meta['pair_id']}: {name}" if col == 0 else
                                      f"{name} (L1 {losses[row]:.4f})" if key == "recon" else name)
-    fig.suptitle(f"{ckpt['kind']} pretraining, {ckpt['model_name']}, epoch {ckpt['epoch']}: validation images")
+    fig.suptitle(f"{ckpt.kind} pretraining, {ckpt.model.name}, epoch {ckpt.epoch}: validation images")
     return _finish(fig, save_path)
 
 

@@ -43,10 +43,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import SegmentationDataset, build_eval_transform, build_train_transform, samples_from_folders  # noqa: E402
-from engine import (CheckpointNames, build_trainer, data_config, make_loader, memory_format, prepare_model,  # noqa: E402
+from data import SegmentationDataset, build_eval_transform, build_train_transform  # noqa: E402
+from engine import (build_trainer, data_spec, make_loader, memory_format, prepare_model,  # noqa: E402
                     setup_runtime)
 from finetune_seg import SegmentationTask, parse_args as finetune_args  # noqa: E402
+from index import samples_from_folders  # noqa: E402
 from metrics import BCEDiceLoss, dice_per_image  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 from phantom import generate_panoramic  # noqa: E402
@@ -339,15 +340,12 @@ def main(argv=None):
             naive_model = copy.deepcopy(fresh).to(device)
             naive[name] = (naive_model, torch.optim.Adam(naive_model.parameters(), lr=script_args.lr))
             model = prepare_model(fresh, device, dist, args.compile)
-            trainer = build_trainer(script_args, task=TimedTask(SegmentationTask(script_args.lambda_dice)), model=model,
-                                    kind="segmentation", names=CheckpointNames("best_model.pth", "last.pth"),
-                                    checkpoint_dir=Path(tmp) / "checkpoints", log_dir=None,
-                                    data_config=data_config(script_args), steps_per_epoch=len(loaders["ours"]["train"]),
-                                    device=device, dist=dist, monitor="val/dice", mode="max")
-            if args.memory_format != "auto":
-                trainer.fmt = MEMORY_FORMATS[args.memory_format]
-                model.to(memory_format=trainer.fmt)
-            trainers[name] = trainer
+            fmt = MEMORY_FORMATS[args.memory_format] if args.memory_format != "auto" else memory_format(device)
+            model.to(memory_format=fmt)
+            trainers[name] = build_trainer(script_args, task=TimedTask(SegmentationTask(script_args.lambda_dice)), model=model,
+                                           kind="segmentation", data=data_spec(script_args), task_settings={},
+                                           steps_per_epoch=len(loaders["ours"]["train"]), device=device, dist=dist,
+                                           monitor="val/dice", mode="max", tensorboard=False, fmt=fmt)
         loss_fn = BCEDiceLoss(script_args.lambda_dice)
 
         def run_block(name: str, path: str, kind: str, epoch: int) -> float:
@@ -357,7 +355,7 @@ def main(argv=None):
             elif path == "ours":
                 trainers[name].task.clock = clock
                 if kind == "train":  # the Trainer's own epoch loop, without validation or checkpoints
-                    trainers[name]._train_epoch(loaders["ours"]["train"], epoch, args.repeats)
+                    trainers[name].train_epoch(loaders["ours"]["train"], epoch, args.repeats)
                 else:
                     trainers[name].evaluate(loaders["ours"]["inference"])
             else:

@@ -3,8 +3,8 @@ logs and writes checkpoints, and the validation metric covers the whole validati
 single-process evaluation of the same weights."""
 from __future__ import annotations
 
-import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import SegmentationDataset, build_eval_transform, segmentation_splits
-from engine import (CheckpointNames, DistEnv, Trainer, build_model_from_checkpoint, make_loader, prepare_model,
-                    resolve_amp)
+from checkpoints import open_checkpoint
+from data import SegmentationDataset, build_eval_transform
+from engine import DistEnv, Trainer, autocast, checkpoint_amp, make_loader, prepare_model
 from finetune_seg import SegmentationTask
 from metrics import dice_per_image
 from phantom import generate_panoramic
@@ -36,13 +36,26 @@ def labelled_folder(tmp_path_factory) -> Path:
     return root
 
 
-def torchrun(script: str, *script_args: str) -> subprocess.CompletedProcess:
-    """Two CPU processes through the real launcher; --standalone picks a free rendezvous port."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script, *script_args]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=240)
-    assert result.returncode == 0, f"{script} under torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+def run_limited(command: list[str], limit: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; a hang past `limit` seconds kills the whole group (ranks and
+    DataLoader workers too) and fails the test."""
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"hung for {limit:.0f} s: {' '.join(command)}\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    assert result.returncode == 0, f"{command} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     return result
+
+
+def torchrun(script: str, *script_args: str, limit: float = 240) -> subprocess.CompletedProcess:
+    """Two CPU processes through the real launcher; --standalone picks a free rendezvous port."""
+    return run_limited([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
+                        *script_args], limit)
 
 
 def epoch_log_lines(stdout: str, epoch: int) -> list[str]:
@@ -54,25 +67,19 @@ def assert_one_set_of_outputs(run_dir: Path, checkpoint_names: list[str]) -> Non
     assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1
 
 
-def single_process_validation(checkpoint: Path, folder: Path, scratch: Path) -> tuple[dict, torch.Tensor]:
-    """The run's validation loader and Trainer.evaluate, rebuilt from the checkpoint's own arguments, in one
-    process; also each validation image's Dice."""
-    model, ckpt = build_model_from_checkpoint(checkpoint, kinds=("segmentation",))
-    args = ckpt["args"]
+def single_process_validation(checkpoint: Path, scratch: Path) -> tuple[dict, torch.Tensor]:
+    """The run's validation loader and Trainer.evaluate, rebuilt from the checkpoint's own record (its
+    splits, input size, precision and loss), in one process; also each validation image's Dice."""
+    ckpt = open_checkpoint(checkpoint, ("segmentation",))
     device, dist = torch.device("cpu"), DistEnv()
-    splits = segmentation_splits(folder / "images", folder / "masks", val_ratio=args["val_ratio"],
-                                 test_ratio=args["test_ratio"], seed=args["seed"])
-    val_set = SegmentationDataset(splits["val"], build_eval_transform(args["img_height"], args["img_width"]),
-                                  seed=args["seed"], fixed=True, cache=True)
-    loader = make_loader(val_set, batch_size=args["batch_size"], train=False, workers=0, dist=dist, device=device,
-                         seed=args["seed"])
-    model = prepare_model(model, device, dist)
-    task = SegmentationTask(args["lambda_dice"])
-    trainer = Trainer(task=task, model=model, optimizer=None, scheduler=None, device=device, dist=dist,
-                      amp_dtype=resolve_amp(args["amp"], device), kind="segmentation", checkpoint_dir=scratch,
-                      names=CheckpointNames("best_model.pth", "last.pth"), data_config={}, args=argparse.Namespace(**args))
+    val_set = SegmentationDataset(ckpt.data.labelled_splits()["val"], build_eval_transform(*ckpt.data.input_size),
+                                  seed=ckpt.data.seed, fixed=True, cache=True)
+    loader = make_loader(val_set, batch_size=1, train=False, workers=0, dist=dist, device=device, seed=0)
+    model = prepare_model(ckpt.build_model(), device, dist)
+    trainer = Trainer(task=SegmentationTask(ckpt.task["lambda_dice"]), model=model, optimizer=None, scheduler=None,
+                      device=device, dist=dist, amp_dtype=checkpoint_amp(ckpt, device), record=ckpt, checkpoint_dir=scratch)
     metrics = trainer.evaluate(loader)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, trainer.amp_dtype):  # at the precision validation ran in
         per_image = torch.cat([dice_per_image(model(image), mask) for image, mask, _ in loader])
     return metrics, per_image
 
@@ -84,15 +91,15 @@ def test_finetune_under_torchrun_matches_single_process(labelled_folder, tmp_pat
     result = torchrun("finetune_seg.py", "--images-dir", str(labelled_folder / "images"),
                       "--masks-dir", str(labelled_folder / "masks"), "--val-ratio", "0.2", "--test-ratio", "0.1",
                       "--epochs", "3", "--batch-size", "1", "--lr", "0.01", "--lambda-dice", "1",
-                      "--save-dir", str(save_dir), *TINY)
+                      "--checkpoint-dir", str(save_dir), *TINY)
 
     # Only rank 0 logs and writes: one line per epoch, one set of checkpoints, one TensorBoard file.
     assert [len(epoch_log_lines(result.stdout, epoch)) for epoch in (1, 2, 3)] == [1, 1, 1]
-    assert_one_set_of_outputs(tmp_path, ["best_model.pth", "last.pth"])
+    assert_one_set_of_outputs(tmp_path, ["best.pth", "last.pth"])
 
-    for name in ("best_model.pth", "last.pth"):
+    for name in ("best.pth", "last.pth"):
         recorded = torch.load(save_dir / name, map_location="cpu", weights_only=True)["metrics"]
-        single, per_image = single_process_validation(save_dir / name, labelled_folder, tmp_path)
+        single, per_image = single_process_validation(save_dir / name, tmp_path)
         assert len(per_image) % 2 == 1, "an odd validation set is what makes padding visible"
         # The images differ, so one rank's shard (or a padded set) would give another mean.
         assert per_image.max() - per_image.min() > 1e-3
@@ -102,8 +109,8 @@ def test_finetune_under_torchrun_matches_single_process(labelled_folder, tmp_pat
 
 
 @pytest.mark.parametrize("script, checkpoints, extra", [
-    ("mim_pretrain.py", ["mim_best.pth", "mim_last.pth"], ["--min-block-size", "4", "--max-block-size", "16"]),
-    ("fullimage_pretrain.py", ["fullimage_best.pth", "fullimage_last.pth"], []),
+    ("mim_pretrain.py", ["best.pth", "last.pth"], ["--min-block-size", "4", "--max-block-size", "16"]),
+    ("fullimage_pretrain.py", ["best.pth", "last.pth"], []),
 ])
 def test_pretraining_under_torchrun(labelled_folder, tmp_path, script, checkpoints, extra):
     run_dir = tmp_path / "pretrain"
@@ -120,9 +127,25 @@ def test_finetune_with_fewer_validation_images_than_processes(labelled_folder, t
     save_dir = tmp_path / "finetune"
     torchrun("finetune_seg.py", "--images-dir", str(labelled_folder / "images"),
              "--masks-dir", str(labelled_folder / "masks"), "--val-ratio", "0.07", "--test-ratio", "0.1",
-             "--epochs", "1", "--batch-size", "2", "--save-dir", str(save_dir), *TINY)
+             "--epochs", "1", "--batch-size", "2", "--checkpoint-dir", str(save_dir), *TINY)
 
     recorded = torch.load(save_dir / "last.pth", map_location="cpu", weights_only=True)["metrics"]
-    single, per_image = single_process_validation(save_dir / "last.pth", labelled_folder, tmp_path)
+    single, per_image = single_process_validation(save_dir / "last.pth", tmp_path)
     assert len(per_image) == 1
     assert recorded["val/loss"] == pytest.approx(single["loss"], abs=1e-6)
+
+
+def test_dataloader_workers_never_hang(labelled_folder, tmp_path):
+    """DataLoader workers start while the tqdm monitor, the TensorBoard writer and the training loader's
+    feeder threads run; forked from such a process, a worker could deadlock inside os.fork() (seen once in
+    several runs as a torchrun fine-tune stuck at its first validation). Repeat runs with workers, under
+    torchrun and alone, each with a time limit that turns a hang into a failure."""
+    flags = ["--images-dir", str(labelled_folder / "images"), "--masks-dir", str(labelled_folder / "masks"),
+             "--val-ratio", "0.2", "--epochs", "2", "--batch-size", "2", "--img-height", "32", "--img-width", "64",
+             "--base-channels", "4", "--num-workers", "2", "--cpu", "--log-interval", "1", "--image-interval", "1"]
+    for attempt in range(3):
+        torchrun("finetune_seg.py", *flags, "--checkpoint-dir", str(tmp_path / f"ddp{attempt}"), limit=180)
+        run_limited([sys.executable, "finetune_seg.py", *flags, "--checkpoint-dir", str(tmp_path / f"single{attempt}")],
+                    limit=180)
+        assert open_checkpoint(tmp_path / f"ddp{attempt}" / "last.pth").epoch == 2
+        assert open_checkpoint(tmp_path / f"single{attempt}" / "last.pth").epoch == 2

@@ -1,6 +1,7 @@
 """fbf.py: the bilateral grid against the exact filter, edge keeping, bit depth, and the dataset-tree CLI."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,23 @@ def test_output_inside_input_is_refused(dataset):
     with pytest.raises(ToothSegError, match="must lie outside"):
         fbf.main(["--input-dir", str(dataset), "--output-dir", str(dataset / "filtered"), "--backend", "numpy"])
     assert not (dataset / "filtered").exists()
+
+
+@pytest.mark.parametrize("hide_gpus", [False, True])
+def test_auto_backend_without_a_gpu_does_not_import_torch(dataset, tmp_path, hide_gpus):
+    """Importing torch (~2 s) only to learn that there is no GPU would cost more than filtering a few images."""
+    if not hide_gpus and fbf.gpu_may_be_present():
+        pytest.skip("a GPU may be present here, so auto rightly asks torch")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="") if hide_gpus else None
+    argv = ["--input-dir", str(dataset), "--output-dir", str(tmp_path / "out"), "--method", "grid", "--workers", "1"]
+    code = f"import sys, fbf; fbf.main({argv!r}); assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "grid/numpy" in result.stdout
+
+
+@pytest.mark.parametrize("value", ["", "-1", "-1,0"])
+def test_cuda_visible_devices_hiding_every_gpu_means_none(monkeypatch, value):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert not fbf.gpu_may_be_present() and fbf.resolve_backend("auto", None) == "numpy"
+    assert fbf.resolve_backend("auto", "cpu") == "torch"  # a named device still means torch

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +18,12 @@ import engine
 import eval as eval_script
 import finetune_seg
 import mim_pretrain
-from data import Sample, subset_fraction
+from checkpoints import open_checkpoint
+from index import Sample, subset_fraction
 from phantom import generate_panoramic
-from utils import read_image, write_png
+from utils import ToothSegError, read_image, write_png
 
+REPO = Path(__file__).resolve().parents[1]
 SIZE = (96, 192)
 NET = ["--img-height", "64", "--img-width", "128", "--batch-size", "4", "--num-workers", "0", "--cpu"]
 
@@ -35,7 +42,7 @@ def labelled(tmp_path_factory) -> Path:
 def finetuned(labelled, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finetuned")
     finetune_seg.main(["--images-dir", str(labelled / "images"), "--masks-dir", str(labelled / "masks"),
-                       "--save-dir", str(out), *NET, "--base-channels", "8", "--epochs", "10", "--lr", "3e-3",
+                       "--checkpoint-dir", str(out), *NET, "--base-channels", "8", "--epochs", "10", "--lr", "3e-3",
                        "--val-ratio", "0.15", "--test-ratio", "0.25"])
     return out
 
@@ -46,7 +53,7 @@ def data_flags(labelled: Path) -> list[str]:
 
 def test_eval_scores_each_image_at_its_own_resolution(finetuned, labelled, tmp_path):
     out, preds = tmp_path / "eval", tmp_path / "preds"
-    eval_script.main(["--checkpoint", str(finetuned / "best_model.pth"), "--out-dir", str(out),
+    eval_script.main(["--checkpoint", str(finetuned / "best.pth"), "--out-dir", str(out),
                       "--save-preds", str(preds), "--top-k", "2", "--cpu", "--workers", "0"])
     with (out / "per_image.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -70,36 +77,37 @@ def test_predict_mode_writes_masks_for_unlabelled_images(finetuned, labelled, tm
     new_images = tmp_path / "new"
     for i, size in enumerate([(80, 150), (120, 240)]):
         write_png(new_images / f"xray{i}.png", generate_panoramic(500 + i, *size)[0])
-    eval_script.main(["--checkpoint", str(finetuned / "best_model.pth"), "--images-dir", str(new_images),
+    eval_script.main(["--checkpoint", str(finetuned / "best.pth"), "--images-dir", str(new_images),
                       "--save-preds", str(tmp_path / "masks"), "--tta", "--cpu", "--workers", "0"])
     written = {p.name: read_image(p).shape for p in (tmp_path / "masks").glob("*.png")}
     assert written == {"xray0.png": (80, 150), "xray1.png": (120, 240)}
 
 
 def test_finetune_learns_above_chance(finetuned):
-    ckpt = torch.load(finetuned / "best_model.pth", weights_only=True)
-    assert ckpt["kind"] == "segmentation" and ckpt["best"]["metric"] == "val/dice"
+    ckpt = open_checkpoint(finetuned / "best.pth")
+    assert ckpt.kind == "segmentation" and ckpt.state.best["metric"] == "val/dice"
     # Teeth cover ~20% of the image, so all-foreground scores ~0.33 and all-background 0.
-    assert ckpt["metrics"]["val/dice"] > 0.45
+    assert ckpt.metrics["val/dice"] > 0.45
+    assert ckpt.data.mask_threshold == 0 and ckpt.data.masks_dir.endswith("masks")  # PNG masks: tooth > 0
 
 
 def test_init_from_mim_takes_the_checkpoint_architecture(labelled, tmp_path, capsys):
     mim_pretrain.main(["--images-dir", str(labelled / "images"), "--checkpoint-dir", str(tmp_path / "mim"), *NET,
                        "--model-type", "scag", "--base-channels", "4", "--epochs", "1"])
-    finetune_seg.main([*data_flags(labelled), "--save-dir", str(tmp_path / "ft"), *NET, "--epochs", "1",
-                       "--init-from", str(tmp_path / "mim" / "mim_best.pth")])
-    ckpt = torch.load(tmp_path / "ft" / "last.pth", weights_only=True)
-    assert ckpt["model_name"] == "scag" and ckpt["model_args"]["base_channels"] == 4
+    finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "ft"), *NET, "--epochs", "1",
+                       "--init-from", str(tmp_path / "mim" / "best.pth")])
+    ckpt = open_checkpoint(tmp_path / "ft" / "last.pth")
+    assert ckpt.model.name == "scag" and ckpt.model.args["base_channels"] == 4
     assert "mismatched 0" in capsys.readouterr().out
 
 
 def test_frozen_encoder_keeps_pretrained_weights(labelled, tmp_path):
     mim_pretrain.main(["--images-dir", str(labelled / "images"), "--checkpoint-dir", str(tmp_path / "mim"), *NET,
                        "--base-channels", "4", "--epochs", "1"])
-    finetune_seg.main([*data_flags(labelled), "--save-dir", str(tmp_path / "ft"), *NET, "--epochs", "1",
-                       "--init-from", str(tmp_path / "mim" / "mim_best.pth"), "--freeze-encoder-epochs", "1"])
-    before = torch.load(tmp_path / "mim" / "mim_best.pth", weights_only=True)["model"]
-    after = torch.load(tmp_path / "ft" / "last.pth", weights_only=True)["model"]
+    finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "ft"), *NET, "--epochs", "1",
+                       "--init-from", str(tmp_path / "mim" / "best.pth"), "--freeze-encoder-epochs", "1"])
+    before = open_checkpoint(tmp_path / "mim" / "best.pth").state.weights
+    after = open_checkpoint(tmp_path / "ft" / "last.pth").state.weights
     weights = [k for k in after if k.endswith(".weight")]
     encoder = [k for k in weights if k.startswith(("encoder.", "bottleneck."))]
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
@@ -107,9 +115,9 @@ def test_frozen_encoder_keeps_pretrained_weights(labelled, tmp_path):
 
 
 def test_patience_stops_a_stalled_run(labelled, tmp_path):
-    finetune_seg.main([*data_flags(labelled), "--save-dir", str(tmp_path / "ft"), *NET, "--base-channels", "4",
+    finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "ft"), *NET, "--base-channels", "4",
                        "--epochs", "6", "--lr", "0", "--patience", "2"])
-    assert torch.load(tmp_path / "ft" / "last.pth", weights_only=True)["epoch"] == 3
+    assert open_checkpoint(tmp_path / "ft" / "last.pth").epoch == 3
 
 
 def test_label_fractions_are_deterministic_and_nested():
@@ -122,11 +130,111 @@ def test_label_fractions_are_deterministic_and_nested():
 
 @pytest.mark.parametrize("trained_amp", ["off", "bf16"])
 def test_eval_runs_at_the_precision_the_model_was_trained_in(finetuned, tmp_path, monkeypatch, trained_amp):
-    ckpt = torch.load(finetuned / "best_model.pth", weights_only=True)
-    ckpt["args"]["amp"] = trained_amp
+    ckpt = torch.load(finetuned / "best.pth", weights_only=True)
+    ckpt["precision"]["amp"] = trained_amp
     torch.save(ckpt, tmp_path / "model.pth")
     requested = []
     monkeypatch.setattr(engine, "resolve_amp", lambda amp, device: requested.append(amp) or None)
     eval_script.main(["--checkpoint", str(tmp_path / "model.pth"), "--out-dir", str(tmp_path / "eval"), "--cpu",
                       "--workers", "0"])
     assert requested == [trained_amp]
+
+
+# ----------------------------------------------------------------------------------------------
+# What eval scores, and bad input told in one line
+# ----------------------------------------------------------------------------------------------
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "error: " in lines[0] and "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_a_labelled_folder_without_an_index_is_scored_whole(finetuned, labelled, tmp_path, capsys):
+    clinic = tmp_path / "clinic"  # a new clinic's labelled test set: another folder, no index
+    shutil.copytree(labelled, clinic)
+    eval_script.main(["--checkpoint", str(finetuned), "--images-dir", str(clinic / "images"), "--masks-dir",
+                      str(clinic / "masks"), "--out-dir", str(tmp_path / "all"), "--cpu", "--workers", "0"])
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["split"] == "all" and summary["n_images"] == summary["n_found"] == 20
+    assert "evaluating 20 of the 20 labelled images found" in capsys.readouterr().out
+    # Naming a split gives that part of the file-name split, with the training run's ratios and seed: the
+    # same 5 test images the training folder's test split holds.
+    eval_script.main(["--checkpoint", str(finetuned), "--images-dir", str(clinic / "images"), "--masks-dir",
+                      str(clinic / "masks"), "--split", "test", "--out-dir", str(tmp_path / "test"), "--cpu", "--workers", "0"])
+    assert "evaluating 5 of the 20 labelled images found" in capsys.readouterr().out
+    eval_script.main(["--checkpoint", str(finetuned), "--out-dir", str(tmp_path / "own"), "--cpu", "--workers", "0"])
+    own = {r["pair_id"] for r in csv.DictReader((tmp_path / "own" / "per_image.csv").open())}
+    assert own == {r["pair_id"] for r in csv.DictReader((tmp_path / "test" / "per_image.csv").open())}
+
+
+def test_split_seed_is_apart_from_the_seed(labelled, tmp_path):
+    """Without an index, fine-tunes with different --seed share one test set (the file-name split's seed)."""
+    tests = []
+    for seed in (0, 1):
+        finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / f"s{seed}"), *NET, "--base-channels",
+                           "2", "--epochs", "1", "--seed", str(seed), "--test-ratio", "0.25"])
+        tests.append({s.pair_id for s in open_checkpoint(tmp_path / f"s{seed}").data.labelled_splits()["test"]})
+    assert tests[0] == tests[1] and len(tests[0]) == 5
+    finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "other"), *NET, "--base-channels",
+                       "2", "--epochs", "1", "--split-seed", "3", "--test-ratio", "0.25"])
+    assert {s.pair_id for s in open_checkpoint(tmp_path / "other").data.labelled_splits()["test"]} != tests[0]
+
+
+def test_predict_mode_names_a_corrupt_image_or_skips_it(finetuned, tmp_path):
+    folder = tmp_path / "new"
+    for i in range(3):
+        write_png(folder / f"xray{i}.png", generate_panoramic(700 + i, 80, 160)[0])
+    (folder / "xray1.png").write_bytes(b"\x89PNG broken")
+    # Two workers: the error raised in a worker process still reaches the user as its own one line.
+    line = one_error_line(run_script("eval.py", "--checkpoint", finetuned, "--images-dir", folder, "--out-dir",
+                                     tmp_path / "out", "--cpu", "--workers", "2"))
+    assert f"{folder / 'xray1.png'}: cannot decode image" in line
+    result = run_script("eval.py", "--checkpoint", finetuned, "--images-dir", folder, "--out-dir", tmp_path / "out",
+                        "--cpu", "--workers", "2", "--skip-bad")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "preds").glob("*.png")) == ["xray0.png", "xray2.png"]
+    skipped = list(csv.DictReader((tmp_path / "out" / "skipped.csv").open()))
+    assert [Path(r["image"]).name for r in skipped] == ["xray1.png"] and "cannot decode" in skipped[0]["reason"]
+    assert "wrote 2 of 3 masks" in result.stdout
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    ("eval.py", ["--threshold", "2"], "--threshold: must be between 0 and 1"),
+    ("finetune_seg.py", ["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    ("finetune_seg.py", ["--checkpoint-dir", "README.md"], "README.md: exists and is not a folder"),
+    ("mim_pretrain.py", ["--log-dir", "README.md"], "README.md: exists and is not a folder"),
+    ("eval.py", ["--out-dir", "README.md"], "README.md: exists and is not a folder"),
+])
+def test_bad_flags_are_one_line(finetuned, script, flags, expected):
+    extra = ["--checkpoint", str(finetuned)] if script == "eval.py" else []
+    assert expected in one_error_line(run_script(script, *extra, *flags))
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(labelled, tmp_path, monkeypatch):
+    result = run_script("finetune_seg.py", *data_flags(labelled), "--checkpoint-dir", tmp_path / "lr", *NET,
+                        "--base-channels", "2", "--epochs", "2", "--lr", "1e8")
+    line = one_error_line(result)
+    assert "training diverged" in line and "lower --lr or try --amp off" in line
+    assert re.search(r"at epoch \d+ \(step \d+\)", line)
+    for saved in (tmp_path / "lr").glob("*.pth"):  # a NaN epoch is never saved, as best or as last
+        assert all(np.isfinite(v) for v in open_checkpoint(saved).metrics.values())
+
+    original = finetune_seg.SegmentationTask.val_step
+    calls = []
+
+    def nan_from_the_second_epoch(self, model, batch):
+        sums = original(self, model, batch)
+        calls.append(1)
+        return {**sums, "loss": sums["loss"] * float("nan")} if len(calls) > 1 else sums
+
+    monkeypatch.setattr(finetune_seg.SegmentationTask, "val_step", nan_from_the_second_epoch)
+    with pytest.raises(ToothSegError, match=r"val/loss=nan at epoch 2 \(step \d+\)"):
+        finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "ft"), *NET, "--base-channels", "2",
+                           "--epochs", "3", "--batch-size", "16"])
+    assert open_checkpoint(tmp_path / "ft" / "best.pth").epoch == open_checkpoint(tmp_path / "ft" / "last.pth").epoch == 1

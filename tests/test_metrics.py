@@ -308,3 +308,17 @@ def test_torch_helpers_reject_mismatched_shapes():
         BCEDiceLoss()(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9))
     with pytest.raises(ValueError, match="shape"):
         dice_per_image(torch.zeros(2, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+
+
+def test_assd_is_medpys_mean_of_the_two_directions_not_monais_pooled_mean():
+    """A small square beside a long bar: the two surfaces differ in size, so averaging the two directed
+    means (medpy) and averaging all distances pooled (MONAI's symmetric ASSD) give different numbers."""
+    pred, gt = np.zeros((40, 60), np.uint8), np.zeros((40, 60), np.uint8)
+    pred[10:14, 5:9] = 1          # 4x4 square: 12 surface pixels
+    gt[20:22, 2:58] = 1           # 2x56 bar: 112 surface pixels
+    distances = cdist(reference_surface_points(pred), reference_surface_points(gt))
+    pred_to_gt, gt_to_pred = distances.min(axis=1), distances.min(axis=0)
+    medpy = (pred_to_gt.mean() + gt_to_pred.mean()) / 2
+    monai = np.concatenate([pred_to_gt, gt_to_pred]).mean()
+    assert abs(medpy - monai) > 1.0  # the cases are far enough apart to tell which one is computed
+    assert segmentation_metrics(pred, gt)["assd"] == pytest.approx(medpy)

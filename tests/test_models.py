@@ -156,22 +156,8 @@ def test_parameter_names_show_encoder_decoder_head_and_transfer_across_models():
     assert "bottleneck.project_bn.weight" in states["nac"] and "head.conv.weight" in states["nac"]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_set_encoder_trainable_freezes_encoder_and_bottleneck_only(name):
-    model = small_model(name)
-    model.set_encoder_trainable(False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in model.named_parameters() if n.split(".")[0] in ("encoder", "bottleneck")}
-    assert len(frozen) == len(list(model.encoder_parameters())) > 0
-    F.mse_loss(model(torch.randn(2, 1, 32, 32)), torch.zeros(2, 1, 32, 32)).backward()
-    assert all(p.grad is None for p in model.encoder_parameters())
-    assert model.head.conv.weight.grad is not None
-    model.set_encoder_trainable(True)
-    assert all(p.requires_grad for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------------------------
-# The blocks against their definitions in DESIGN.md
+# The blocks against their definitions (models.py docstrings)
 # ----------------------------------------------------------------------------------------------
 def test_scag_output_is_x_times_spatial_times_channel_gate():
     torch.manual_seed(1)

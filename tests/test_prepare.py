@@ -1,5 +1,6 @@
 """prepare_sts2d.py on every source (folder pair, real ufba425-dev, zip parts, raw tree, TG3K,
-synthetic), its bad-input errors, the split and duplicate rules, determinism and idempotency."""
+synthetic), its bad-input errors, the split and duplicate rules, mask binarisation, determinism,
+idempotency, and that it (and fbf.py) start without torch."""
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import prepare_sts2d
-from data import INDEX_NAME, PROCESSED_NAME, read_index, segmentation_splits
+from index import INDEX_COLUMNS, INDEX_NAME, PROCESSED_NAME, read_index, read_mask, segmentation_splits, write_index
 from prepare_sts2d import split_sizes
 from utils import ToothSegError
 
@@ -242,6 +243,7 @@ def test_tg3k_split_follows_its_json(tmp_path, capsys):
     rows = read_index(out / INDEX_NAME)
     assert {(r["age_group"], r["label_status"], r["source"]) for r in rows} == {("adult", "labeled", "tg3k")}
     splits = {pid: r["split"] for pid, r in images_by(rows).items()}
+    assert {r["mask_threshold"] for r in rows if r["is_mask"]} == {127}  # JPEG masks, by the general rule
     assert {pid for pid, s in splits.items() if s == "test"} == {"2", "10", "11"}
     assert Counter(splits.values()) == {"train": 7, "val": 2, "test": 3}
     for i in range(n):  # JPEG noise in the masks is gone: exactly the drawn square, 0/255
@@ -327,6 +329,83 @@ def test_skip_bad_writes_rejected_csv(tmp_path, capsys):
 def test_needs_exactly_one_source(tmp_path):
     assert "exactly one source" in error_of(["--data-root", str(tmp_path)])
     assert "--raw-dir, --synthetic" in error_of(["--raw-dir", str(tmp_path), "--synthetic", "3"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask binarisation
+# ----------------------------------------------------------------------------------------------
+RECTANGLE = (slice(13, 53), slice(21, 101))  # off the 8x8 JPEG block grid, so its edges ring
+
+
+def jpeg_mask_pair(root: Path) -> tuple[Path, Path, np.ndarray]:
+    """p0: an image with a JPEG mask (a 255 rectangle at quality 75); p1: a PNG mask marking tooth with 1.
+    Returns the two folders and the decoded JPEG."""
+    mask = np.zeros((72, 120), np.uint8)
+    mask[RECTANGLE] = 255
+    jpeg = cv2.imencode(".jpg", mask, [cv2.IMWRITE_JPEG_QUALITY, 75])[1].tobytes()
+    write_files(root, {"images/p0.png": image_bytes(0, (72, 120)), "masks/p0.jpg": jpeg,
+                       "images/p1.png": image_bytes(1), "masks/p1.png": mask_bytes(1, value=1)})
+    return root / "images", root / "masks", cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def test_jpeg_masks_are_binarised_at_the_middle_and_the_threshold_is_recorded(tmp_path, capsys):
+    images, masks, decoded = jpeg_mask_pair(tmp_path / "src")
+    true_area, noisy_area = decoded[RECTANGLE].size, int((decoded > 0).sum())
+    assert noisy_area > 1.1 * true_area  # the JPEG noise is real: `> 0` would grow this mask
+    out = tmp_path / "out"
+    argv = ["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out)]
+    printed = run(argv, capsys)
+    rows = {r["pair_id"]: r for r in read_index(out / INDEX_NAME) if r["is_mask"]}
+    area = int(read_mask(out / PROCESSED_NAME / rows["p0"]["rel_path"]).sum())
+    assert abs(area - true_area) <= 0.03 * true_area and area < noisy_area
+    assert read_mask(masks / "p0.jpg").sum() == area  # reading the source mask applies the same rule
+    assert {pid: r["mask_threshold"] for pid, r in rows.items()} == {"p0": 127, "p1": 0}
+    assert np.array_equal(read_mask(out / PROCESSED_NAME / rows["p1"]["rel_path"]) * 255, expected_mask(1))
+    assert read_mask(masks / "p1.png").sum() == 64  # value 1 is tooth in a lossless mask
+    assert "masks binarised at: > 0 1 / > 127 1" in printed
+
+    run(argv + ["--mask-threshold", "0"], capsys)  # the override rebuilds and applies to every mask
+    rows = {r["pair_id"]: r for r in read_index(out / INDEX_NAME) if r["is_mask"]}
+    assert read_mask(out / PROCESSED_NAME / rows["p0"]["rel_path"]).sum() == noisy_area
+    assert {r["mask_threshold"] for r in rows.values()} == {0}
+
+
+def test_an_index_without_mask_threshold_still_reads(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "src", 5)
+    out = tmp_path / "out"
+    run(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out)], capsys)
+    rows = read_csv(out / INDEX_NAME)
+    old_columns = [c for c in INDEX_COLUMNS if c != "mask_threshold"]  # the index as written before the column
+    with (out / INDEX_NAME).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    old = read_index(out / INDEX_NAME)
+    assert len(old) == 10 and {r["mask_threshold"] for r in old} == {None}
+    assert sum(len(v) for v in segmentation_splits(out / PROCESSED_NAME).values()) == 5
+    write_index(out / INDEX_NAME, old)  # and is written back with the column, empty
+    assert read_csv(out / INDEX_NAME)[0]["mask_threshold"] == ""
+
+
+@pytest.mark.parametrize("value", ["300", "-1", "255"])
+def test_mask_threshold_out_of_range_is_a_one_line_error(tmp_path, value):
+    images, masks = folder_pair(tmp_path / "src", 2)
+    proc = subprocess.run([sys.executable, str(REPO / "prepare_sts2d.py"), "--images-dir", str(images), "--masks-dir",
+                           str(masks), "--data-root", str(tmp_path / "out"), "--mask-threshold", value],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --mask-threshold must be in 0..254 (a mask pixel is tooth when its value > T), got {value}; "
+        f"or leave it out for the default of each mask's format"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_and_fbf_import_without_torch():
+    """They need only the index: --help answers in well under a second instead of ~3 s."""
+    code = ("import sys, prepare_sts2d, fbf; heavy = {'torch', 'albumentations'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +496,7 @@ def test_rerun_is_idempotent_and_force_rebuilds(tmp_path, capsys):
     folder_pair(tmp_path / "src", 1, start=6)  # a changed source is rebuilt without --force
     assert "wrote 14 files" in run(argv, capsys)
     assert "wrote" in run(argv + ["--seed", "1"], capsys)  # so are changed settings
+    assert "wrote" in run(argv + ["--seed", "1", "--mask-threshold", "10"], capsys)
 
 
 def test_source_is_never_modified(tmp_path, capsys):

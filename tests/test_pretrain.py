@@ -10,6 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import engine
+from checkpoints import open_checkpoint
 import fullimage_pretrain
 import mim_pretrain
 from phantom import generate_panoramic
@@ -30,22 +31,22 @@ def phantom_images(tmp_path_factory) -> Path:
 
 
 def mim_args(images: Path, out: Path, *extra: str) -> list[str]:
-    return ["--images-dir", str(images), "--checkpoint-dir", str(out), *TINY, "--val-fraction", "0.15", *extra]
+    return ["--images-dir", str(images), "--checkpoint-dir", str(out), *TINY, "--val-ratio", "0.15", *extra]
 
 
 def test_mim_learns_and_beats_mean_fill(phantom_images, tmp_path, capsys):
     out = tmp_path / "mim"
     mim_pretrain.main(mim_args(phantom_images, out, "--epochs", "12", "--lr", "3e-3", "--log-interval", "2"))
-    best = torch.load(out / "mim_best.pth", weights_only=True)
+    best = open_checkpoint(out / "best.pth")
     history = EventAccumulator(str(out / "tensorboard")).Reload()
     val_loss = [e.value for e in history.Scalars("val/loss")]
-    model_l1, mean_fill_l1 = best["metrics"]["val/masked_l1"], best["metrics"]["val/mean_fill_l1"]
+    model_l1, mean_fill_l1 = best.metrics["val/masked_l1"], best.metrics["val/mean_fill_l1"]
     with capsys.disabled():
         print(f"\nMIM on phantom: val loss {val_loss[0]:.4f} -> {min(val_loss):.4f}; masked-pixel L1 "
               f"{model_l1:.4f} vs mean fill {mean_fill_l1:.4f}")
     assert min(val_loss) < 0.8 * val_loss[0]
     assert model_l1 < mean_fill_l1
-    assert best["kind"] == "mim" and (out / "mim_last.pth").is_file()
+    assert best.kind == "mim" and (out / "last.pth").is_file()
 
 
 def test_tensorboard_has_scalars_and_images(phantom_images, tmp_path):
@@ -57,7 +58,7 @@ def test_tensorboard_has_scalars_and_images(phantom_images, tmp_path):
     assert {"train/batch_loss", "train/epoch_loss", "val/loss", "val/identity_l1"} <= set(tags["scalars"])
     assert {"input", "target", "recon", "abs_error"} <= set(tags["images"])
     assert len(events.Scalars("val/loss")) == 2
-    assert {"fullimage_best.pth", "fullimage_last.pth"} <= {p.name for p in out.iterdir()}
+    assert {"best.pth", "last.pth"} <= {p.name for p in out.iterdir()}
 
 
 class StopAfterFirstEpoch(Exception):
@@ -68,32 +69,31 @@ def test_resume_matches_uninterrupted_run(phantom_images, tmp_path, monkeypatch)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     mim_pretrain.main(mim_args(phantom_images, straight, "--epochs", "2"))
 
-    original = engine.Trainer._train_epoch
+    original = engine.Trainer.train_epoch
 
     def crash_at_second_epoch(self, loader, epoch, epochs):
         if epoch == 1:
             raise StopAfterFirstEpoch
         return original(self, loader, epoch, epochs)
 
-    monkeypatch.setattr(engine.Trainer, "_train_epoch", crash_at_second_epoch)
+    monkeypatch.setattr(engine.Trainer, "train_epoch", crash_at_second_epoch)
     with pytest.raises(StopAfterFirstEpoch):
         mim_pretrain.main(mim_args(phantom_images, resumed, "--epochs", "2"))
-    monkeypatch.setattr(engine.Trainer, "_train_epoch", original)
-    assert torch.load(resumed / "mim_last.pth", weights_only=True)["epoch"] == 1
-    mim_pretrain.main(mim_args(phantom_images, resumed, "--epochs", "2", "--resume", str(resumed / "mim_last.pth")))
+    monkeypatch.setattr(engine.Trainer, "train_epoch", original)
+    assert open_checkpoint(resumed / "last.pth").epoch == 1
+    mim_pretrain.main(mim_args(phantom_images, resumed, "--epochs", "2", "--resume", str(resumed / "last.pth")))
 
-    a = torch.load(straight / "mim_last.pth", weights_only=True)
-    b = torch.load(resumed / "mim_last.pth", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"]
-    mismatched = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    a, b = open_checkpoint(straight / "last.pth"), open_checkpoint(resumed / "last.pth")
+    assert a.epoch == b.epoch == 2 and a.state.global_step == b.state.global_step
+    mismatched = [k for k in a.state.weights if not torch.equal(a.state.weights[k], b.state.weights[k])]
     assert not mismatched, f"weights differ after resume: {mismatched[:5]}"
-    assert a["metrics"]["val/loss"] == b["metrics"]["val/loss"]
+    assert a.metrics["val/loss"] == b.metrics["val/loss"]
 
 
 def test_fullimage_continues_from_mim_and_reports_transfer(phantom_images, tmp_path, capsys):
     mim_pretrain.main(mim_args(phantom_images, tmp_path / "mim", "--epochs", "1"))
     fullimage_pretrain.main(["--images-dir", str(phantom_images), "--checkpoint-dir", str(tmp_path / "fi"), *TINY[:10],
-                             "--epochs", "1", "--init-from", str(tmp_path / "mim" / "mim_best.pth")])
+                             "--epochs", "1", "--init-from", str(tmp_path / "mim" / "best.pth")])
     assert "matched 92, missing 0, mismatched 0" in capsys.readouterr().out
 
 
@@ -103,7 +103,7 @@ def run_script(*argv: str) -> subprocess.CompletedProcess:
 
 def test_wrong_checkpoint_kind_and_mismatched_weights_fail_in_one_line(phantom_images, tmp_path):
     mim_pretrain.main(mim_args(phantom_images, tmp_path / "mim", "--epochs", "1"))
-    mim_ckpt = tmp_path / "mim" / "mim_best.pth"
+    mim_ckpt = tmp_path / "mim" / "best.pth"
 
     wrong_kind = run_script("fullimage_pretrain.py", "--images-dir", str(phantom_images), "--checkpoint-dir",
                             str(tmp_path / "fi"), *TINY[:10], "--epochs", "1", "--resume", str(mim_ckpt))
@@ -116,18 +116,23 @@ def test_wrong_checkpoint_kind_and_mismatched_weights_fail_in_one_line(phantom_i
         error_lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and expected in error_lines[0], result.stderr
         assert str(mim_ckpt) in error_lines[0]
-    assert not (tmp_path / "fi2" / "fullimage_last.pth").exists()
+    assert not (tmp_path / "fi2" / "last.pth").exists()
 
 
 def test_checkpoints_are_self_describing_and_safe(phantom_images, tmp_path):
     mim_pretrain.main(mim_args(phantom_images, tmp_path / "mim", "--epochs", "1", "--model-type", "nac"))
-    model, ckpt = engine.build_model_from_checkpoint(tmp_path / "mim" / "mim_best.pth")
-    assert ckpt["model_name"] == "nac" and type(model).__name__ == "UNet2D_NAC"
-    assert ckpt["args"]["mask_ratio"] == 0.55 and ckpt["data"]["img_height"] == 64
+    ckpt = open_checkpoint(tmp_path / "mim")  # a run folder opens its best.pth
+    assert ckpt.model.name == "nac" and type(ckpt.build_model()).__name__ == "UNet2D_NAC"
+    assert ckpt.task["masking"]["ratio"] == 0.55 and ckpt.data.input_size == (64, 128)
+    assert ckpt.data.holdout == 0.15 and ckpt.data.images_dir == str(phantom_images)
+    # Every section loads with weights_only=True: plain types and tensors only.
+    raw = torch.load(tmp_path / "mim" / "best.pth", weights_only=True)
+    assert raw["format"] == 2 and {"kind", "model", "data", "precision", "task", "metrics", "epoch", "state",
+                                   "run_args"} <= set(raw)
     with pytest.raises(ToothSegError, match="is a 'mim' checkpoint"):
-        engine.load_checkpoint(tmp_path / "mim" / "mim_best.pth", ("segmentation",), "eval.py")
+        open_checkpoint(tmp_path / "mim" / "best.pth", ("segmentation",), "eval.py")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ToothSegError, match="garbage.pth: cannot load"):
-        engine.load_checkpoint(tmp_path / "garbage.pth")
+        open_checkpoint(tmp_path / "garbage.pth")
     # Nothing else is left beside the checkpoints: writes went through temp files and renames.
-    assert sorted(p.name for p in (tmp_path / "mim").iterdir()) == ["mim_best.pth", "mim_last.pth", "tensorboard"]
+    assert sorted(p.name for p in (tmp_path / "mim").iterdir()) == ["best.pth", "last.pth", "tensorboard"]

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
+import pytest
 
 import finetune_seg
 import prepare_sts2d
+from checkpoints import open_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_CELLS = ["--models", "unet", "--inits", "scratch", "--label-fractions", "1", "--seeds", "0", "1",
@@ -61,7 +62,7 @@ def test_dry_run_prints_the_stage_commands_and_runs_nothing(tmp_path):
     assert sum("mim_pretrain.py" in line for line in lines) == 2  # once per model
     assert sum("finetune_seg.py" in line for line in lines) == 2 * 2 * 2
     assert sum("eval.py" in line for line in lines) == 2 * 2 * 2
-    assert any("--init-from" in line and "pretrain/mim_scag/mim_best.pth" in line and "--label-fraction 0.1" in line
+    assert any(f"--init-from {out / 'pretrain' / 'mim_scag'}" in line and "--label-fraction 0.1" in line
                for line in lines)
     assert not out.exists()
 
@@ -93,7 +94,16 @@ def test_tg3k_data_trains_with_the_ultrasound_transform(tmp_path):
         cv2.imwrite(str(root / "thyroid-mask" / f"{i:04d}.jpg"), mask, [cv2.IMWRITE_JPEG_QUALITY, 60])  # JPEG-noisy
     (root / "tg3k-trainval.json").write_text(json.dumps({"train": list(range(8)), "val": [8, 9]}))
     prepare_sts2d.main(["--tg3k-dir", str(root), "--data-root", str(tmp_path / "data"), "--val-ratio", "0.25"])
-    finetune_seg.main(["--images-dir", str(tmp_path / "data" / "processed_2d"), "--save-dir", str(tmp_path / "ft"),
+    finetune_seg.main(["--images-dir", str(tmp_path / "data" / "processed_2d"), "--checkpoint-dir", str(tmp_path / "ft"),
                        "--img-height", "32", "--img-width", "32", "--base-channels", "4", "--epochs", "1",
                        "--batch-size", "2", "--num-workers", "0", "--cpu"])
-    assert torch.load(tmp_path / "ft" / "last.pth", weights_only=True)["data"]["modality"] == "ultrasound"
+    assert open_checkpoint(tmp_path / "ft" / "last.pth").data.modality == "ultrasound"
+
+
+def test_unknown_models_are_refused_before_any_work(tmp_path, capsys):
+    import run_study
+
+    with pytest.raises(SystemExit) as stopped:
+        run_study.main(["--images-dir", str(tmp_path), "--out-dir", str(tmp_path / "study"), "--models", "unet", "unetpp"])
+    assert stopped.value.code == 2 and "unknown --models unetpp; valid: nac, scag, unet" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()

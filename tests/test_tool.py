@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import tool
-from engine import build_model_from_checkpoint, load_checkpoint
+from checkpoints import open_checkpoint
 from utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,20 +41,24 @@ def row(output: str, label: str) -> list[str]:
 
 
 def test_inspect_reports_the_real_model(tiny_study, capsys):
-    path = tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth"
-    model, ckpt = build_model_from_checkpoint(path)
+    path = tiny_study / "cells" / "unet_mim_f1_s0" / "best.pth"
+    ckpt = open_checkpoint(path)
+    model = ckpt.build_model()
     result = run_tool(path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert re.search(r"^kind +segmentation ", out, re.M)
     assert re.search(r"^model +unet$", out, re.M)
     assert "base_channels=4" in out
-    assert re.search(rf"^epoch +{ckpt['epoch']} \(global step {ckpt['global_step']}\)", out, re.M)
-    assert re.search(rf"^best +val/dice = {ckpt['best']['value']:.6g} at epoch {ckpt['best']['epoch']}", out, re.M)
+    assert re.search(rf"^epoch +{ckpt.epoch} \(global step {ckpt.state.global_step}\)", out, re.M)
+    best = ckpt.state.best
+    assert re.search(rf"^best +val/dice = {best['value']:.6g} at epoch {best['epoch']}", out, re.M)
     assert f"parameters   {sum(p.numel() for p in model.parameters()):,} in " in out
     assert re.search(r"^input +64 x 128 \(H x W\)", out, re.M)
-    assert re.search(r"^  init_from +.*mim_best\.pth$", out, re.M)  # run arguments
-    for key, tensor in ckpt["model"].items():                      # every key with its shape
+    assert re.search(r"^precision +--amp auto \(trained in ", out, re.M)
+    assert re.search(r"^task +lambda_dice=0\.2 label_fraction=1\.0 .*init_from=\S*pretrain/mim_unet", out, re.M)
+    assert re.search(r"^  init_from +.*pretrain/mim_unet$", out, re.M)  # run arguments
+    for key, tensor in ckpt.state.weights.items():                  # every key with its shape
         assert re.search(rf"^  {re.escape(key)} +{'x'.join(map(str, tensor.shape)) or 'scalar'} ", out, re.M)
 
     code, short, _ = run_in_process(capsys, path, "--no-keys")
@@ -62,9 +66,9 @@ def test_inspect_reports_the_real_model(tiny_study, capsys):
 
 
 def test_diff_pretraining_to_finetuning_shares_every_key(tiny_study):
-    pretrained = tiny_study / "pretrain" / "mim_unet" / "mim_best.pth"
-    finetuned = tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth"
-    state = load_checkpoint(finetuned)["model"]
+    pretrained = tiny_study / "pretrain" / "mim_unet" / "best.pth"
+    finetuned = tiny_study / "cells" / "unet_mim_f1_s0" / "best.pth"
+    state = open_checkpoint(finetuned).state.weights
     keys = [k for k in state if not k.endswith("num_batches_tracked")]
     result = run_tool("--diff", pretrained, finetuned, "--no-keys")
     assert result.returncode == 0, result.stderr
@@ -73,14 +77,14 @@ def test_diff_pretraining_to_finetuning_shares_every_key(tiny_study):
     assert row(out, "only in A") == ["0", "0"] and row(out, "only in B") == ["0", "0"]
     assert row(out, "shape mismatch") == ["0", "0"]
     assert "fills 100.0% of its weight elements (enough" in out
-    assert re.search(r"^B +.*best_model\.pth: segmentation checkpoint, unet ", out, re.M)
+    assert re.search(r"^B +.*best\.pth: segmentation checkpoint, unet ", out, re.M)
 
 
 def test_bare_state_dict_inspected_and_diffed(tiny_study, tmp_path):
     """A bare state_dict saved from a DDP-wrapped model (module. prefix), with one tensor changed,
     one dropped, one reshaped and one extra: each lands in its own row."""
-    checkpoint = tiny_study / "cells" / "unet_scratch_f1_s0" / "best_model.pth"
-    model, _ = build_model_from_checkpoint(checkpoint)
+    checkpoint = tiny_study / "cells" / "unet_scratch_f1_s0" / "best.pth"
+    model = open_checkpoint(checkpoint).build_model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     changed, dropped, reshaped = "head.conv.weight", "encoder.stem.0.conv.weight", "encoder.stem.1.conv.weight"
     state[changed] += 0.25
@@ -110,9 +114,9 @@ def test_bare_state_dict_inspected_and_diffed(tiny_study, tmp_path):
 
 
 def test_too_little_overlap_is_flagged(tiny_study, tmp_path):
-    small = {"head.conv.weight": load_checkpoint(tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth")["model"]["head.conv.weight"]}
+    small = {"head.conv.weight": open_checkpoint(tiny_study / "cells" / "unet_mim_f1_s0").state.weights["head.conv.weight"]}
     torch.save(small, tmp_path / "head_only.pt")
-    out = run_tool("--diff", tmp_path / "head_only.pt", tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth",
+    out = run_tool("--diff", tmp_path / "head_only.pt", tiny_study / "cells" / "unet_mim_f1_s0" / "best.pth",
                    "--no-keys").stdout
     assert "too little: finetune_seg.py would refuse; it needs 20%" in out
 

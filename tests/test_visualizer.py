@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import visualizer as vz
-from data import hold_out, pretraining_samples
-from engine import load_checkpoint
+from checkpoints import open_checkpoint
+from index import hold_out, pretraining_samples
+from predict import get_saliency_map, predict_probabilities
 from utils import ToothSegError
 
 
@@ -92,14 +93,14 @@ def test_saliency_of_a_known_model():
     x = torch.zeros(1, 6, 8)
     x[0, 1:3, 2:5] = 1.0
     model.train()
-    saliency = vz.get_saliency_map(model, x)
+    saliency = get_saliency_map(model, x)
     np.testing.assert_array_equal(saliency, (x[0] > 0).numpy().astype(np.float32))
     region = np.zeros((6, 8), bool)
     region[4:, :2] = True                    # explain a background corner instead
-    np.testing.assert_array_equal(vz.get_saliency_map(model, x, region), region.astype(np.float32))
+    np.testing.assert_array_equal(get_saliency_map(model, x, region), region.astype(np.float32))
     assert model.training and model.weight.grad is None  # mode restored, parameters untouched
     with pytest.raises(ToothSegError, match="region has shape"):
-        vz.get_saliency_map(model, x, np.ones((3, 3), bool))
+        get_saliency_map(model, x, np.ones((3, 3), bool))
 
 
 def test_saliency_of_a_trained_cell(tiny_study, tmp_path):
@@ -107,7 +108,7 @@ def test_saliency_of_a_trained_cell(tiny_study, tmp_path):
     row = read_rows(tiny_study / "cells" / "unet_mim_f1_s0" / "eval_test" / "per_image.csv")[0]
     image = vz.read_gray(row["image"])
     network_input = predictor.network_input(image)
-    saliency = vz.get_saliency_map(predictor.model, network_input)
+    saliency = get_saliency_map(predictor.model, network_input)
     assert saliency.shape == network_input.shape[-2:] and saliency.dtype == np.float32
     assert saliency.min() >= 0 and saliency.max() == pytest.approx(1.0) and (saliency > 0).mean() > 0.5
     full = predictor.saliency(image)
@@ -155,9 +156,9 @@ def test_curves_equal_the_scalars_written(tmp_path):
 def test_curves_of_a_real_run_match_its_checkpoint(tiny_study):
     cell = tiny_study / "cells" / "unet_scratch_f1_s0"
     steps, values = vz.read_scalars(cell / "tensorboard")["val/dice"]
-    last = load_checkpoint(cell / "last.pth")
-    assert steps[-1] == last["epoch"]
-    assert values[-1] == pytest.approx(last["metrics"]["val/dice"], abs=1e-6)
+    last = open_checkpoint(cell / "last.pth")
+    assert steps[-1] == last.epoch
+    assert values[-1] == pytest.approx(last.metrics["val/dice"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,15 +195,15 @@ def test_predictions_equal_eval_pixel_for_pixel(tiny_study, tmp_path):
     """The tiny models call nearly every pixel a tooth at threshold 0.5, which would hide a resizing
     difference; at the median probability about half the pixels flip, so the masks must match exactly."""
     import eval as evaluate
-    from data import read_mask
+    from index import read_mask
 
     cell = tiny_study / "cells" / "unet_mim_f1_s0"
     predictor = vz.load_predictor(cell)
     images = [r["image"] for r in read_rows(cell / "eval_test" / "per_image.csv")]
-    probs = evaluate.predict_probabilities(predictor.model, predictor.network_input(vz.read_gray(images[0])), False,
+    probs = predict_probabilities(predictor.model, predictor.network_input(vz.read_gray(images[0])), False,
                                            None, predictor.device)
     threshold = float(probs.median())
-    evaluate.main(["--checkpoint", str(cell / "best_model.pth"), "--out-dir", str(tmp_path / "eval"), "--threshold",
+    evaluate.main(["--checkpoint", str(cell / "best.pth"), "--out-dir", str(tmp_path / "eval"), "--threshold",
                    str(threshold), "--save-preds", str(tmp_path / "preds"), "--workers", "0", "--cpu"])
     reported = {r["image"]: float(r["dice"]) for r in read_rows(tmp_path / "eval" / "per_image.csv")}
     for image_path in images:
@@ -216,7 +217,7 @@ def test_compare_models_with_explicit_masks_and_paths(tiny_study):
     cell = tiny_study / "cells" / "unet_scratch_f1_s0"
     row = read_rows(cell / "eval_test" / "per_image.csv")[0]
     mask = Path(row["image"]).parent.parent / "masks" / Path(row["image"]).name
-    fig = vz.compare_models({"scratch": cell / "best_model.pth"}, [row["image"]], masks=[mask])
+    fig = vz.compare_models({"scratch": cell / "best.pth"}, [row["image"]], masks=[mask])
     assert dice_in(fig.axes[2].get_title()) == pytest.approx(float(row["dice"]), abs=5e-5)
     with pytest.raises(ToothSegError, match="give one mask per image"):
         vz.compare_models({"scratch": cell}, [row["image"]], masks=[mask, mask])
@@ -252,24 +253,24 @@ def test_best_worst_gallery(tiny_study, tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_reconstructions_reproduce_the_validation_setup(tiny_study, tmp_path):
     fullimage = tiny_study / "pretrain" / "fullimage_unet"
-    ckpt = load_checkpoint(fullimage / "fullimage_best.pth")
-    _, val_samples = hold_out(pretraining_samples(ckpt["args"]["images_dir"]), ckpt["args"]["val_fraction"], minimum=2)
+    ckpt = open_checkpoint(fullimage)
+    _, val_samples = hold_out(pretraining_samples(ckpt.data.images_dir), ckpt.data.holdout, minimum=2)
     fig = vz.plot_reconstructions(fullimage, n=len(val_samples), save_path=tmp_path / "fullimage.png")
     axes = np.array(fig.axes).reshape(len(val_samples), 4)
     assert axes[0, 0].get_title() == f"{val_samples[0].pair_id}: perturbed input"
     # Same images and perturbations as validation: the per-image L1s average to the logged val/loss.
     losses = [float(re.search(r"L1 (\d+\.\d+)", ax.get_title()).group(1)) for ax in axes[:, 2]]
-    assert np.mean(losses) == pytest.approx(ckpt["metrics"]["val/loss"], abs=1e-4)
+    assert np.mean(losses) == pytest.approx(ckpt.metrics["val/loss"], abs=1e-4)
     assert_png(tmp_path / "fullimage.png", fig)
 
-    mim = load_checkpoint(tiny_study / "pretrain" / "mim_unet" / "mim_best.pth")
-    fig = vz.plot_reconstructions(tiny_study / "pretrain" / "mim_unet" / "mim_best.pth", n=1)
+    mim = open_checkpoint(tiny_study / "pretrain" / "mim_unet")
+    fig = vz.plot_reconstructions(tiny_study / "pretrain" / "mim_unet" / "best.pth", n=1)
     masked_input = fig.axes[0].images[0].get_array()
     assert fig.axes[0].get_title().endswith("masked input")
     # Hidden pixels are 0 after normalisation, i.e. exactly mid-grey on the display scale.
-    assert np.isclose(masked_input, 0.5).mean() >= mim["args"]["mask_ratio"]
+    assert np.isclose(masked_input, 0.5).mean() >= mim.task["masking"]["ratio"]
     with pytest.raises(ToothSegError, match="needs a 'mim' or 'fullimage' checkpoint"):
-        vz.plot_reconstructions(tiny_study / "cells" / "unet_mim_f1_s0" / "best_model.pth")
+        vz.plot_reconstructions(tiny_study / "cells" / "unet_mim_f1_s0" / "best.pth")
 
 
 def test_run_folder_helpers(tiny_study, tmp_path):
@@ -281,5 +282,7 @@ def test_run_folder_helpers(tiny_study, tmp_path):
         vz.cells_across_inits(cells, "unet_x")
     with pytest.raises(ToothSegError, match="no finished study cells"):
         vz.study_cells(tmp_path)
-    with pytest.raises(ToothSegError, match="checkpoint not found"):
+    with pytest.raises(ToothSegError, match="no best.pth in this folder"):
         vz.load_predictor(tmp_path)
+    with pytest.raises(ToothSegError, match="nope.pth: file not found"):
+        vz.load_predictor(tmp_path / "nope.pth")
