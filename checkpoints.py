@@ -127,6 +127,7 @@ class TrainingState:
     global_step: int = 0
     best: dict = field(default_factory=dict)
     epochs_since_best: int = 0
+    task_state: dict | None = None  # what the task itself learns, e.g. the online method's mean teacher
 
 
 @dataclass

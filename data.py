@@ -57,6 +57,27 @@ def _to_tensor(normalize: bool) -> list:
     return [scale, ToTensorV2()]
 
 
+def strong_photometric(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A strong intensity perturbation of a normalised (1, H, W) image, geometry untouched: contrast,
+    brightness and gamma far beyond the training augmentation, blur, noise and a cut-out box, as the
+    strong branch of FixMatch/UniMatch (and a noisy student) uses."""
+    x = (image[0].numpy() * NORM_STD + NORM_MEAN).clip(0, 1)
+    height, width = x.shape
+    if rng.random() < 0.8:
+        x = (x - x.mean()) * rng.uniform(0.6, 1.4) + x.mean() + rng.uniform(-0.2, 0.2)
+    if rng.random() < 0.5:
+        x = x.clip(0, 1) ** rng.uniform(0.6, 1.6)
+    if rng.random() < 0.5:
+        x = cv2.GaussianBlur(x.astype(np.float32), (0, 0), rng.uniform(0.3, 1.5))
+    if rng.random() < 0.5:
+        x = x + rng.normal(0, rng.uniform(0.01, 0.06), x.shape)
+    if rng.random() < 0.5:
+        bh, bw = int(height * rng.uniform(0.1, 0.3)), int(width * rng.uniform(0.1, 0.3))
+        y, z = int(rng.integers(0, height - bh + 1)), int(rng.integers(0, width - bw + 1))
+        x[y:y + bh, z:z + bw] = NORM_MEAN
+    return ((torch.from_numpy(np.asarray(x, np.float32).clip(0, 1)) - NORM_MEAN) / NORM_STD)[None]
+
+
 def modality_of(samples: list[Sample]) -> str:
     """TG3K thyroid ultrasound gets the ultrasound transform; everything else is an X-ray."""
     return "ultrasound" if samples and all(s.source == "tg3k" for s in samples) else "xray"
@@ -129,26 +150,41 @@ class _ImageDataset(Dataset):
 
 
 class SegmentationDataset(_ImageDataset):
-    """(image (1,H,W) normalised, mask (1,H,W) float 0/1, meta)."""
+    """(image (1,H,W) normalised, target (1,H,W) float in [0, 1], meta with the sample's loss "weight").
 
-    def __init__(self, samples: list[Sample], transform: A.Compose, **kwargs):
+    Masks are binary. Samples whose pair id is in `soft` are pseudo-labelled: their "mask" is an 8-bit
+    probability map (255 * p) used as a soft target, with loss weight `soft_weight`, and with `noise` their
+    input also gets `strong_photometric` (a noisy student learns more than one that sees its teacher's view).
+    """
+
+    def __init__(self, samples: list[Sample], transform: A.Compose, *, soft: set[str] = frozenset(),
+                 soft_weight: float = 1.0, noise: bool = False, **kwargs):
         unlabelled = [s.image for s in samples if s.mask is None]
         if unlabelled:
             raise ToothSegError(f"{unlabelled[0]}: has no mask; segmentation needs labelled pairs")
         super().__init__(samples, transform, **kwargs)
-        self._masks = SharedImages([read_mask(s.mask) for s in self.samples]) if self._images is not None else None
+        self.soft, self.soft_weight, self.noise = set(soft), soft_weight, noise
+        self._masks = SharedImages([self._read_target(i) for i in range(len(self.samples))]) \
+            if self._images is not None else None
+
+    def _read_target(self, index: int) -> np.ndarray:
+        sample = self.samples[index]
+        return to_uint8(read_image(sample.mask)) if sample.pair_id in self.soft else read_mask(sample.mask)
 
     def _mask(self, index: int, image: np.ndarray) -> np.ndarray:
-        mask = self._masks[index] if self._masks is not None else read_mask(self.samples[index].mask)
+        mask = self._masks[index] if self._masks is not None else self._read_target(index)
         if mask.shape != image.shape:
             raise ToothSegError(f"{self.samples[index].mask}: mask size {mask.shape[::-1]} differs from its image "
                                 f"{image.shape[::-1]}; fix the pair or re-run prepare_sts2d.py")
         return mask
 
     def __getitem__(self, index: int):
-        image = self._image(index)
-        out = self._augment(self._rng(index), image=image, mask=self._mask(index, image))
-        return out["image"], out["mask"].unsqueeze(0).float(), self._meta(index, image)
+        rng, image = self._rng(index), self._image(index)
+        out = self._augment(rng, image=image, mask=self._mask(index, image))
+        soft = self.samples[index].pair_id in self.soft
+        target = out["mask"].unsqueeze(0).float() / (255.0 if soft else 1.0)
+        picture = strong_photometric(out["image"], rng) if soft and self.noise else out["image"]
+        return picture, target, {**self._meta(index, image), "weight": self.soft_weight if soft else 1.0}
 
 
 class InferenceDataset(_ImageDataset):
@@ -168,6 +204,43 @@ class InferenceDataset(_ImageDataset):
                 raise
             image, error = np.zeros((1, 1), np.uint8), str(exc)
         return self._augment(self._rng(index), image=image)["image"], {**self._meta(index, image), "error": error}
+
+
+class UnlabelledDataset(_ImageDataset):
+    """(weak view, strong view, meta) of an unlabelled image: the weak view is the ordinary training
+    augmentation, the strong view the same pixels after `strong_photometric`, so a teacher's label of
+    the weak view lines up with the student's strong view pixel for pixel."""
+
+    def __getitem__(self, index: int):
+        rng, image = self._rng(index), self._image(index)
+        weak = self._augment(rng, image=image)["image"]
+        return weak, strong_photometric(weak, rng), self._meta(index, image)
+
+
+class SemiDataset(Dataset):
+    """Pairs every item with one labelled and one unlabelled sample, for the online method: an epoch covers
+    the larger of the two sets once, and the smaller one is drawn from (seed, epoch, index), so the pairs
+    are the same with any number of workers or processes and after a resume."""
+
+    def __init__(self, labelled: SegmentationDataset, unlabelled: UnlabelledDataset, seed: int = 0):
+        self.labelled, self.unlabelled, self.seed = labelled, unlabelled, seed
+
+    def __len__(self) -> int:
+        return max(len(self.labelled), len(self.unlabelled))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.labelled.set_epoch(epoch)
+        self.unlabelled.set_epoch(epoch)
+
+    def _pick(self, index: int, part: Dataset, salt: int) -> int:
+        if index < len(part):
+            return index
+        return int(np.random.default_rng([self.seed, int(self.labelled._epoch), index, salt]).integers(len(part)))
+
+    def __getitem__(self, index: int):
+        image, target, meta = self.labelled[self._pick(index, self.labelled, 0)]
+        weak, strong, _ = self.unlabelled[self._pick(index, self.unlabelled, 1)]
+        return image, target, meta, weak, strong
 
 
 class MIMDataset(_ImageDataset):

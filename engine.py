@@ -313,6 +313,9 @@ class Task(Protocol):
     def visuals(self, batch, output: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return named (N,1,H,W) images in [0, 1] for TensorBoard."""
 
+    # Optional: a task that learns beside the model (the mean teacher) also has
+    #   after_step(model) after every optimiser step, and state_dict() / load_state_dict(state) for checkpoints.
+
 
 class Trainer:
     """One loop for every training script. `record` is the checkpoint the run writes, without its state:
@@ -346,6 +349,11 @@ class Trainer:
             self.scheduler.load_state_dict(state.scheduler)
         if self.scaler is not None and state.scaler is not None:
             self.scaler.load_state_dict(state.scaler)
+        if hasattr(self.task, "load_state_dict"):
+            if state.task_state is None:
+                raise ToothSegError(f"{path}: holds no {type(self.task).__name__} state to resume; resume with the "
+                                    f"flags the run was started with")
+            self.task.load_state_dict(state.task_state)
         self.start_epoch, self.global_step, self.epochs_since_best = saved.epoch, state.global_step, state.epochs_since_best
         self.best = state.best or self.best
         if self.dist.is_main:
@@ -356,7 +364,8 @@ class Trainer:
             weights=unwrap(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             scaler=self.scaler.state_dict() if self.scaler is not None else None, global_step=self.global_step,
-            best=dict(self.best), epochs_since_best=self.epochs_since_best)
+            best=dict(self.best), epochs_since_best=self.epochs_since_best,
+            task_state=self.task.state_dict() if hasattr(self.task, "state_dict") else None)
         save_checkpoint(self.checkpoint_dir / name, self.record.with_state(epoch=epoch, metrics=metrics, state=state))
 
     def _improved(self, value: float) -> bool:
@@ -431,6 +440,8 @@ class Trainer:
                 self.optimizer.step()
             if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
                 self.scheduler.step()
+            if hasattr(self.task, "after_step"):
+                self.task.after_step(unwrap(self.model))
             self.global_step += 1
             n_batches += 1
             running += loss.detach()

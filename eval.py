@@ -11,12 +11,20 @@ What is scored:
   --images-dir + --masks-dir        every pair in the folder (a new clinic's test set), unless --split
                                     names a part of its file-name split (the training run's ratios and seed)
   --images-dir without masks        predict mode: masks written to --save-preds (default OUT_DIR/preds)
+  --split unlabelled                the unlabelled pool of the training data (or of --images-dir's index):
+                                    the index's unlabelled images plus the training pairs the model's
+                                    --label-fraction left out; predict mode
 Every run prints how many images it scored out of how many it found.
+
+Several --checkpoint files (same input size) average their probabilities: a fused teacher or an ensemble.
+--save-probs DIR writes each image's tooth probability at its own size (8-bit PNG, 255 * p, named by pair
+id) and DIR/pseudo_labels.json, which finetune_seg.py --pseudo-labels reads.
 
 Examples:
   python eval.py --checkpoint ./checkpoints/finetune_mim_unet/best.pth --split test
   python eval.py --checkpoint best.pth --images-dir ./clinic_b/images --masks-dir ./clinic_b/masks
   python eval.py --checkpoint best.pth --images-dir ./my_xrays --save-preds ./my_xrays_masks --skip-bad
+  python eval.py --checkpoint teacher_a/best.pth teacher_b/best.pth --split unlabelled --save-probs ./pseudo
 """
 from __future__ import annotations
 
@@ -31,32 +39,35 @@ from tqdm import tqdm
 
 from data import InferenceDataset
 from engine import DistEnv, make_loader, setup_runtime
-from index import find_index, read_mask, samples_from_folders
+from index import find_index, read_mask, samples_from_folders, unlabelled_pool
 from metrics import ASSD_DEFINITION, METRIC_NAMES, segmentation_metrics, summarize
 from overlay import overlay_mask
-from predict import load_predictor, mask_at_size
+from predict import load_predictor, mask_at_size, prob_at_size
+from semi import PseudoLabel, mean_entropy, write_manifest
 from utils import (ToothSegError, atomic_write_text, check_output_dir, make_parser, non_negative_int, positive_int,
                    probability, read_image, run_cli, to_uint8, write_png)
 
-SPLIT_CHOICES = ("train", "val", "test", "all")
+SPLIT_CHOICES = ("train", "val", "test", "all", "unlabelled")
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     inputs = parser.add_argument_group("inputs (default: the data the checkpoint was fine-tuned on)")
-    inputs.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT",
-                        help="a fine-tuning run's best.pth, or its folder")
+    inputs.add_argument("--checkpoint", type=Path, nargs="+", required=True, metavar="CKPT",
+                        help="a fine-tuning run's best.pth, or its folder; several average their probabilities")
     inputs.add_argument("--images-dir", type=Path, metavar="DIR", help="images to score or segment")
     inputs.add_argument("--masks-dir", type=Path, metavar="DIR", help="masks with the images' file names, for folders without an index")
     inputs.add_argument("--index", type=Path, metavar="CSV", help="sts2d_index.csv; default: found in or beside --images-dir")
     inputs.add_argument("--split", choices=SPLIT_CHOICES, metavar="SPLIT",
-                        help="train, val, test or all; default: test of an index or of the training data, "
-                             "all of a labelled folder given with --masks-dir")
+                        help="train, val, test, all or unlabelled; default: test of an index or of the training "
+                             "data, all of a labelled folder given with --masks-dir")
     inputs.add_argument("--skip-bad", action="store_true",
                         help="leave out unreadable images (and masks), list them in OUT_DIR/skipped.csv, go on with the rest")
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--out-dir", type=Path, metavar="DIR", help="default: CHECKPOINT_DIR/eval_SPLIT (or predict)")
     outputs.add_argument("--save-preds", type=Path, metavar="DIR", help="also write predicted masks (PNG, original size)")
+    outputs.add_argument("--save-probs", type=Path, metavar="DIR",
+                         help="also write tooth probabilities (8-bit PNG 255*p, original size) and pseudo_labels.json")
     outputs.add_argument("--top-k", type=non_negative_int, default=5, metavar="K", help="best and worst images to print and overlay")
     inference = parser.add_argument_group("inference")
     inference.add_argument("--threshold", type=probability, default=0.5, metavar="P", help="probability threshold, in (0, 1)")
@@ -66,15 +77,16 @@ def parse_args(argv=None):
                            help="DataLoader worker processes")
     inference.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     args = parser.parse_args(argv)
-    for path, flag in ((args.out_dir, "--out-dir"), (args.save_preds, "--save-preds")):
+    for path, flag in ((args.out_dir, "--out-dir"), (args.save_preds, "--save-preds"), (args.save_probs, "--save-probs")):
         if path is not None:
             check_output_dir(path, flag)
     return args
 
 
-def choose_samples(args, data) -> tuple[list, str, str, int]:
-    """(samples, split name, where they came from, how many labelled images were found there). An empty
-    list of masks means predict mode."""
+def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
+    """(samples, split name, where they came from, how many images were found there); split "predict" or
+    "unlabelled" means there are no masks to score against."""
+    data = ckpt.data
     if args.images_dir is None:
         splits, where = data.labelled_splits(), f"the training data ({data.images_dir})"
     elif args.masks_dir is None and find_index(args.images_dir, args.index) is None:
@@ -82,6 +94,15 @@ def choose_samples(args, data) -> tuple[list, str, str, int]:
         return samples, "predict", str(args.images_dir), len(samples)
     else:
         splits, where = data.labelled_splits(args.images_dir, args.masks_dir, args.index), str(args.images_dir)
+    if args.split == "unlabelled":
+        # The teacher's own pool: what its label fraction left out of training, and the unlabelled images.
+        labelled = ckpt.task.get("labelled_pairs") if args.images_dir is None else None
+        labelled = labelled if labelled is not None else [s.pair_id for s in splits["train"]]
+        pool = unlabelled_pool(args.images_dir or data.images_dir, args.index if args.images_dir else data.split.index,
+                               splits["train"], labelled)
+        if not pool:
+            raise ToothSegError(f"{where}: has no unlabelled images (prepare_sts2d.py --unlabelled-dir adds some)")
+        return pool, "unlabelled", where, len(pool)
     # A labelled folder without an index is scored whole, unless it is the folder the model trained on.
     trained_here = data.images_dir is not None and args.images_dir is not None and \
         Path(args.images_dir).resolve() == Path(data.images_dir).resolve()
@@ -92,6 +113,16 @@ def choose_samples(args, data) -> tuple[list, str, str, int]:
     if not samples:
         raise ToothSegError(f"{where}: the {split!r} split is empty; choose another --split")
     return sorted(samples, key=lambda s: s.pair_id) if split == "all" else samples, split, where, found
+
+
+def load_ensemble(paths: list[Path], device) -> list:
+    """Predictors of one or more checkpoints; an ensemble must share the input size to average at it."""
+    predictors = [load_predictor(path, device) for path in paths]
+    sizes = {p.checkpoint.data.input_size for p in predictors}
+    if len(sizes) > 1:
+        raise ToothSegError(f"{paths[0]}: the checkpoints have different input sizes {sorted(sizes)}; "
+                            f"average only models trained at one size")
+    return predictors
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -105,26 +136,27 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def main(argv=None):
     args = parse_args(argv)
     _, device = setup_runtime(args.cpu)
-    predictor = load_predictor(args.checkpoint, device)
-    ckpt = predictor.checkpoint
+    predictors = load_ensemble(args.checkpoint, device)
+    ckpt = predictors[0].checkpoint  # the first one's data is the default data
 
-    # Data: a labelled split or folder, or predict mode for a folder without masks.
-    samples, split, where, found = choose_samples(args, ckpt.data)
-    predict = split == "predict"
+    # Data: a labelled split or folder, or predict mode for a folder without masks (or the unlabelled pool).
+    samples, split, where, found = choose_samples(args, ckpt)
+    predict = split in ("predict", "unlabelled")
     out_dir = args.out_dir or ckpt.path.parent / f"eval_{split}"
-    save_preds = args.save_preds or (out_dir / "preds" if predict else None)
-    dataset = InferenceDataset(samples, predictor.transform(), skip_bad=args.skip_bad)
+    save_preds = args.save_preds or (out_dir / "preds" if predict and args.save_probs is None else None)
+    dataset = InferenceDataset(samples, predictors[0].transform(), skip_bad=args.skip_bad)
     loader = make_loader(dataset, batch_size=args.batch_size, train=False, workers=args.workers, dist=DistEnv(),
                          device=device, seed=0)
     what = f"{len(samples)} images from {where}" if predict else \
         f"{len(samples)} of the {found} labelled images found in {where} (split {split})"
-    print(f"{'predicting' if predict else 'evaluating'} {what} with {ckpt.model.name} from {ckpt.path} on {device}")
+    models = ", ".join(f"{p.checkpoint.model.name} from {p.path}" for p in predictors)
+    print(f"{'predicting' if predict else 'evaluating'} {what} with {models} on {device}")
 
-    # Inference at network size, scoring at each image's own size.
-    rows, skipped, packed_preds, started = [], [], {}, time.time()
+    # Inference at network size (an ensemble averages there: resizing is linear), scoring at each image's own size.
+    rows, skipped, packed_preds, pseudo, started = [], [], {}, [], time.time()
     by_pair = {s.pair_id: s for s in samples}
     for images, meta in tqdm(loader, desc=split, disable=None):
-        probs = predictor.probabilities(images, args.tta)
+        probs = sum(p.probabilities(images, args.tta) for p in predictors) / len(predictors)
         for i, pair_id in enumerate(meta["pair_id"]):
             sample = by_pair[pair_id]
             if meta["error"][i]:
@@ -132,6 +164,10 @@ def main(argv=None):
                 continue
             size = (int(meta["orig_height"][i]), int(meta["orig_width"][i]))
             pred = mask_at_size(probs[i:i + 1], size, args.threshold)
+            if args.save_probs is not None:
+                prob = prob_at_size(probs[i:i + 1], size)
+                write_png(args.save_probs / f"{pair_id}.png", np.round(prob * 255).astype(np.uint8))
+                pseudo.append(PseudoLabel(pair_id, sample.image, args.save_probs / f"{pair_id}.png", mean_entropy(prob)))
             if not predict:
                 try:
                     gt = read_mask(sample.mask)
@@ -149,11 +185,15 @@ def main(argv=None):
                              "pred_pixels": int(pred.sum()), "height": size[0], "width": size[1]})
             if save_preds is not None:
                 write_png(save_preds / f"{sample.image.stem}.png", pred.astype(np.uint8) * 255)
+    if args.save_probs is not None:
+        write_manifest(args.save_probs, pseudo, [str(p.path) for p in predictors], args.tta)
+        print(f"wrote {len(pseudo)} probability maps and {args.save_probs / 'pseudo_labels.json'}")
     if skipped:
         write_csv(out_dir / "skipped.csv", skipped)
         print(f"skipped {len(skipped)} unreadable files (listed in {out_dir / 'skipped.csv'}); first: {skipped[0]['reason']}")
     if predict:
-        print(f"wrote {len(samples) - len(skipped)} of {len(samples)} masks to {save_preds}")
+        if save_preds is not None:
+            print(f"wrote {len(samples) - len(skipped)} of {len(samples)} masks to {save_preds}")
         return
     if not rows:
         raise ToothSegError(f"{where}: no image could be scored; see {out_dir / 'skipped.csv'}")
@@ -166,6 +206,7 @@ def main(argv=None):
                          for g in sorted({r["age_group"] for r in rows})},
         "n_images": len(rows), "n_found": found, "n_skipped": len(skipped), "split": split,
         "threshold": args.threshold, "tta": args.tta, "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch,
+        "ensemble": [str(p.path) for p in predictors],
         "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
         "images_dir": str(args.images_dir or ckpt.data.images_dir), "masks_dir": str(args.masks_dir) if args.masks_dir else None,
         "seconds": round(time.time() - started, 1),

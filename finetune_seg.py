@@ -13,20 +13,23 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights
-from data import SegmentationDataset, build_eval_transform, build_train_transform, denormalize, modality_of
+from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
+from data import (SegmentationDataset, SemiDataset, UnlabelledDataset, build_eval_transform, build_train_transform,
+                  denormalize, modality_of)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
-from index import find_index, segmentation_splits, source_mask_threshold, subset_fraction
+from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
 from metrics import BCEDiceLoss, dice_per_image
 from models import ENCODER_PREFIXES
 from overlay import overlay_mask
-from utils import ToothSegError, make_parser, run_cli, set_seed
+from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
+from utils import ToothSegError, make_parser, non_negative_int, probability, run_cli, set_seed
 
 
 def parse_args(argv=None):
@@ -55,7 +58,30 @@ def parse_args(argv=None):
     data.add_argument("--train-subset-size", type=int, metavar="N", help="then keep at most N training pairs")
     optim.add_argument("--lambda-dice", type=float, default=0.2, metavar="L", help="loss = BCE + L * soft Dice")
     optim.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better val Dice")
-    return parse_training_args(parser, argv)
+
+    unlabelled = parser.add_argument_group(
+        "unlabelled images (the pool: training pairs left out by --label-fraction, and the index's unlabelled images)")
+    unlabelled.add_argument("--pseudo-labels", type=Path, metavar="DIR",
+                            help="offline: also train on the pool images a teacher labelled (eval.py --save-probs DIR), "
+                                 "with its soft probabilities as targets")
+    unlabelled.add_argument("--pseudo-weight", type=float, default=1.0, metavar="W", help="loss weight of a pseudo-labelled image")
+    unlabelled.add_argument("--pseudo-keep", type=float, default=1.0, metavar="F",
+                            help="keep this share of the pseudo-labels, the most confident (lowest mean entropy)")
+    unlabelled.add_argument("--student-noise", action=argparse.BooleanOptionalAction, default=True,
+                            help="strongly perturb the inputs of pseudo-labelled images (noisy student)")
+    unlabelled.add_argument("--semi", action="store_true",
+                            help="online: a mean teacher labels a weak view of each pool image, the student learns it "
+                                 "on a strong view where the teacher is confident (FixMatch/UniMatch style)")
+    unlabelled.add_argument("--ema-decay", type=float, default=0.99, metavar="D", help="--semi: teacher = EMA of the student")
+    unlabelled.add_argument("--confidence", type=probability, default=0.95, metavar="T",
+                            help="--semi: learn only pixels the teacher is this sure of")
+    unlabelled.add_argument("--unlabelled-weight", type=float, default=1.0, metavar="W", help="--semi: weight of the consistency loss")
+    unlabelled.add_argument("--rampup-epochs", type=non_negative_int, default=2, metavar="N",
+                            help="--semi: raise the consistency weight linearly over the first N epochs")
+    args = parse_training_args(parser, argv)
+    if args.semi and args.pseudo_labels is not None:
+        parser.error("choose one way of using the unlabelled images: --pseudo-labels or --semi")
+    return args
 
 
 def resolve_model(args) -> ModelSpec:
@@ -81,9 +107,9 @@ class SegmentationTask:
         self.loss = BCEDiceLoss(lambda_dice)
 
     def train_step(self, model, batch):
-        image, mask, _ = batch
+        image, mask, meta = batch
         logits = model(image)
-        return self.loss(logits, mask), logits
+        return self.loss(logits, mask, meta["weight"]), logits
 
     def val_step(self, model, batch):
         image, mask, _ = batch
@@ -92,11 +118,62 @@ class SegmentationTask:
         return {"loss": self.loss(logits, mask) * n, "dice": dice_per_image(logits, mask).sum(), "count": n}
 
     def visuals(self, batch, logits):
-        image, mask, _ = batch
+        image, mask = batch[:2]
         gray = (denormalize(image[:4, 0].float()) * 255).round().byte().cpu().numpy()
-        preds, gts = (logits[:4, 0] > 0).cpu().numpy(), mask[:4, 0].cpu().numpy()
+        preds, gts = (logits[:4, 0] > 0).cpu().numpy(), (mask[:4, 0] > 0.5).cpu().numpy()
         overlays = np.stack([overlay_mask(g, p, t) for g, p, t in zip(gray, preds, gts)])
         return {"overlay": torch.from_numpy(overlays).permute(0, 3, 1, 2).float() / 255}
+
+
+class SemiTask(SegmentationTask):
+    """The online method: the supervised loss on a labelled batch, plus the consistency of the student's
+    prediction on a strong view of an unlabelled batch with the mean teacher's confident labels of its
+    weak view. Both batches go through the student in one forward pass, so BatchNorm sees both."""
+
+    def __init__(self, lambda_dice: float, teacher: MeanTeacher, confidence: float, weight: float, rampup_steps: int):
+        super().__init__(lambda_dice)
+        self.teacher, self.confidence, self.weight, self.rampup_steps = teacher, confidence, weight, rampup_steps
+        self.steps = 0
+
+    def train_step(self, model, batch):
+        image, mask, meta, weak, strong = batch
+        logits = model(torch.cat([image, strong]))
+        labelled, unlabelled = logits[:len(image)], logits[len(image):]
+        ramp = min(1.0, (self.steps + 1) / self.rampup_steps) if self.rampup_steps else 1.0
+        consistency = consistency_loss(unlabelled, self.teacher.probabilities(weak), self.confidence)
+        return self.loss(labelled, mask, meta["weight"]) + self.weight * ramp * consistency, labelled
+
+    def after_step(self, model) -> None:
+        self.teacher.update(model)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.steps = state["steps"]
+
+
+def pseudo_labelled_samples(args, splits: dict, pool: list[Sample]) -> tuple[list[Sample], dict]:
+    """The pool images with a teacher's soft label (the most confident --pseudo-keep share), and what the
+    checkpoint records of them. A pseudo-label for a val/test image would leak evaluation: refused."""
+    labels, teachers = read_pseudo_labels(args.pseudo_labels)
+    held_out = {s.pair_id for name in ("val", "test") for s in splits[name]}
+    leaking = [label.image for label in labels if label.pair_id in held_out]
+    if leaking:
+        raise ToothSegError(f"{args.pseudo_labels}: pseudo-labels {leaking[0]} ({len(leaking)} in all), a val/test "
+                            f"image; label only the unlabelled pool (eval.py --split unlabelled)")
+    in_pool = {s.pair_id for s in pool}
+    usable = [label for label in labels if label.pair_id in in_pool]  # a truly labelled image keeps its mask
+    if not usable:
+        raise ToothSegError(f"{args.pseudo_labels}: none of its {len(labels)} pseudo-labels is an image of this run's "
+                            f"unlabelled pool; write them with eval.py --split unlabelled on this data")
+    kept = most_confident(usable, args.pseudo_keep)
+    record = {"dir": str(args.pseudo_labels), "teachers": teachers, "kept": len(kept), "usable": len(usable),
+              "keep": args.pseudo_keep, "weight": args.pseudo_weight, "student_noise": args.student_noise,
+              "max_mean_entropy": max(label.mean_entropy for label in kept)}
+    return [Sample(label.image, label.probs, label.pair_id, source="pseudo") for label in kept], record
 
 
 def main(argv=None):
@@ -113,8 +190,19 @@ def main(argv=None):
         raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; "
                             f"rebuild the index with a larger --val-ratio")
     modality = modality_of(train_samples)
-    train_set = SegmentationDataset(train_samples, build_train_transform(args.img_height, args.img_width, modality),
-                                    seed=args.seed, cache=args.cache_images)
+    train_transform = build_train_transform(args.img_height, args.img_width, modality)
+    pool = unlabelled_pool(args.images_dir, index, splits["train"], (s.pair_id for s in train_samples))
+    if (args.semi or args.pseudo_labels is not None) and not pool:
+        raise ToothSegError(f"{index or args.images_dir}: no unlabelled images to learn from; add some with "
+                            f"prepare_sts2d.py --unlabelled-dir, or train on a --label-fraction below 1")
+    pseudo, pseudo_record = pseudo_labelled_samples(args, splits, pool) \
+        if args.pseudo_labels is not None else ([], None)
+    train_set = SegmentationDataset(train_samples + pseudo, train_transform, soft={s.pair_id for s in pseudo},
+                                    soft_weight=args.pseudo_weight, noise=args.student_noise, seed=args.seed,
+                                    cache=args.cache_images)
+    if args.semi:
+        train_set = SemiDataset(train_set, UnlabelledDataset(pool, train_transform, seed=args.seed, cache=args.cache_images),
+                                seed=args.seed)
     val_set = SegmentationDataset(splits["val"], build_eval_transform(args.img_height, args.img_width),
                                   seed=args.seed, fixed=True, cache=args.cache_images)
     train_loader, val_loader = make_loaders(train_set, val_set, args, dist, device)
@@ -123,7 +211,9 @@ def main(argv=None):
     spec = resolve_model(args)
     model = spec.build()
     if dist.is_main:
-        print(f"fine-tuning {spec.name} {spec.args} on {len(train_set)} pairs ({modality}), "
+        extra = f" + {len(pseudo)} pseudo-labelled of {len(pool)} unlabelled" if pseudo else \
+            f" + {len(pool)} unlabelled (online, mean teacher)" if args.semi else ""
+        print(f"fine-tuning {spec.name} {spec.args} on {len(train_samples)} labelled pairs{extra} ({modality}), "
               f"validating on {len(val_set)}; device {device}")
     if args.init_from is not None and args.resume is None:
         report = load_pretrained(model, args.init_from)
@@ -133,9 +223,15 @@ def main(argv=None):
 
     # Loop: best by validation Dice, optional early stopping and encoder freezing.
     split = SplitSpec(str(index) if index else None, args.val_ratio, args.test_ratio, args.split_seed)
-    settings = {"lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction, "train_pairs": len(train_set),
-                "init_from": args.init_from, "freeze_encoder_epochs": args.freeze_encoder_epochs}
-    trainer = build_trainer(args, task=SegmentationTask(args.lambda_dice), model=model, kind="segmentation",
+    settings = {"lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
+                "labelled_pairs": sorted(s.pair_id for s in train_samples), "init_from": args.init_from,
+                "freeze_encoder_epochs": args.freeze_encoder_epochs, "pseudo_labels": pseudo_record,
+                "semi": {"method": "mean teacher, weak-to-strong consistency", "unlabelled": len(pool),
+                         "ema_decay": args.ema_decay, "confidence": args.confidence, "weight": args.unlabelled_weight,
+                         "rampup_epochs": args.rampup_epochs} if args.semi else None}
+    task = SemiTask(args.lambda_dice, MeanTeacher(unwrap(model), args.ema_decay), args.confidence, args.unlabelled_weight,
+                    args.rampup_epochs * len(train_loader)) if args.semi else SegmentationTask(args.lambda_dice)
+    trainer = build_trainer(args, task=task, model=model, kind="segmentation",
                             data=data_spec(args, modality=modality, split=split,
                                            mask_threshold=source_mask_threshold(train_samples, index)),
                             task_settings=settings,

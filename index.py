@@ -9,7 +9,7 @@ import csv
 import hashlib
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -234,3 +234,15 @@ def source_mask_threshold(samples: list[Sample], index_path: Path | None) -> int
     else:
         found = {default_mask_threshold(s.mask) for s in samples if s.mask is not None}
     return found.pop() if len(found) == 1 else None
+
+
+def unlabelled_pool(images_dir: str | os.PathLike, index: str | os.PathLike | None, train: list[Sample],
+                    labelled: Iterable[str]) -> list[Sample]:
+    """What a semi-supervised run may learn from without labels: the labelled training images its label
+    fraction left out (masks dropped), then the index's unlabelled images (split pretrain). Never val/test."""
+    labelled = set(labelled)
+    pool = [replace(s, mask=None) for s in train if s.pair_id not in labelled]
+    index_path = find_index(images_dir, index)
+    if index_path is not None:
+        pool += samples_from_index(index_path, index_base_dir(images_dir, index_path), ("pretrain",))
+    return pool

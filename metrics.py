@@ -152,29 +152,38 @@ def dice_per_image(logits: torch.Tensor, targets: torch.Tensor, threshold: float
     return torch.where(total > 0, 2 * intersection / total.clamp_min(1), torch.ones_like(total))
 
 
-def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - (2*sum(p*t) + eps) / (sum(p) + sum(t) + eps) per sample, averaged over the batch (fp32)."""
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0, per_sample: bool = False) -> torch.Tensor:
+    """1 - (2*sum(p*t) + eps) / (sum(p) + sum(t) + eps) per sample, averaged over the batch (fp32).
+    Targets may be soft (probabilities): the same formula is then the soft Dice of two maps."""
     _check_same_shape(logits, targets)
     probs, targets = torch.sigmoid(logits.float()), targets.float()
     dims = tuple(range(1, logits.ndim))
     overlap = (probs * targets).sum(dims)
     total = probs.sum(dims) + targets.sum(dims)
-    return (1 - (2 * overlap + eps) / (total + eps)).mean()
+    losses = 1 - (2 * overlap + eps) / (total + eps)
+    return losses if per_sample else losses.mean()
 
 
 class BCEDiceLoss(nn.Module):
-    """BCE-with-logits (mean over pixels) + lambda_dice * soft Dice loss, always in fp32."""
+    """BCE-with-logits (mean over pixels) + lambda_dice * soft Dice loss, always in fp32. Targets in
+    [0, 1] may be soft (pseudo-labels: BCE against a probability is the cross-entropy to it). With
+    `weights` (one per sample), the batch mean weighs each sample's loss."""
 
     def __init__(self, lambda_dice: float = 0.2):
         super().__init__()
         self.lambda_dice = lambda_dice
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         _check_same_shape(logits, targets)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits, targets = logits.float(), targets.float()
-            bce = F.binary_cross_entropy_with_logits(logits, targets)
-            return bce + self.lambda_dice * soft_dice_loss(logits, targets)
+            if weights is None:
+                bce = F.binary_cross_entropy_with_logits(logits, targets)
+                return bce + self.lambda_dice * soft_dice_loss(logits, targets)
+            dims = tuple(range(1, logits.ndim))
+            bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dims)
+            per_sample = bce + self.lambda_dice * soft_dice_loss(logits, targets, per_sample=True)
+            return (weights.float() * per_sample).mean()
 
     def extra_repr(self) -> str:
         return f"lambda_dice={self.lambda_dice}"

@@ -30,11 +30,15 @@ def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, devi
     return probs
 
 
+def prob_at_size(probs: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A (1, 1, h, w) probability map resized (bilinear) to the image's own (H, W), as float32 numpy."""
+    return F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+
+
 def mask_at_size(probs: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:
     """A (1, 1, h, w) probability map resized to the image's own (H, W) and thresholded: masks are
     scored, saved and shown at the original resolution, never at network size."""
-    prob = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)[0, 0]
-    return (prob > threshold).cpu().numpy()
+    return prob_at_size(probs, size) > threshold
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Build processed_2d/ and sts2d_index.csv from STS-2D-Tooth, a plain images/masks folder pair,
-TG3K, or the built-in synthetic panoramic phantom.
+TG3K, or the built-in synthetic panoramic phantom, plus any folders of unlabelled images.
 
     python prepare_sts2d.py --zip-dir downloads/             # SD-Tooth.zip.001 ... .015, read in place
     python prepare_sts2d.py --raw-dir raw/                   # an extracted STS-2D-Tooth tree (or an ancestor)
     python prepare_sts2d.py --images-dir imgs --masks-dir masks
     python prepare_sts2d.py --tg3k-dir tg3k/                 # thyroid ultrasound, stored as adult/labeled
     python prepare_sts2d.py --synthetic 60 --data-root runs/demo/data
+    python prepare_sts2d.py --images-dir I --masks-dir M --unlabelled-dir tufts=../tufts/images more/
 
 Output in --data-root: processed_2d/{adult,children}/{labeled,unlabeled}/{images,masks}/<pair_id>.png
 (8-bit grey images, masks 0/255) and sts2d_index.csv, one row per file (columns in index.INDEX_COLUMNS).
@@ -21,20 +22,30 @@ Rules:
   to 8 bits.
 - Splits: labelled pairs go to train/val/test (--val-ratio, --test-ratio), stratified by age group
   and deterministic in --seed; unlabelled images go to pretrain. Byte-identical images form a
-  duplicate group (`dup_group`, the group's first pair_id) that always lands in one split: an
-  unlabelled copy of a labelled image takes that image's split, so it can't leak into pretraining
-  when its twin is in val/test. Duplicate groups are listed in duplicates.csv, and groups whose
+  duplicate group (`dup_group`, the group's first labelled pair_id, else its first) that always
+  lands in one split: an unlabelled copy of a labelled image takes that image's split, so it can't
+  leak into pretraining when its twin is in val/test, and adding unlabelled copies never moves a
+  labelled image to another split. Duplicate groups are listed in duplicates.csv, and groups whose
   masks disagree are printed.
 - A stratum of n >= 3 duplicate groups gives at least one to val and one to test (when the ratio is
   > 0) and keeps at least one for train; smaller strata go to train.
 - TG3K keeps its official split: tg3k-trainval.json's "val" becomes our test split, and val is
   carved from its "train" list by --val-ratio.
+- --unlabelled-dir [NAME=]DIR ... adds to the source every image below each DIR (recursively,
+  skipping folders named masks in any case) as adult/unlabeled, split pretrain, with source
+  `unlabelled:NAME`. Adult because a bare image says nothing about the patient's age. NAME defaults
+  to DIR's folder name, or its parent's when that is generic (images/, img/: tufts-dev/images is
+  `tufts-dev`); two pools with one name must be told apart with NAME=. A pool image's pair_id is its
+  path below DIR without the extension, made file-name safe (sub/1.jpg: sub_1); when the labelled
+  source or an earlier pool already has that id, it becomes NAME_<id> (tufts-dev_1). Pool images
+  take part in the duplicate rule below like any unlabelled image. A missing or image-less DIR, or
+  --unlabelled-dir without a source, is a one-line error.
 - Bad input (an undecodable image, a mask whose size differs from its image, an image without a
   mask or a mask without an image, an unsafe zip member path) stops the run with a one-line error
   naming the file, unless --skip-bad: then the files are left out and listed in rejected.csv.
 - The output is rebuilt in a temporary folder and swapped in at the end, so a failed run leaves the
-  previous output intact. A second run with the same source and settings does nothing and says so
-  (prepare_stamp.json records them); --force rebuilds. The source is only read.
+  previous output intact. A second run with the same source, pools and settings does nothing and
+  says so (prepare_stamp.json records them); --force rebuilds. The source is only read.
 """
 from __future__ import annotations
 
@@ -60,8 +71,8 @@ import numpy as np
 from tqdm import tqdm
 
 import phantom
-from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, PROCESSED_NAME, SPLITS, default_mask_threshold, read_index,
-                   write_index)
+from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, PROCESSED_NAME, SPLITS, default_mask_threshold, list_images,
+                   read_index, write_index)
 from utils import ToothSegError, atomic_write_bytes, atomic_write_text, decode_image, is_image_file, make_parser, run_cli, to_uint8
 
 STAMP_NAME = "prepare_stamp.json"
@@ -74,6 +85,9 @@ STATUS_FOLDERS = {"labeled": "labeled", "labelled": "labeled", "unlabeled": "unl
 KIND_FOLDERS = {"image": "image", "images": "image", "mask": "mask", "masks": "mask"}
 MASK_SUFFIXES = ("_mask", "-mask", "_masks", "_label", "-label", "_gt", "-gt", "_seg", "-seg")
 ZIP_PART = re.compile(r"^(?P<prefix>.+\.zip)\.(?P<number>\d{3})$", re.IGNORECASE)
+POOL_KIND = "unlabelled:"     # + the pool's name: the `source` of an --unlabelled-dir image
+POOL_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)=(?P<folder>.+)$")
+GENERIC_FOLDERS = {"images", "image", "imgs", "img"}  # a pool named after one of these is named after its parent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +370,37 @@ def source_from_synthetic(n: int, seed: int, height: int, width: int) -> Source:
     return Source("synthetic", f"synthetic phantom, {n} images of {height}x{width}", files, [])
 
 
+def pool_folders(specs: list[str]) -> list[tuple[str, Path]]:
+    """(name, folder) of each --unlabelled-dir NAME=DIR or DIR. The name becomes the rows' `source`,
+    so two pools may not share one."""
+    pools = {}
+    for spec in specs:
+        match = POOL_SPEC.match(spec)
+        folder = Path(match["folder"] if match else spec)
+        name = match["name"] if match else None
+        if name is None:
+            absolute = Path(os.path.abspath(folder))  # "." and "x/.." have a name; symlinks keep theirs
+            name = absolute.parent.name if absolute.name.lower() in GENERIC_FOLDERS else absolute.name
+        if name in pools:
+            raise ToothSegError(f"--unlabelled-dir: {pools[name]} and {folder} are both named {name!r}; "
+                                f"name them apart with NAME=DIR (e.g. {name}-2={folder})")
+        pools[name] = folder
+    return list(pools.items())
+
+
+def source_from_pool(name: str, folder: Path) -> Source:
+    """Every image below `folder` (index.list_images) as adult/unlabeled; the stem keeps the
+    sub-folders, so same-named files in different sub-folders stay apart."""
+    if not folder.is_dir():
+        raise ToothSegError(f"{folder}: folder not found; check --unlabelled-dir")
+    images = list_images(folder)
+    if not images:
+        raise ToothSegError(f"{folder}: no images found below it (mask folders are skipped); check --unlabelled-dir")
+    files = [Found("adult", "unlabeled", "image", p.relative_to(folder).with_suffix("").as_posix(), _file_on_disk(p))
+             for p in images]
+    return Source(POOL_KIND + name, f"unlabelled pool {name!r}: {len(files)} images below {folder}", files, [])
+
+
 # ----------------------------------------------------------------------------------------------
 # Pairing
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +413,7 @@ class Entry:
     mask: SourceFile | None
     preset_split: str
     pair_id: str = ""
+    source: str = ""              # the Source's kind
 
 
 def strip_mask_suffix(stem: str) -> str | None:
@@ -418,16 +464,25 @@ def pair_files(files: list[Found]) -> tuple[list[Entry], list[tuple[str, str]]]:
     return entries, rejects
 
 
-def assign_pair_ids(entries: list[Entry]) -> None:
-    """pair_id = the file stem made file-name safe; where stems collide across groups, prefixed
-    with age group and label status; any remaining clash gets a numeric suffix."""
-    safe = [re.sub(r"[^A-Za-z0-9._-]+", "_", e.stem).strip(".") or "image" for e in entries]
+def file_name_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip(".") or "image"
+
+
+def assign_pair_ids(entries: list[Entry], taken: set[str] = frozenset(), prefix: str = "") -> None:
+    """pair_id = the file stem made file-name safe; where stems of one source collide across groups,
+    prefixed with age group and label status; where an id is `taken` (by an earlier source), with
+    `prefix`_; any remaining clash gets a numeric suffix."""
+    safe = [file_name_safe(e.stem) for e in entries]
     counts = Counter(safe)
     ids = [f"{e.age_group}_{e.label_status}_{s}" if counts[s] > 1 else s for e, s in zip(entries, safe)]
-    seen = Counter()
+    ids = [f"{file_name_safe(prefix)}_{pid}" if pid in taken else pid for pid in ids]
+    used = set(taken)
     for e, pid in sorted(zip(entries, ids), key=lambda t: (t[1], t[0].image.name)):
-        seen[pid] += 1
-        e.pair_id = pid if seen[pid] == 1 else f"{pid}-{seen[pid]}"
+        e.pair_id, n = pid, 1
+        while e.pair_id in used:
+            n += 1
+            e.pair_id = f"{pid}-{n}"
+        used.add(e.pair_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,8 +557,8 @@ def assign_splits(pairs: list[dict], val_ratio: float, test_ratio: float, seed: 
     strata = defaultdict(list)
     result = {}
     for members in groups.values():
-        dup_group = members[0]["pair_id"]
         labeled = [m for m in members if m["labeled"]]
+        dup_group = (labeled or members)[0]["pair_id"]  # a labelled name: unlabelled copies move nothing
         if not labeled:
             split = "pretrain"
         elif any(m["preset_split"] == "test" for m in labeled):
@@ -579,6 +634,12 @@ def print_statistics(rows: list[dict]) -> None:
     print("split (images): " + " / ".join(
         f"{s} {sum(by_split[(s, a)] for a in AGE_GROUPS)} ({', '.join(f'{a} {by_split[(s, a)]}' for a in AGE_GROUPS)})"
         for s in SPLITS))
+    by_source = defaultdict(Counter)
+    for r in images:
+        by_source[r["source"]][r["split"]] += 1
+    print("source (images): " + " / ".join(
+        f"{name} {sum(splits.values())} ({', '.join(f'{s} {splits[s]}' for s in SPLITS if splits[s])})"
+        for name, splits in sorted(by_source.items())))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,6 +655,10 @@ def build_parser():
     source.add_argument("--tg3k-dir", type=Path, metavar="DIR", help="TG3K folder (thyroid-image/, thyroid-mask/, tg3k-trainval.json)")
     source.add_argument("--synthetic", type=int, metavar="N", help="N images from the built-in panoramic phantom")
     source.add_argument("--synthetic-size", default="320x640", metavar="HxW", help="phantom image size")
+    pools = parser.add_argument_group("unlabelled pools (added to the source)")
+    pools.add_argument("--unlabelled-dir", "--unlabeled-dir", dest="unlabelled_dirs", nargs="+", metavar="[NAME=]DIR",
+                       help="every image below DIR (skipping masks/ folders) as adult/unlabeled, split pretrain, "
+                            f"source {POOL_KIND}NAME; NAME defaults to DIR's name, or its parent's for images/, img/ ...")
     output = parser.add_argument_group("output")
     output.add_argument("--data-root", type=Path, default=Path("./sts_tooth_data"), metavar="DIR",
                         help=f"receives {PROCESSED_NAME}/, {INDEX_NAME} and the reports")
@@ -612,6 +677,9 @@ def build_parser():
 
 def load_source(args) -> Source:
     given = [name for name in ("zip_dir", "raw_dir", "images_dir", "tg3k_dir", "synthetic") if getattr(args, name) is not None]
+    if not given and args.unlabelled_dirs:
+        raise ToothSegError("--unlabelled-dir adds unlabelled images to a labelled source; give one as well: "
+                            "--zip-dir, --raw-dir, --images-dir/--masks-dir, --tg3k-dir or --synthetic")
     if len(given) != 1:
         raise ToothSegError("give exactly one source: --zip-dir, --raw-dir, --images-dir/--masks-dir, --tg3k-dir or --synthetic"
                             + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else ""))
@@ -632,11 +700,13 @@ def load_source(args) -> Source:
     return source_from_synthetic(args.synthetic, args.seed, int(match[1]), int(match[2]))
 
 
-def fingerprint(source: Source, args) -> str:
+def fingerprint(source: Source, pools: list[Source], args) -> str:
     settings = {"version": STAMP_VERSION, "source": source.kind, "seed": args.seed, "val_ratio": args.val_ratio,
                 "test_ratio": args.test_ratio, "skip_bad": args.skip_bad, "mask_threshold": args.mask_threshold,
                 "files": sorted((f.file.name, f.file.stamp, f.preset_split) for f in source.files),
                 "rejects": sorted(source.rejects)}
+    if pools:  # only then, so that builds from before the pools stay up to date
+        settings["pools"] = [(p.kind, sorted((f.file.name, f.file.stamp) for f in p.files)) for p in pools]
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -669,20 +739,22 @@ def main(argv=None):
                             f"got {args.mask_threshold}; or leave it out for the default of each mask's format")
     source = load_source(args)
     try:
-        prepare(source, args)
+        prepare(source, [source_from_pool(name, folder) for name, folder in pool_folders(args.unlabelled_dirs or [])], args)
     finally:
         source.close()
 
 
-def prepare(source: Source, args) -> None:
+def prepare(source: Source, pools: list[Source], args) -> None:
     data_root = args.data_root
     print(f"source: {source.description}")
+    for pool in pools:
+        print(f"source: {pool.description}")
     if not source.files:
         where = next(str(getattr(args, n)) for n in ("zip_dir", "raw_dir", "images_dir", "tg3k_dir", "synthetic")
                      if getattr(args, n) is not None)
         raise ToothSegError(f"{where}: no images found in the source; check the path and its folder layout")
 
-    stamp = fingerprint(source, args)
+    stamp = fingerprint(source, pools, args)
     if not args.force and is_up_to_date(data_root, stamp):
         rows = read_index(data_root / INDEX_NAME)
         print(f"up to date: {data_root / INDEX_NAME} already matches this source and these settings "
@@ -690,10 +762,15 @@ def prepare(source: Source, args) -> None:
         print_statistics(rows)
         return
 
-    entries, rejects = pair_files(source.files)
-    rejects = source.rejects + rejects
+    entries, rejects = [], []
+    for src in (source, *pools):  # pools after the source, in the order given: the first to claim an id keeps it
+        paired, bad = pair_files(src.files)
+        assign_pair_ids(paired, {e.pair_id for e in entries}, src.kind.removeprefix(POOL_KIND))
+        for entry in paired:
+            entry.source = src.kind
+        entries += paired
+        rejects += src.rejects + bad
     fail_or_keep(rejects, args.skip_bad)
-    assign_pair_ids(entries)
 
     # Build into a fresh folder that replaces processed_2d only when everything has succeeded.
     (data_root / STAMP_NAME).unlink(missing_ok=True)
@@ -718,7 +795,7 @@ def prepare(source: Source, args) -> None:
                 rejects.append(bad)
                 continue
             for row in entry_rows:
-                row["source"] = source.kind
+                row["source"] = entry.source
             rows += entry_rows
             pairs.append({"pair_id": entry.pair_id, "age_group": entry.age_group, "labeled": entry.mask is not None,
                           "sha1": entry_rows[0]["sha1"], "mask_sha1": entry_rows[1]["sha1"] if entry.mask else "",

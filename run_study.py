@@ -1,15 +1,21 @@
-"""The pretraining study: does MIM or full-image pretraining help tooth segmentation, and by how much
-when labels are scarce? Runs the grid models x initialisation x label fraction x seed by calling the
-stage scripts as subprocesses with the flags a user would type, then tabulates test metrics.
+"""The study: how much do unlabelled X-rays help tooth segmentation, and which way of using them? Runs
+the grid models x initialisation x use of unlabelled images x label fraction x seed by calling the stage
+scripts as subprocesses with the flags a user would type, then tabulates test metrics.
 
-Per model, each pretraining (mim, fullimage) runs once (seed --pretrain-seed); every cell then
-fine-tunes (finetune_seg.py) and evaluates on the test split (eval.py). The study is resumable:
+Initialisation (--inits): scratch, or MIM / full-image pretraining on the whole pool (the labelled
+training images and every unlabelled one), once per model (seed --pretrain-seed). Unlabelled images
+during fine-tuning (--semi): none; pseudo (offline, as the STS 2023 winners: the cell's supervised twin
+labels the unlabelled pool with soft probabilities, eval.py --save-probs, and a student fine-tunes on
+labels plus pseudo-labels); online (finetune_seg.py --semi, a mean teacher with weak-to-strong
+consistency). The unlabelled pool is the index's unlabelled images plus the training pairs that the
+label fraction leaves out. Every cell evaluates on the test split (eval.py). The study is resumable:
 a cell is done when OUT_DIR/cells/NAME/cell.json exists; failed or interrupted cells are redone from
 scratch, so a crash loses only the cell in progress.
 
 Outputs in OUT_DIR: study.csv (one row per cell), study.md (mean ± std over seeds, bootstrap 95% CIs
 over test images, and each pretraining's paired difference to scratch), and study_dice.png
-(test Dice against label fraction, one line per initialisation).
+(test Dice against label fraction, one line per method). Each method is compared with supervised
+scratch by a paired bootstrap over the test images.
 
 Example (the README's real-data run):
   python run_study.py --images-dir ./ufba/processed_2d --out-dir runs/study_ufba --models unet \\
@@ -36,6 +42,7 @@ from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, ru
 
 HERE = Path(__file__).resolve().parent
 INITS = ("scratch", "mim", "fullimage")
+SEMI = ("none", "pseudo", "online")
 PRETRAIN_SCRIPTS = {"mim": "mim_pretrain.py", "fullimage": "fullimage_pretrain.py"}
 
 
@@ -44,6 +51,8 @@ def parse_args(argv=None):
     grid = parser.add_argument_group("grid")
     grid.add_argument("--models", nargs="+", default=["unet"], metavar="NAME", help=", ".join(sorted(MODELS)))
     grid.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, metavar="INIT", help="scratch, mim, fullimage")
+    grid.add_argument("--semi", nargs="+", default=["none"], choices=SEMI, metavar="WAY",
+                      help="none, pseudo (offline teacher -> student; needs none, its teacher), online (mean teacher)")
     grid.add_argument("--label-fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0], metavar="F", help="shares of the labelled training pairs")
     grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="S", help="fine-tuning seeds (also pick the label subsets)")
     data = parser.add_argument_group("data")
@@ -59,6 +68,8 @@ def parse_args(argv=None):
     train.add_argument("--pretrain-seed", type=int, default=0, metavar="S", help="seed of the pretraining runs")
     train.add_argument("--pretrain-args", default="", metavar="'FLAGS'", help="extra flags for both pretraining scripts")
     train.add_argument("--finetune-args", default="", metavar="'FLAGS'", help="extra flags for finetune_seg.py")
+    train.add_argument("--semi-args", default="", metavar="'FLAGS'",
+                       help="extra flags for the pseudo and online fine-tunes, after --finetune-args (e.g. '--epochs 10')")
     train.add_argument("--workers", type=int, default=2, metavar="N", help="DataLoader workers of every stage")
     train.add_argument("--cpu", action="store_true", help="pass --cpu to every stage")
     out = parser.add_argument_group("output")
@@ -70,11 +81,15 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown --models {', '.join(unknown)}; valid: {', '.join(sorted(MODELS))}")
+    if "pseudo" in args.semi and "none" not in args.semi:
+        parser.error("--semi pseudo labels with its supervised twin: add none to --semi")
+    args.semi = [way for way in SEMI if way in args.semi]  # teachers (none) before their students
     return args
 
 
-def cell_name(model: str, init: str, fraction: float, seed: int) -> str:
-    return f"{model}_{init}_f{fraction:g}_s{seed}"
+def cell_name(model: str, init: str, fraction: float, seed: int, semi: str = "none") -> str:
+    way = "" if semi == "none" else f"_{semi}"  # supervised cells keep the names of studies before --semi
+    return f"{model}_{init}{way}_f{fraction:g}_s{seed}"
 
 
 def script(name: str) -> list[str]:
@@ -96,8 +111,10 @@ def pretrain_command(args, model: str, init: str) -> tuple[list[str], Path]:
     return cmd, out  # --init-from takes the folder: its best.pth, or an older run's mim_best.pth
 
 
-def cell_commands(args, model: str, init: str, fraction: float, seed: int, pretrained: Path | None) -> list[list[str]]:
-    cell = args.out_dir / "cells" / cell_name(model, init, fraction, seed)
+def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed: int,
+                  pretrained: Path | None) -> list[list[str]]:
+    cells = args.out_dir / "cells"
+    cell = cells / cell_name(model, init, fraction, seed, semi)
     finetune = script("finetune_seg.py") + [
         "--images-dir", str(args.images_dir), "--checkpoint-dir", str(cell), "--model-type", model,
         "--base-channels", str(args.base_channels), "--epochs", str(args.finetune_epochs), "--seed", str(seed),
@@ -106,14 +123,25 @@ def cell_commands(args, model: str, init: str, fraction: float, seed: int, pretr
         finetune += ["--masks-dir", str(args.masks_dir)]
     if pretrained is not None:
         finetune += ["--init-from", str(pretrained)]
+    cpu = ["--cpu"] if args.cpu else []
     evaluate = script("eval.py") + ["--checkpoint", str(cell), "--split", "test",
-                                     "--out-dir", str(cell / "eval_test"), "--workers", str(args.workers)]
-    return [finetune, evaluate + (["--cpu"] if args.cpu else [])]
+                                     "--out-dir", str(cell / "eval_test"), "--workers", str(args.workers), *cpu]
+    if semi == "none":
+        return [finetune, evaluate]
+    if semi == "online":
+        return [finetune + ["--semi", *shlex.split(args.semi_args)], evaluate]
+    teacher = cells / cell_name(model, init, fraction, seed)
+    label = script("eval.py") + ["--checkpoint", str(teacher), "--split", "unlabelled", "--save-probs",
+                                  str(cell / "pseudo_labels"), "--out-dir", str(cell / "teacher"),
+                                  "--workers", str(args.workers), *cpu]
+    return [label, finetune + ["--pseudo-labels", str(cell / "pseudo_labels"), *shlex.split(args.semi_args)], evaluate]
 
 
 def grid(args):
-    """Every (model, init, label fraction, seed) cell, in run order."""
-    return itertools.product(args.models, args.inits, args.label_fractions, args.seeds)
+    """Every (model, init, semi, label fraction, seed) cell, in run order: a pseudo cell after its teacher."""
+    for model, init, fraction, seed in itertools.product(args.models, args.inits, args.label_fractions, args.seeds):
+        for semi in args.semi:
+            yield model, init, semi, fraction, seed
 
 
 def run_logged(cmd: list[str], log: Path) -> bool:
@@ -155,11 +183,11 @@ def main(argv=None):
                 atomic_write_text(done, json.dumps({"folder": str(folder), "finished": time.time()}))
 
     # Cells: fine-tune then evaluate; cell.json marks a finished cell.
-    for model, init, fraction, seed in grid(args):
-        name = cell_name(model, init, fraction, seed)
+    for model, init, semi, fraction, seed in grid(args):
+        name = cell_name(model, init, fraction, seed, semi)
         cell = args.out_dir / "cells" / name
         source = pretrained.get((model, init))
-        commands = cell_commands(args, model, init, fraction, seed, source)
+        commands = cell_commands(args, model, init, semi, fraction, seed, source)
         if args.dry_run:
             print("\n".join(shlex.join(c) for c in commands))
             continue
@@ -170,6 +198,10 @@ def main(argv=None):
         if source is not None and not (source / "done.json").exists():
             failed.append(f"{name}: its {init} pretraining failed")
             continue
+        teacher = args.out_dir / "cells" / cell_name(model, init, fraction, seed)
+        if semi == "pseudo" and not (teacher / "cell.json").exists():
+            failed.append(f"{name}: its teacher {teacher.name} failed")
+            continue
         shutil.rmtree(cell, ignore_errors=True)
         print(f"cell {name} ...", flush=True)
         cell_start = time.time()
@@ -179,7 +211,7 @@ def main(argv=None):
             failed.append(f"{name}: {tail(log)}")
             continue
         summary = json.loads((cell / "eval_test" / "summary.json").read_text())
-        record = {"model": model, "init": init, "label_fraction": fraction, "seed": seed,
+        record = {"model": model, "init": init, "semi": semi, "label_fraction": fraction, "seed": seed,
                   **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
                   "n_test": summary["n_images"], "best_epoch": summary["checkpoint_epoch"],
                   "seconds": round(time.time() - cell_start, 1)}
@@ -200,13 +232,14 @@ def main(argv=None):
 
 def collect(args) -> list[dict]:
     """The records of this grid's finished cells."""
-    paths = (args.out_dir / "cells" / cell_name(*cell) / "cell.json" for cell in grid(args))
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
+    paths = (args.out_dir / "cells" / cell_name(model, init, fraction, seed, semi) / "cell.json"
+             for model, init, semi, fraction, seed in grid(args))
+    return [{"semi": "none", **json.loads(p.read_text())} for p in paths if p.exists()]  # older cells: supervised
 
 
 def per_image_dice(args, record: dict) -> dict[str, float]:
     path = args.out_dir / "cells" / cell_name(record["model"], record["init"], record["label_fraction"],
-                                              record["seed"]) / "eval_test" / "per_image.csv"
+                                              record["seed"], record["semi"]) / "eval_test" / "per_image.csv"
     with path.open(newline="") as f:
         return {row["pair_id"]: float(row["dice"]) for row in csv.DictReader(f)}
 
@@ -228,7 +261,7 @@ def write_outputs(args, records: list[dict]) -> None:
     rng = np.random.default_rng(0)
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["model"], r["init"], r["label_fraction"]), []).append(r)
+        groups.setdefault((r["model"], r["init"], r["semi"], r["label_fraction"]), []).append(r)
 
     def image_means(group: list[dict]) -> dict[str, float]:
         """Each test image's Dice averaged over seeds."""
@@ -236,30 +269,33 @@ def write_outputs(args, records: list[dict]) -> None:
         common = set.intersection(*(set(p) for p in per_seed))
         return {k: float(np.mean([p[k] for p in per_seed])) for k in sorted(common)}
 
-    lines = ["| model | init | labels | seeds | test Dice (mean ± std over seeds) | 95% CI over images | HD95 px | ASSD px |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    diffs = ["| model | labels | pretraining | Dice − scratch | paired 95% CI over images | verdict |",
+    lines = ["| model | init | unlabelled | labels | seeds | test Dice (mean ± std over seeds) | 95% CI over images | HD95 px | ASSD px |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    diffs = ["| model | labels | method | Dice − supervised scratch | paired 95% CI over images | verdict |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for (model, init, fraction), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], INITS.index(kv[0][1]))):
+    order = lambda kv: (kv[0][0], kv[0][3], INITS.index(kv[0][1]), SEMI.index(kv[0][2]))  # noqa: E731
+    for (model, init, semi, fraction), group in sorted(groups.items(), key=order):
         dice = np.array([r["dice"] for r in group])
         lo, hi = bootstrap_ci(np.array(list(image_means(group).values())), args.bootstrap, rng)
-        lines.append(f"| {model} | {init} | {fraction:g} | {len(group)} | {dice.mean():.4f} ± {dice.std():.4f} | "
+        lines.append(f"| {model} | {init} | {semi} | {fraction:g} | {len(group)} | {dice.mean():.4f} ± {dice.std():.4f} | "
                      f"[{lo:.4f}, {hi:.4f}] | {np.mean([r['hd95'] for r in group]):.1f} | "
                      f"{np.mean([r['assd'] for r in group]):.1f} |")
-        scratch = groups.get((model, "scratch", fraction))
-        if init != "scratch" and scratch:
+        scratch = groups.get((model, "scratch", "none", fraction))
+        if (init, semi) != ("scratch", "none") and scratch:
             ours, base = image_means(group), image_means(scratch)
             keys = sorted(set(ours) & set(base))
             delta = np.array([ours[k] - base[k] for k in keys])
             dlo, dhi = bootstrap_ci(delta, args.bootstrap, rng)
             verdict = "helps" if dlo > 0 else "hurts" if dhi < 0 else "no clear difference"
-            diffs.append(f"| {model} | {fraction:g} | {init} | {delta.mean():+.4f} | [{dlo:+.4f}, {dhi:+.4f}] | {verdict} |")
+            diffs.append(f"| {model} | {fraction:g} | {method_label(init, semi)} | {delta.mean():+.4f} | "
+                         f"[{dlo:+.4f}, {dhi:+.4f}] | {verdict} |")
     table = "\n".join(lines)
-    text = ["# Pretraining study", "", f"Images: `{args.images_dir}`, input {args.img_height}x{args.img_width}, "
-            f"base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, fine-tuning {args.finetune_epochs} "
-            f"epochs, batch {args.batch_size}.", "", table, ""]
+    text = ["# Study: unlabelled images and pretraining", "", f"Images: `{args.images_dir}`, input "
+            f"{args.img_height}x{args.img_width}, base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, "
+            f"fine-tuning {args.finetune_epochs} epochs (pseudo/online extra flags: `{args.semi_args or 'none'}`), "
+            f"batch {args.batch_size}.", "", table, ""]
     if len(diffs) > 2:
-        text += ["Pretraining against scratch (same label fraction; per-image Dice averaged over seeds, "
+        text += ["Each method against supervised scratch (same label fraction; per-image Dice averaged over seeds, "
                  "paired bootstrap over test images):", "", "\n".join(diffs), ""]
     atomic_write_text(args.out_dir / "study.md", "\n".join(text))
     plot(args, groups)
@@ -269,6 +305,11 @@ def write_outputs(args, records: list[dict]) -> None:
     print(f"wrote {args.out_dir / 'study.csv'}, {args.out_dir / 'study.md'} and {args.out_dir / 'study_dice.png'}")
 
 
+def method_label(init: str, semi: str) -> str:
+    """scratch, mim, ... for supervised cells; scratch + pseudo, mim + online, ... otherwise."""
+    return init if semi == "none" else f"{init} + {semi}"
+
+
 def plot(args, groups: dict) -> None:
     import matplotlib
 
@@ -276,11 +317,12 @@ def plot(args, groups: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    series = [(model, init, sorted((f, [r["dice"] for r in g]) for (m, i, f), g in groups.items() if (m, i) == (model, init)))
-              for model in args.models for init in args.inits]
+    series = [(model, method_label(init, semi), sorted((f, [r["dice"] for r in g]) for (m, i, w, f), g in groups.items()
+                                                       if (m, i, w) == (model, init, semi)))
+              for model in args.models for init in args.inits for semi in args.semi]
     series = [(m, i, points) for m, i, points in series if points]
     label = (lambda m, i: f"{m} · {i}") if len(args.models) > 1 else (lambda m, i: i)
-    if len(args.label_fractions) == 1:  # one fraction: compare the initialisations side by side
+    if len(args.label_fractions) == 1:  # one fraction: compare the methods side by side
         for k, (model, init, [(_, dice)]) in enumerate(series):
             ax.bar(k, np.mean(dice), yerr=np.std(dice), capsize=4, color=f"C{k}")
             ax.text(k, np.mean(dice) / 2, f"{np.mean(dice):.3f}", ha="center", color="white", fontweight="bold")

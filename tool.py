@@ -101,7 +101,11 @@ def describe(record: Checkpoint | None) -> str:
 
 
 def settings_text(settings: dict) -> str:
-    return " ".join(f"{k}={settings_text(v) if isinstance(v, dict) else v}" for k, v in settings.items()) or "none"
+    def value(v):
+        if isinstance(v, dict):
+            return "{" + settings_text(v) + "}"
+        return f"[{len(v)} items]" if isinstance(v, list) and len(v) > 4 else v
+    return " ".join(f"{k}={value(v)}" for k, v in settings.items()) or "none"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -304,9 +304,11 @@ def pretraining_runs(run_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def cells_across_inits(cells: dict[str, dict], cell: str) -> dict[str, Path]:
-    """init -> folder of the cells sharing `cell`'s model, label fraction and seed (scratch, mim, ...)."""
+    """method -> folder of the cells sharing `cell`'s model, label fraction and seed: the initialisations
+    (scratch, mim, ...) and, where the study ran them, the ways of using unlabelled images (scratch + pseudo, ...)."""
     if cell not in cells:
         raise ToothSegError(f"no finished cell {cell!r}; choose one of: {', '.join(cells)}")
     ref = cells[cell]
     same = lambda r: (r["model"], r["label_fraction"], r["seed"]) == (ref["model"], ref["label_fraction"], ref["seed"])
-    return {r["init"]: r["dir"] for r in cells.values() if same(r)}
+    method = lambda r: r["init"] if r.get("semi", "none") == "none" else f"{r['init']} + {r['semi']}"
+    return {method(r): r["dir"] for r in cells.values() if same(r)}

@@ -1,6 +1,6 @@
 """prepare_sts2d.py on every source (folder pair, real ufba425-dev, zip parts, raw tree, TG3K,
-synthetic), its bad-input errors, the split and duplicate rules, mask binarisation, determinism,
-idempotency, and that it (and fbf.py) start without torch."""
+synthetic) and the unlabelled pools added to them, its bad-input errors, the split and duplicate
+rules, mask binarisation, determinism, idempotency, and that it (and fbf.py) start without torch."""
 from __future__ import annotations
 
 import csv
@@ -228,16 +228,19 @@ def test_raw_tree_with_odd_case_folders(tmp_path, capsys):
         assert {r["source"] for r in rows} == {"raw"}
 
 
-def test_tg3k_split_follows_its_json(tmp_path, capsys):
-    root = tmp_path / "data/tg3k"
-    n = 12
+def tg3k_tree(root: Path, n: int, val: list[int]) -> None:
+    """TG3K's layout: n JPEG images and masks named 0.jpg .. and the json listing `val`."""
     files = {}
-    for i in range(n):  # names 0.jpg .. 11.jpg: numeric order differs from text order ("10" < "2")
+    for i in range(n):
         files[f"thyroid-image/{i}.jpg"] = image_bytes(i, shape=(40, 30), ext=".jpg")
         files[f"thyroid-mask/{i}.jpg"] = mask_bytes(i, shape=(40, 30), value=255, ext=".jpg")
     write_files(root, files)
-    val = [2, 10, 11]
     (root / "tg3k-trainval.json").write_text(json.dumps({"train": [i for i in range(n) if i not in val], "val": val}))
+
+
+def test_tg3k_split_follows_its_json(tmp_path, capsys):
+    n = 12  # names 0.jpg .. 11.jpg: numeric order differs from text order ("10" < "2")
+    tg3k_tree(tmp_path / "data/tg3k", n, val=[2, 10, 11])
     out = tmp_path / "out"
     run(["--tg3k-dir", str(tmp_path / "data"), "--data-root", str(out), "--val-ratio", "0.2"], capsys)
     rows = read_index(out / INDEX_NAME)
@@ -514,3 +517,134 @@ def test_help_shows_defaults(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "default: sts_tooth_data" in text and "--skip-bad" in text and "--val-ratio F" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Unlabelled pools (--unlabelled-dir)
+# ----------------------------------------------------------------------------------------------
+def pool_rows(rows) -> dict[str, dict]:
+    return {r["pair_id"]: r for r in rows if r["source"].startswith("unlabelled:")}
+
+
+def test_pools_join_a_folder_pair(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "lab", 6)
+    colour_jpeg = image_bytes(50, shape=(24, 48, 3), ext=".jpg")
+    write_files(tmp_path / "tufts-dev/images", {  # named after its parent: "images" says nothing
+        "p000.jpg": colour_jpeg,                   # the labelled source has p000: prefixed
+        "u1.png": image_bytes(51, dtype=np.uint16),
+        "sub/u2.png": image_bytes(52),
+        "Masks/u3.png": image_bytes(53)})          # skipped, in any case
+    write_files(tmp_path / "more", {
+        "u1.png": image_bytes(54),                 # the first pool has u1: prefixed with this pool's name
+        "p001.bmp": image_bytes(55, ext=".bmp"),
+        "masks/x.png": image_bytes(56)})
+    out = tmp_path / "out"
+    printed = run(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out),
+                   "--unlabelled-dir", str(tmp_path / "tufts-dev/images"), f"other={tmp_path / 'more'}"], capsys)
+
+    rows = read_index(out / INDEX_NAME)
+    pools = pool_rows(rows)
+    assert {pid: r["source"] for pid, r in pools.items()} == {
+        "tufts-dev_p000": "unlabelled:tufts-dev", "u1": "unlabelled:tufts-dev", "sub_u2": "unlabelled:tufts-dev",
+        "other_u1": "unlabelled:other", "other_p001": "unlabelled:other"}
+    assert {(r["age_group"], r["label_status"], r["split"], r["is_mask"]) for r in pools.values()} == {
+        ("adult", "unlabeled", "pretrain", False)}
+    assert all(r["rel_path"] == f"adult/unlabeled/images/{pid}.png" for pid, r in pools.items())
+    image_ids = [r["pair_id"] for r in rows if not r["is_mask"]]
+    assert len(image_ids) == len(set(image_ids)) == 11
+    assert Counter(r["source"] for r in rows if r["is_mask"]) == {"folder": 6}  # no mask rows for the pools
+    for pid, r in pools.items():
+        written = cv2.imread(str(out / PROCESSED_NAME / r["rel_path"]), cv2.IMREAD_UNCHANGED)
+        assert written.dtype == np.uint8 and written.shape == (r["height"], r["width"]) == (24, 48), pid
+    decoded = cv2.imdecode(np.frombuffer(colour_jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    written = cv2.imread(str(out / PROCESSED_NAME / "adult/unlabeled/images/tufts-dev_p000.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(written, cv2.cvtColor(decoded, cv2.COLOR_BGR2GRAY))
+    assert "label_status: labeled 12 / unlabeled 5" in printed
+    assert ("source (images): folder 6 (train 4, val 1, test 1) / unlabelled:other 2 (pretrain 2) / "
+            "unlabelled:tufts-dev 3 (pretrain 3)") in printed
+
+
+@pytest.mark.parametrize("kind", ["zip", "raw", "tg3k", "synthetic"])
+def test_pools_join_every_source(tmp_path, capsys, kind):
+    write_files(tmp_path / "pool", {"Au0.png": image_bytes(900), "x.png": image_bytes(901)})
+    if kind == "zip":
+        zip_parts(tmp_path / "src", sts_files(adult=(3, 1), children=(3, 1)))
+    elif kind == "raw":  # its own unlabelled Au0 and the pool's Au0 are different images: both kept
+        write_files(tmp_path / "src", sts_files(adult=(3, 1), children=(3, 1)))
+    elif kind == "tg3k":
+        tg3k_tree(tmp_path / "src", 6, val=[1])
+    flag = ["--synthetic", "6", "--synthetic-size", "64x128"] if kind == "synthetic" else [f"--{kind}-dir", str(tmp_path / "src")]
+    out = tmp_path / "out"
+    run(flag + ["--data-root", str(out), "--unlabeled-dir", str(tmp_path / "pool")], capsys)
+    rows = read_index(out / INDEX_NAME)
+    assert {r["source"] for r in pool_rows(rows).values()} == {"unlabelled:pool"} and len(pool_rows(rows)) == 2
+    assert {r["split"] for r in pool_rows(rows).values()} == {"pretrain"}
+    assert len(rows) == len({(r["pair_id"], r["is_mask"]) for r in rows}) and not (out / "rejected.csv").exists()
+
+
+def test_pool_copies_take_their_twins_split_and_move_nothing(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "lab", 10)
+    write_files(tmp_path / "copy/images", {p.name: p.read_bytes() for p in images.iterdir()})  # every labelled image again
+    write_files(tmp_path / "copy/images", {"fresh.png": image_bytes(77)})
+    argv = ["--images-dir", str(images), "--masks-dir", str(masks)]
+    run(argv + ["--data-root", str(tmp_path / "alone")], capsys)
+    printed = run(argv + ["--data-root", str(tmp_path / "out"), "--unlabelled-dir", str(tmp_path / "copy/images")], capsys)
+
+    alone = images_by(read_index(tmp_path / "alone" / INDEX_NAME))
+    rows = images_by(read_index(tmp_path / "out" / INDEX_NAME))
+    assert {pid: r["split"] for pid, r in rows.items() if r["source"] == "folder"} == {pid: r["split"] for pid, r in alone.items()}
+    for pid, twin in alone.items():
+        copy = rows[f"copy_{pid}"]
+        assert copy["label_status"] == "unlabeled" and copy["split"] == twin["split"] and copy["dup_group"] == pid
+    assert "test" in {rows[f"copy_{pid}"]["split"] for pid in alone} and rows["fresh"]["split"] == "pretrain"
+    report = read_csv(tmp_path / "out" / "duplicates.csv")
+    assert len(report) == 20 and {r["pair_id"] for r in report if r["label_status"] == "unlabeled"} == {f"copy_{p}" for p in alone}
+    assert "duplicates: 10 groups of identical images (20 images)" in printed
+
+
+def test_a_corrupt_pool_image_is_bad_input(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "lab", 4)
+    write_files(tmp_path / "pool", {"ok.png": image_bytes(60), "bad.png": b"\x89PNG but truncated"})
+    argv = ["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(tmp_path / "out"),
+            "--unlabelled-dir", str(tmp_path / "pool")]
+    proc = subprocess.run([sys.executable, str(REPO / "prepare_sts2d.py"), *argv], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'pool/bad.png'}: cannot decode") and "--skip-bad" in lines[0]
+    assert not (tmp_path / "out" / INDEX_NAME).exists()
+
+    printed = run(argv + ["--skip-bad"], capsys)
+    assert [r["file"] for r in read_csv(tmp_path / "out" / "rejected.csv")] == [str(tmp_path / "pool/bad.png")]
+    assert list(pool_rows(read_index(tmp_path / "out" / INDEX_NAME))) == ["ok"] and "skipped 1 bad files" in printed
+
+
+def test_pool_errors_are_one_line(tmp_path):
+    images, masks = folder_pair(tmp_path / "lab", 4)
+    write_files(tmp_path / "masks_only", {"masks/a.png": image_bytes(1)})
+    write_files(tmp_path, {"a/images/x.png": image_bytes(2), "b/a/y.png": image_bytes(3)})
+    base = ["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(tmp_path / "out"), "--unlabelled-dir"]
+    message = error_of(base + [str(tmp_path / "missing")])
+    assert message.startswith(str(tmp_path / "missing")) and "not found" in message
+    message = error_of(base + [str(tmp_path / "masks_only")])
+    assert message.startswith(str(tmp_path / "masks_only")) and "no images" in message
+    message = error_of(base + [str(tmp_path / "a/images"), str(tmp_path / "b/a")])  # both named "a"
+    assert str(tmp_path / "b/a") in message and "'a'" in message and "NAME=DIR" in message
+    assert "a labelled source" in error_of(["--unlabelled-dir", str(tmp_path / "a/images"), "--data-root", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_with_pools(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "lab", 4)
+    write_files(tmp_path, {"one/a.png": image_bytes(70), "two/b.png": image_bytes(71)})
+    argv = ["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(tmp_path / "out")]
+    assert "wrote 9 files" in run(argv + ["--unlabelled-dir", str(tmp_path / "one")], capsys)
+    printed = run(argv + ["--unlabelled-dir", str(tmp_path / "one")], capsys)
+    assert "up to date" in printed and "unlabelled:one 1 (pretrain 1)" in printed
+    both = argv + ["--unlabelled-dir", str(tmp_path / "one"), str(tmp_path / "two")]
+    assert "wrote 10 files" in run(both, capsys)  # an added pool rebuilds
+    assert "up to date" in run(both, capsys)
+    write_files(tmp_path, {"two/c.png": image_bytes(72)})
+    assert "wrote 11 files" in run(both, capsys)  # so does an added pool image
+    assert "wrote 11 files" in run(argv + ["--unlabelled-dir", str(tmp_path / "one"), f"second={tmp_path / 'two'}"], capsys)  # a renamed pool
+    assert {r["source"] for r in read_index(tmp_path / "out" / INDEX_NAME)} == {"folder", "unlabelled:one", "unlabelled:second"}
+    assert "wrote 8 files" in run(argv, capsys)  # and dropping the pools

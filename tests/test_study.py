@@ -76,7 +76,7 @@ def test_study_outputs_summarise_every_cell(tiny_study):
         summary = json.loads((tiny_study / "cells" / f"unet_{row['init']}_f1_s0" / "eval_test" / "summary.json").read_text())
         assert float(row["dice"]) == cell["dice"] == summary["metrics"]["dice"]["mean"]
     table = (tiny_study / "study.md").read_text()
-    assert "| unet | mim | 1 | 1 |" in table and "Dice − scratch" in table
+    assert "| unet | mim | none | 1 | 1 |" in table and "Dice − supervised scratch" in table
     figure = cv2.imread(str(tiny_study / "study_dice.png"))
     assert figure is not None and figure.shape[0] > 200
 
