@@ -22,29 +22,37 @@ from utils import ToothSegError, read_image, to_uint8
 NORM_MEAN, NORM_STD = 0.5, 0.25
 
 
-def build_train_transform(height: int, width: int, modality: str = "xray", normalize: bool = True) -> A.Compose:
-    """The seeds' panoramic recipe; `modality="ultrasound"` gives the TG3K variant (speckle, larger affine)."""
+def build_train_transform(height: int, width: int, modality: str = "xray", normalize: bool = True,
+                          window: tuple[int, int] | None = None) -> A.Compose:
+    """The seeds' panoramic recipe; `modality="ultrasound"` gives the TG3K variant (speckle, larger affine).
+    With `window` (H, W), training sees a random crop of that size, taken after the geometric augmentation."""
     if modality == "xray":
-        steps = [
-            A.Resize(height, width),
+        geometric = [
             A.HorizontalFlip(p=0.5),
             A.Rotate(limit=5, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+        ]
+        photometric = [
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
             A.OneOf([A.GaussNoise(std_range=(0.01, 0.03)), A.GaussianBlur(blur_limit=(3, 5))], p=0.3),
         ]
     elif modality == "ultrasound":
-        steps = [
-            A.Resize(height, width),
+        geometric = [
             A.HorizontalFlip(p=0.5),
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+        ]
+        photometric = [
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
             A.OneOf([A.MultiplicativeNoise(multiplier=(0.85, 1.15), elementwise=True),
                      A.GaussianBlur(blur_limit=(3, 5))], p=0.4),
         ]
     else:
         raise ToothSegError(f"unknown modality {modality!r}; valid: xray, ultrasound")
-    return A.Compose(steps + _to_tensor(normalize))
+    # Uniformly placed, not teeth-biased (A.CropNonEmptyMaskIfExists): prediction slides windows over the whole
+    # image, so training should see spine, ramus and edges as often as they occur there, which is where stray
+    # false-positive blobs come from. It needs no mask either, so the unlabelled views of --semi crop alike.
+    crop = [A.RandomCrop(*window)] if window is not None else []
+    return A.Compose([A.Resize(height, width), *geometric, *crop, *photometric] + _to_tensor(normalize))
 
 
 def build_eval_transform(height: int, width: int, normalize: bool = True) -> A.Compose:
@@ -123,8 +131,10 @@ class _ImageDataset(Dataset):
         self.fixed = fixed  # validation: the same corruption/augmentation every epoch
         # Shared memory so that persistent DataLoader workers see set_epoch from the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # A bar for long caches on a terminal only (disable=None), so logs stay readable.
         self._images = SharedImages([to_uint8(read_image(s.image)) for s in tqdm(
-            self.samples, desc="caching images", leave=False, disable=len(self.samples) < 200)]) if cache else None
+            self.samples, desc="caching images", leave=False, disable=None if len(self.samples) >= 200 else True)]) \
+            if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -240,14 +240,15 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 def data_spec(args: argparse.Namespace, *, modality: str = "xray", split: SplitSpec | None = None,
-              holdout: float | None = None, mask_threshold: int | None = None) -> DataSpec:
-    """The checkpoint's data section: what eval, predict and the notebook need to preprocess exactly as in
-    training, and to find the run's data and splits again."""
+              holdout: float | None = None, mask_threshold: int | None = None,
+              window: tuple[int, int] | None = None, window_overlap: float = 0.5) -> DataSpec:
+    """The checkpoint's data section: what eval, predict and the notebook need to preprocess and predict
+    exactly as in training, and to find the run's data and splits again."""
     return DataSpec(input_size=(args.img_height, args.img_width), norm_mean=NORM_MEAN, norm_std=NORM_STD,
                     modality=modality, mask_threshold=mask_threshold, images_dir=str(args.images_dir),
                     masks_dir=str(args.masks_dir) if getattr(args, "masks_dir", None) else None,
                     split=split or SplitSpec(index=str(args.index) if args.index else None), holdout=holdout,
-                    seed=args.seed)
+                    seed=args.seed, window=window, window_overlap=window_overlap)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,9 +7,19 @@ or --resume, the model type and width default to the checkpoint's. The best epoc
 validation Dice (at network resolution; eval.py scores at each image's own resolution).
 Writes CHECKPOINT_DIR/best.pth and CHECKPOINT_DIR/last.pth.
 
+--window H W trains on random H x W crops of the --img-height x --img-width input, so a step at a high
+input resolution costs what a step at the window's size does. Validation, and eval.py after it (the
+checkpoint records the window), predict the whole input in overlapping H x W windows (--window-overlap)
+blended into one map.
+
+Unlabelled images (the index's, plus the training pairs --label-fraction leaves out) join in one of two
+ways: --pseudo-labels DIR (a teacher's soft probabilities from eval.py --split unlabelled --save-probs),
+or --semi (a mean teacher with weak-to-strong consistency, trained online).
+
 Example:
   python finetune_seg.py --images-dir ./sts_tooth_data/processed_2d \\
       --init-from ./checkpoints/mim_unet/best.pth --checkpoint-dir ./checkpoints/finetune_mim_unet
+  python finetune_seg.py --images-dir ./sts_tooth_data/processed_2d --pseudo-labels ./pseudo --pseudo-keep 0.3
 """
 from __future__ import annotations
 
@@ -26,10 +36,11 @@ from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
 from metrics import BCEDiceLoss, dice_per_image
-from models import ENCODER_PREFIXES
+from models import ENCODER_PREFIXES, SIZE_MULTIPLE
 from overlay import overlay_mask
+from predict import network_logits
 from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
-from utils import ToothSegError, make_parser, non_negative_int, probability, run_cli, set_seed
+from utils import ToothSegError, make_parser, non_negative_int, positive_int, probability, run_cli, set_seed
 
 
 def parse_args(argv=None):
@@ -56,6 +67,11 @@ def parse_args(argv=None):
     data.add_argument("--label-fraction", type=float, default=1.0, metavar="F",
                       help="train on this share of the labelled training pairs (chosen by --seed; nested across fractions)")
     data.add_argument("--train-subset-size", type=int, metavar="N", help="then keep at most N training pairs")
+    data.add_argument("--window", type=positive_int, nargs=2, metavar=("H", "W"),
+                      help="train on random H x W crops of the input, and predict (validation, eval.py) with "
+                           "overlapping H x W windows; multiples of 16, within the input; default: the whole input")
+    data.add_argument("--window-overlap", type=probability, default=0.5, metavar="F",
+                      help="with --window: the share of a window that its neighbours overlap when predicting")
     optim.add_argument("--lambda-dice", type=float, default=0.2, metavar="L", help="loss = BCE + L * soft Dice")
     optim.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better val Dice")
 
@@ -81,7 +97,22 @@ def parse_args(argv=None):
     args = parse_training_args(parser, argv)
     if args.semi and args.pseudo_labels is not None:
         parser.error("choose one way of using the unlabelled images: --pseudo-labels or --semi")
+    if args.window is not None:
+        check_window(args.window, (args.img_height, args.img_width))
+        args.window = tuple(args.window)
     return args
+
+
+def check_window(window: list[int], input_size: tuple[int, int]) -> None:
+    """A window must tile the U-Nets' four poolings exactly and fit inside the input it is cropped from."""
+    (h, w), (height, width) = window, input_size
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        down = [max(SIZE_MULTIPLE, n - n % SIZE_MULTIPLE) for n in window]
+        raise ToothSegError(f"--window {h} {w}: both sides must be multiples of {SIZE_MULTIPLE}; "
+                            f"try --window {down[0]} {down[1]}")
+    if h > height or w > width:
+        raise ToothSegError(f"--window {h} {w}: larger than the input --img-height {height} --img-width {width}; "
+                            f"choose a window within it, or raise the input size")
 
 
 def resolve_model(args) -> ModelSpec:
@@ -103,8 +134,11 @@ def resolve_model(args) -> ModelSpec:
 
 
 class SegmentationTask:
-    def __init__(self, lambda_dice: float):
+    """Validation predicts as eval.py does: the whole input, in overlapping windows when trained on crops."""
+
+    def __init__(self, lambda_dice: float, window: tuple[int, int] | None = None, overlap: float = 0.5):
         self.loss = BCEDiceLoss(lambda_dice)
+        self.window, self.overlap = window, overlap
 
     def train_step(self, model, batch):
         image, mask, meta = batch
@@ -113,7 +147,7 @@ class SegmentationTask:
 
     def val_step(self, model, batch):
         image, mask, _ = batch
-        logits = model(image).float()
+        logits = network_logits(model, image, self.window, self.overlap)
         n = torch.tensor(float(len(image)), device=image.device)
         return {"loss": self.loss(logits, mask) * n, "dice": dice_per_image(logits, mask).sum(), "count": n}
 
@@ -130,8 +164,9 @@ class SemiTask(SegmentationTask):
     prediction on a strong view of an unlabelled batch with the mean teacher's confident labels of its
     weak view. Both batches go through the student in one forward pass, so BatchNorm sees both."""
 
-    def __init__(self, lambda_dice: float, teacher: MeanTeacher, confidence: float, weight: float, rampup_steps: int):
-        super().__init__(lambda_dice)
+    def __init__(self, lambda_dice: float, teacher: MeanTeacher, confidence: float, weight: float, rampup_steps: int,
+                 window: tuple[int, int] | None = None, overlap: float = 0.5):
+        super().__init__(lambda_dice, window, overlap)
         self.teacher, self.confidence, self.weight, self.rampup_steps = teacher, confidence, weight, rampup_steps
         self.steps = 0
 
@@ -190,7 +225,7 @@ def main(argv=None):
         raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; "
                             f"rebuild the index with a larger --val-ratio")
     modality = modality_of(train_samples)
-    train_transform = build_train_transform(args.img_height, args.img_width, modality)
+    train_transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window)
     pool = unlabelled_pool(args.images_dir, index, splits["train"], (s.pair_id for s in train_samples))
     if (args.semi or args.pseudo_labels is not None) and not pool:
         raise ToothSegError(f"{index or args.images_dir}: no unlabelled images to learn from; add some with "
@@ -213,7 +248,8 @@ def main(argv=None):
     if dist.is_main:
         extra = f" + {len(pseudo)} pseudo-labelled of {len(pool)} unlabelled" if pseudo else \
             f" + {len(pool)} unlabelled (online, mean teacher)" if args.semi else ""
-        print(f"fine-tuning {spec.name} {spec.args} on {len(train_samples)} labelled pairs{extra} ({modality}), "
+        crops = f", {args.window[0]}x{args.window[1]} crops of the input" if args.window else ""
+        print(f"fine-tuning {spec.name} {spec.args} on {len(train_samples)} labelled pairs{extra} ({modality}{crops}), "
               f"validating on {len(val_set)}; device {device}")
     if args.init_from is not None and args.resume is None:
         report = load_pretrained(model, args.init_from)
@@ -230,10 +266,12 @@ def main(argv=None):
                          "ema_decay": args.ema_decay, "confidence": args.confidence, "weight": args.unlabelled_weight,
                          "rampup_epochs": args.rampup_epochs} if args.semi else None}
     task = SemiTask(args.lambda_dice, MeanTeacher(unwrap(model), args.ema_decay), args.confidence, args.unlabelled_weight,
-                    args.rampup_epochs * len(train_loader)) if args.semi else SegmentationTask(args.lambda_dice)
+                    args.rampup_epochs * len(train_loader), args.window, args.window_overlap) if args.semi \
+        else SegmentationTask(args.lambda_dice, args.window, args.window_overlap)
     trainer = build_trainer(args, task=task, model=model, kind="segmentation",
                             data=data_spec(args, modality=modality, split=split,
-                                           mask_threshold=source_mask_threshold(train_samples, index)),
+                                           mask_threshold=source_mask_threshold(train_samples, index),
+                                           window=args.window, window_overlap=args.window_overlap),
                             task_settings=settings,
                             steps_per_epoch=len(train_loader), device=device, dist=dist, monitor="val/dice", mode="max",
                             patience=args.patience, frozen_prefixes=ENCODER_PREFIXES if args.freeze_encoder_epochs else (),

@@ -75,6 +75,22 @@ def _surface_distances(pred_surface: np.ndarray, gt_surface: np.ndarray) -> tupl
     return distance_to_gt[pred_surface], distance_to_pred[gt_surface]
 
 
+def overlap_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Dice, IoU, precision and recall of one mask pair, from pixel counts alone (cheap enough to score
+    many candidate masks, e.g. eval.py --min-component auto); see module doc."""
+    pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
+    pred_area, gt_area = int(pred.sum()), int(gt.sum())
+    if pred_area == 0 and gt_area == 0:
+        return dict(dice=1.0, iou=1.0, precision=1.0, recall=1.0)
+    true_pos = int(np.count_nonzero(pred & gt))
+    return dict(
+        dice=2 * true_pos / (pred_area + gt_area),
+        iou=true_pos / (pred_area + gt_area - true_pos),
+        precision=true_pos / pred_area if pred_area else 0.0,
+        recall=true_pos / gt_area if gt_area else 0.0,
+    )
+
+
 def segmentation_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     """Dice, IoU, precision, recall, HD95 and ASSD (pixels) of one HxW mask pair; see module doc."""
     pred, gt = np.asarray(pred), np.asarray(gt)
@@ -84,17 +100,10 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
             "resize the prediction to the mask's own resolution before scoring"
         )
     pred, gt = pred > 0, gt > 0
+    scores = overlap_metrics(pred, gt)
     pred_area, gt_area = int(pred.sum()), int(gt.sum())
     if pred_area == 0 and gt_area == 0:
-        return dict(dice=1.0, iou=1.0, precision=1.0, recall=1.0, hd95=0.0, assd=0.0)
-
-    true_pos = int(np.count_nonzero(pred & gt))
-    scores = dict(
-        dice=2 * true_pos / (pred_area + gt_area),
-        iou=true_pos / (pred_area + gt_area - true_pos),
-        precision=true_pos / pred_area if pred_area else 0.0,
-        recall=true_pos / gt_area if gt_area else 0.0,
-    )
+        return scores | dict(hd95=0.0, assd=0.0)
     if pred_area == 0 or gt_area == 0:
         penalty = empty_distance_penalty(pred.shape)
         return scores | dict(hd95=penalty, assd=penalty)

@@ -1,9 +1,12 @@
 """Prediction exactly as training validated it: a checkpoint's model at its own input size, precision
-and normalisation, probabilities resized back to each image's own size before thresholding. eval.py
-scores with it, and the visualizer and notebook show with it, so a Dice shown anywhere is eval.py's.
+and normalisation (in overlapping windows blended into the whole input when it was trained on crops),
+probabilities resized back to each image's own size before thresholding, and optionally small connected
+components dropped. eval.py scores with it, and the visualizer and notebook show with it, so a Dice shown
+anywhere is eval.py's.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from checkpoints import Checkpoint, open_checkpoint
 from data import build_eval_transform
@@ -20,25 +24,105 @@ from index import read_mask
 from utils import ToothSegError
 
 
+# ----------------------------------------------------------------------------------------------
+# Sliding windows: a model trained on crops predicts the whole input from overlapping windows
+# ----------------------------------------------------------------------------------------------
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Offsets of the windows along one side: a step of window * (1 - overlap), the last window flush with
+    the far edge (as MONAI's sliding_window_inference). Steps never exceed the window, so every pixel is covered."""
+    if window >= length:
+        return [0]
+    step = max(1, int(window * (1 - overlap)))
+    return list(range(0, length - window, step)) + [length - window]
+
+
+def blend_weights(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(height, width) Gaussian importance of a window's pixels, sigma 1/8 of each side (MONAI's mode="gaussian",
+    nnU-Net): a pixel counts most from the window it is central in, where the model sees most context, and
+    seams between windows fade instead of stepping. At a corner it is exp(-16) > 0 for any size, so the
+    weights never sum to zero."""
+    def side(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
+        return torch.exp(-0.5 * (x / (n / 8)) ** 2)
+    return torch.outer(side(height), side(width))
+
+
+def sliding_window(forward, batch: torch.Tensor, window: tuple[int, int], overlap: float) -> torch.Tensor:
+    """`forward` (inputs (n, C, h, w) -> outputs (n, K, h, w), e.g. a model's logits) over overlapping
+    `window`-sized tiles of `batch` (N, C, H, W), blended with `blend_weights` into (N, K, H, W) float32
+    outputs of the whole input. Tiles go through `forward` in groups holding about as many pixels as
+    `batch`, so memory stays near that of one whole-input pass."""
+    n, _, height, width = batch.shape
+    h, w = min(window[0], height), min(window[1], width)
+    corners = [(y, x) for y in window_starts(height, h, overlap) for x in window_starts(width, w, overlap)]
+    tiles = [(i, y, x) for i in range(n) for y, x in corners]
+    weight = blend_weights(h, w, batch.device)
+    total = torch.zeros(height, width, device=batch.device)
+    for y, x in corners:
+        total[y:y + h, x:x + w] += weight
+    out, per_pass = None, max(1, n * height * width // (h * w))
+    for first in range(0, len(tiles), per_pass):
+        group = tiles[first:first + per_pass]
+        pred = forward(torch.stack([batch[i, :, y:y + h, x:x + w] for i, y, x in group])).float()
+        if out is None:
+            out = pred.new_zeros(n, pred.shape[1], height, width)
+        for tile, (i, y, x) in zip(pred, group):
+            out[i, :, y:y + h, x:x + w] += tile * weight
+    return out / total
+
+
+def network_logits(model, batch: torch.Tensor, window: tuple[int, int] | None = None,
+                   overlap: float = 0.5) -> torch.Tensor:
+    """float32 logits of whole network inputs: one forward pass, or, for a model trained on crops (its
+    checkpoint's data.window), overlapping windows blended in logit space, as nnU-Net does; training
+    validates with the same call, so its val/dice and loss see what eval scores."""
+    return model(batch).float() if window is None else sliding_window(model, batch, window, overlap)
+
+
 @torch.inference_mode()
-def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, device) -> torch.Tensor:
+def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, device,
+                          window: tuple[int, int] | None = None, overlap: float = 0.5) -> torch.Tensor:
     """Tooth probabilities at network size; with `tta`, averaged with the horizontally flipped prediction."""
     with autocast(device, amp_dtype):
-        probs = torch.sigmoid(model(batch).float())
+        probs = torch.sigmoid(network_logits(model, batch, window, overlap))
         if tta:
-            probs = 0.5 * (probs + torch.sigmoid(model(batch.flip(-1)).float()).flip(-1))
+            probs = 0.5 * (probs + torch.sigmoid(network_logits(model, batch.flip(-1), window, overlap)).flip(-1))
     return probs
 
 
+# ----------------------------------------------------------------------------------------------
+# Masks at each image's own size
+# ----------------------------------------------------------------------------------------------
 def prob_at_size(probs: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """A (1, 1, h, w) probability map resized (bilinear) to the image's own (H, W), as float32 numpy."""
     return F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
 
 
-def mask_at_size(probs: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:
-    """A (1, 1, h, w) probability map resized to the image's own (H, W) and thresholded: masks are
-    scored, saved and shown at the original resolution, never at network size."""
-    return prob_at_size(probs, size) > threshold
+def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """The boolean mask without its connected components of fewer than `min_pixels` pixels; nothing is added
+    and every other pixel stays. 8-connected, so a root thinned to a diagonal line of pixels stays one
+    component instead of falling apart into single pixels that would be dropped."""
+    mask = np.asarray(mask, bool)
+    if min_pixels <= 1:
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    keep = np.bincount(labels.ravel()) >= min_pixels
+    keep[0] = False  # background
+    return keep[labels]
+
+
+def clean_mask(mask: np.ndarray, min_component: float) -> np.ndarray:
+    """`remove_small_components` with the size given as a share of the mask's area (eval.py --min-component):
+    a share means the same at every image resolution, where a pixel count would not."""
+    return remove_small_components(mask, math.ceil(min_component * mask.size)) if min_component else mask
+
+
+def mask_at_size(probs: torch.Tensor, size: tuple[int, int], threshold: float,
+                 min_component: float = 0.0) -> np.ndarray:
+    """A (1, 1, h, w) probability map resized to the image's own (H, W), thresholded, and cleaned of
+    components under `min_component` of its area: masks are scored, saved and shown at the original
+    resolution, never at network size."""
+    return clean_mask(prob_at_size(probs, size) > threshold, min_component)
 
 
 @dataclass
@@ -65,13 +149,17 @@ class Predictor:
         return self.transform()(image=image)["image"][None]
 
     def probabilities(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """(N, 1, h, w) tooth probabilities of a batch of network inputs."""
+        """(N, 1, h, w) tooth probabilities of a batch of network inputs (in the checkpoint's windows, if any)."""
         batch = batch.to(self.device, memory_format=memory_format(self.device))
-        return predict_probabilities(self.model, batch, tta, self.amp_dtype, self.device)
+        data = self.checkpoint.data
+        return predict_probabilities(self.model, batch, tta, self.amp_dtype, self.device, data.window,
+                                     data.window_overlap)
 
-    def predict(self, image: np.ndarray, threshold: float = 0.5, tta: bool = False) -> np.ndarray:
-        """Boolean HxW mask at the image's own size (eval.py's inference, resize and threshold)."""
-        return mask_at_size(self.probabilities(self.network_input(image), tta), image.shape[:2], threshold)
+    def predict(self, image: np.ndarray, threshold: float = 0.5, tta: bool = False,
+                min_component: float = 0.0) -> np.ndarray:
+        """Boolean HxW mask at the image's own size (eval.py's inference, resize, threshold and --min-component)."""
+        probs = self.probabilities(self.network_input(image), tta)
+        return mask_at_size(probs, image.shape[:2], threshold, min_component)
 
     def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
         """`get_saliency_map` for an original-size uint8 image, resized back to its size. `region`

@@ -131,7 +131,8 @@ def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed:
     if semi == "online":
         return [finetune + ["--semi", *shlex.split(args.semi_args)], evaluate]
     teacher = cells / cell_name(model, init, fraction, seed)
-    label = script("eval.py") + ["--checkpoint", str(teacher), "--split", "unlabelled", "--save-probs",
+    # Flip TTA for the labels, as the STS 2023 winners did; the student gets --semi-args (e.g. --pseudo-keep).
+    label = script("eval.py") + ["--checkpoint", str(teacher), "--split", "unlabelled", "--tta", "--save-probs",
                                   str(cell / "pseudo_labels"), "--out-dir", str(cell / "teacher"),
                                   "--workers", str(args.workers), *cpu]
     return [label, finetune + ["--pseudo-labels", str(cell / "pseudo_labels"), *shlex.split(args.semi_args)], evaluate]
@@ -142,6 +143,11 @@ def grid(args):
     for model, init, fraction, seed in itertools.product(args.models, args.inits, args.label_fractions, args.seeds):
         for semi in args.semi:
             yield model, init, semi, fraction, seed
+
+
+def log_path(folder: Path) -> Path:
+    """The log beside a cell or pretraining folder (not with_suffix: cell names hold dots, f0.1)."""
+    return folder.parent / f"{folder.name}.log"
 
 
 def run_logged(cmd: list[str], log: Path) -> bool:
@@ -177,8 +183,8 @@ def main(argv=None):
             else:
                 shutil.rmtree(folder, ignore_errors=True)
                 print(f"pretraining {init} {model} ...", flush=True)
-                if not run_logged(cmd, folder.with_suffix(".log")):
-                    failed.append(f"pretrain {init} {model}: {tail(folder.with_suffix('.log'))}")
+                if not run_logged(cmd, log_path(folder)):
+                    failed.append(f"pretrain {init} {model}: {tail(log_path(folder))}")
                     continue
                 atomic_write_text(done, json.dumps({"folder": str(folder), "finished": time.time()}))
 
@@ -205,7 +211,7 @@ def main(argv=None):
         shutil.rmtree(cell, ignore_errors=True)
         print(f"cell {name} ...", flush=True)
         cell_start = time.time()
-        log = cell.with_suffix(".log")
+        log = log_path(cell)
         log.unlink(missing_ok=True)
         if not all(run_logged(c, log) for c in commands):
             failed.append(f"{name}: {tail(log)}")

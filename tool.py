@@ -128,7 +128,9 @@ def inspect_file(path: Path, show_keys: bool) -> None:
             ["model", record.model.name],
             ["model args", " ".join(f"{k}={v}" for k, v in record.model.args.items())],
             ["input", f"{data.input_size[0]} x {data.input_size[1]} (H x W), {data.modality}, "
-                      f"normalised (x - {data.norm_mean}) / {data.norm_std} on the [0, 1] scale"],
+                      f"normalised (x - {data.norm_mean}) / {data.norm_std} on the [0, 1] scale"
+                      + (f"; trained on {data.window[0]} x {data.window[1]} crops, predicted in such windows "
+                         f"overlapping {data.window_overlap:g}" if data.window else "")],
             ["data", f"{data.images_dir or '?'}" + (f", masks {data.masks_dir}" if data.masks_dir else "")
                      + (f", masks binarised at > {data.mask_threshold}" if data.mask_threshold is not None else "")],
             ["splits", f"index {split.index}" if split.index else

@@ -212,7 +212,7 @@ def compare_models(models: dict[str, Predictor | str | os.PathLike], images: Ite
 def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str = "cpu",
                        save_path: str | os.PathLike | None = None):
     """The k best (top row) and k worst (bottom row) images of an eval.py run, by Dice, as overlays
-    re-predicted with the evaluated checkpoint and eval's threshold and TTA (from summary.json)."""
+    re-predicted with the evaluated checkpoint and eval's threshold, TTA and --min-component (from summary.json)."""
     per_image_csv = Path(per_image_csv)
     summary_path = per_image_csv.with_name("summary.json")
     try:
@@ -224,6 +224,7 @@ def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str
     if not rows:
         raise ToothSegError(f"{per_image_csv}: no rows; re-run eval.py")
     predictor = load_predictor(summary["checkpoint"], device)
+    min_component = (summary.get("min_component") or {}).get("fraction", 0.0)  # older summaries have none
     ranked = sorted(rows, key=lambda r: float(r["dice"]), reverse=True)
     k = min(k, len(ranked))
     fig, axes = new_figure(2, k, max(int(r["height"]) / int(r["width"]) for r in rows), extra_height=0.7)
@@ -231,7 +232,7 @@ def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str
         for col, record in enumerate(chosen):
             image = read_gray(record["image"])
             gt = read_mask(record["mask"]) if record.get("mask") else predictor.ground_truth(record["image"])
-            pred = predictor.predict(image, threshold=summary["threshold"], tta=summary["tta"])
+            pred = predictor.predict(image, summary["threshold"], summary["tta"], min_component)
             if abs(dice_score(pred, gt) - float(record["dice"])) > 0.01:
                 raise ToothSegError(f"{per_image_csv}: Dice of {record['pair_id']} no longer matches "
                                     f"{summary['checkpoint']} (retrained since?); re-run eval.py")

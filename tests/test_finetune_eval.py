@@ -21,6 +21,7 @@ import mim_pretrain
 from checkpoints import open_checkpoint
 from index import Sample, subset_fraction
 from phantom import generate_panoramic
+from predict import load_predictor, remove_small_components
 from utils import ToothSegError, read_image, write_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,3 +239,91 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(labelled, tmp_
         finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "ft"), *NET, "--base-channels", "2",
                            "--epochs", "3", "--batch-size", "16"])
     assert open_checkpoint(tmp_path / "ft" / "best.pth").epoch == open_checkpoint(tmp_path / "ft" / "last.pth").epoch == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-processing: small components dropped, their size chosen on validation
+# ----------------------------------------------------------------------------------------------
+def components(mask: np.ndarray) -> list[set]:
+    """8-connected components by flood fill, independent of scipy."""
+    seen, found = np.zeros_like(mask, bool), []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start], stack, part = True, [start], set()
+        while stack:
+            y, x = stack.pop()
+            part.add((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    q = (y + dy, x + dx)
+                    if 0 <= q[0] < mask.shape[0] and 0 <= q[1] < mask.shape[1] and mask[q] and not seen[q]:
+                        seen[q] = True
+                        stack.append(q)
+        found.append(part)
+    return found
+
+
+def test_post_processing_only_removes_small_components():
+    rng = np.random.default_rng(0)
+    mask = rng.random((40, 50)) < 0.3
+    sizes = sorted({len(c) for c in components(mask)})
+    assert len(sizes) > 3  # components of many sizes
+    for min_pixels in (0, 1, 2, 3, 5, 10, sizes[-1], sizes[-1] + 1):
+        kept = remove_small_components(mask, min_pixels)
+        assert kept.dtype == bool and not (kept & ~mask).any()  # a subset: nothing added
+        expected = np.zeros_like(mask)
+        for part in components(mask):
+            if len(part) >= min_pixels:
+                expected[tuple(np.array(sorted(part)).T)] = True
+        np.testing.assert_array_equal(kept, expected)  # large ones pixel for pixel, small ones gone
+    diagonal = np.eye(6, dtype=bool)  # 8-connected: one component of 6, not six of 1
+    np.testing.assert_array_equal(remove_small_components(diagonal, 6), diagonal)
+
+
+def eval_pred_masks(finetuned, tmp_path, name, *flags):
+    """eval.py's saved masks at a threshold that leaves ~20% of the first test image as tooth (at 0.5 the tiny
+    model calls nearly every pixel a tooth)."""
+    predictor = load_predictor(finetuned)
+    image = read_image(predictor.checkpoint.data.labelled_splits()["test"][0].image)
+    threshold = float(predictor.probabilities(predictor.network_input(image)).quantile(0.8))
+    eval_script.main(["--checkpoint", str(finetuned), "--out-dir", str(tmp_path / name), "--save-preds",
+                      str(tmp_path / name / "preds"), "--threshold", str(threshold), "--cpu", "--workers", "0", *flags])
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    return summary, {p.stem: read_image(p) > 0 for p in (tmp_path / name / "preds").glob("*.png")}
+
+
+def test_a_fixed_min_component_drops_only_the_small_components(finetuned, tmp_path):
+    summary, plain = eval_pred_masks(finetuned, tmp_path, "plain")
+    assert summary["min_component"] is None
+    sizes = sorted(len(c) for mask in plain.values() for c in components(mask))
+    min_pixels = sizes[len(sizes) // 2]  # the median component: some go, some stay
+    assert sizes[0] < min_pixels <= sizes[-1]
+    fraction = (min_pixels - 0.5) / (SIZE[0] * SIZE[1])  # a share of the area; it rounds up to min_pixels
+    summary, cleaned = eval_pred_masks(finetuned, tmp_path, "cleaned", "--min-component", str(fraction))
+    assert summary["min_component"] == {"fraction": fraction, "chosen": "fixed"}
+    for pair_id, mask in plain.items():
+        np.testing.assert_array_equal(cleaned[pair_id], remove_small_components(mask, min_pixels))
+    rows = {r["pair_id"]: r for r in csv.DictReader((tmp_path / "cleaned" / "per_image.csv").open())}
+    assert all(int(rows[k]["pred_pixels"]) == int(m.sum()) for k, m in cleaned.items())  # scored as saved
+
+
+def test_min_component_auto_chooses_on_the_validation_split(finetuned, tmp_path, monkeypatch, capsys):
+    predicted = {}
+    original = eval_script.predictions
+
+    def recording(predictors, samples, args, device, desc):
+        predicted[desc] = {s.pair_id for s in samples}
+        return original(predictors, samples, args, device, desc)
+
+    monkeypatch.setattr(eval_script, "predictions", recording)
+    summary, _ = eval_pred_masks(finetuned, tmp_path, "auto", "--min-component", "auto")
+    splits = open_checkpoint(finetuned).data.labelled_splits()
+    val, test = {s.pair_id for s in splits["val"]}, {s.pair_id for s in splits["test"]}
+    assert predicted == {"val (--min-component)": val, "test": test} and not val & test
+    choice = summary["min_component"]
+    assert choice["chosen"] == "auto" and choice["val_images"] == len(val)
+    assert list(choice["val_dice"]) == [f"{f:g}" for f in eval_script.MIN_COMPONENT_GRID]
+    best = max(choice["val_dice"].values())
+    assert choice["fraction"] == next(f for f in eval_script.MIN_COMPONENT_GRID if choice["val_dice"][f"{f:g}"] == best)
+    assert f"--min-component auto: {choice['fraction']:g}, " in capsys.readouterr().out

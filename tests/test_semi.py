@@ -205,6 +205,8 @@ def test_study_runs_pseudo_and_online_cells(phantom_data_root, tmp_path):
                     "--finetune-epochs", "1", "--workers", "0", "--cpu", "--bootstrap", "100"])
     cells = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*/cell.json")}
     assert sorted(cells) == ["unet_scratch_f0.5_s0", "unet_scratch_online_f0.5_s0", "unet_scratch_pseudo_f0.5_s0"]
+    # One log per cell, named in full (a fraction's dot is not a suffix to replace).
+    assert sorted(p.name for p in (tmp_path / "cells").glob("*.log")) == [f"{name}.log" for name in sorted(cells)]
     student = open_checkpoint(tmp_path / "cells" / "unet_scratch_pseudo_f0.5_s0")
     assert student.task["pseudo_labels"]["teachers"] == [str(tmp_path / "cells" / "unet_scratch_f0.5_s0" / "best.pth")]
     table = (tmp_path / "study.md").read_text()
