@@ -58,7 +58,7 @@ def test_runs_top_to_bottom_on_a_study_folder(tiny_study, tmp_path):
     assert f"run {tiny_study}: 3 cells" in text
     rich = outputs_of(nb, "display_data") + outputs_of(nb, "execute_result")
     markdown = "".join(out.data.get("text/markdown", "") for out in rich)
-    assert "| unet | mim | 1 | 1 |" in markdown  # the study table itself, not just a heading
+    assert "| unet | mim | none | 1 | 1 |" in markdown  # the study table itself, not just a heading
     tables = "".join(out.data.get("text/html", "") for out in rich)
     assert all(init in tables for init in ("scratch", "mim", "fullimage"))  # study.csv as a DataFrame
     pngs = [out.data["image/png"] for out in rich if "image/png" in out.data]
