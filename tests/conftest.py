@@ -47,3 +47,25 @@ def tiny_study(phantom_data_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_study")
     run_study.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--out-dir", str(out), *TINY_STUDY_FLAGS])
     return out
+
+
+@pytest.fixture
+def interrupted_run(monkeypatch):
+    """`interrupted_run(main, argv)` runs a training script's main and stops it as its second epoch starts,
+    as a kill would, leaving the checkpoints of epoch 1 for a --resume test."""
+    import engine
+
+    original = engine.Trainer.train_epoch
+
+    def stop_at_second_epoch(self, loader, epoch, epochs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, loader, epoch, epochs)
+
+    def run(main, argv: list[str]) -> None:
+        monkeypatch.setattr(engine.Trainer, "train_epoch", stop_at_second_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+        monkeypatch.setattr(engine.Trainer, "train_epoch", original)
+
+    return run

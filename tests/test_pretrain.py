@@ -9,7 +9,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import engine
 from checkpoints import open_checkpoint
 import fullimage_pretrain
 import mim_pretrain
@@ -61,25 +60,10 @@ def test_tensorboard_has_scalars_and_images(phantom_images, tmp_path):
     assert {"best.pth", "last.pth"} <= {p.name for p in out.iterdir()}
 
 
-class StopAfterFirstEpoch(Exception):
-    pass
-
-
-def test_resume_matches_uninterrupted_run(phantom_images, tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted_run(phantom_images, tmp_path, interrupted_run):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     mim_pretrain.main(mim_args(phantom_images, straight, "--epochs", "2"))
-
-    original = engine.Trainer.train_epoch
-
-    def crash_at_second_epoch(self, loader, epoch, epochs):
-        if epoch == 1:
-            raise StopAfterFirstEpoch
-        return original(self, loader, epoch, epochs)
-
-    monkeypatch.setattr(engine.Trainer, "train_epoch", crash_at_second_epoch)
-    with pytest.raises(StopAfterFirstEpoch):
-        mim_pretrain.main(mim_args(phantom_images, resumed, "--epochs", "2"))
-    monkeypatch.setattr(engine.Trainer, "train_epoch", original)
+    interrupted_run(mim_pretrain.main, mim_args(phantom_images, resumed, "--epochs", "2"))
     assert open_checkpoint(resumed / "last.pth").epoch == 1
     mim_pretrain.main(mim_args(phantom_images, resumed, "--epochs", "2", "--resume", str(resumed / "last.pth")))
 

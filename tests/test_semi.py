@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import engine
 import eval as eval_script
 import finetune_seg
 from checkpoints import open_checkpoint
@@ -156,22 +155,11 @@ def test_consistency_ignores_unsure_pixels_and_the_teacher_follows_the_student()
     assert strong.shape == image.shape and not torch.equal(strong, (image - 0.5) / 0.25)
 
 
-def test_online_method_resumes_exactly(phantom_data_root, tmp_path, monkeypatch):
+def test_online_method_resumes_exactly(phantom_data_root, tmp_path, interrupted_run):
     flags = ["--images-dir", str(phantom_data_root / "processed_2d"), *NET, "--epochs", "2", "--semi",
              "--label-fraction", "0.5", "--confidence", "0.6", "--rampup-epochs", "1"]
     finetune_seg.main([*flags, "--checkpoint-dir", str(tmp_path / "straight")])
-
-    original = engine.Trainer.train_epoch
-
-    def stop_at_second_epoch(self, loader, epoch, epochs):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, loader, epoch, epochs)
-
-    monkeypatch.setattr(engine.Trainer, "train_epoch", stop_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        finetune_seg.main([*flags, "--checkpoint-dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(engine.Trainer, "train_epoch", original)
+    interrupted_run(finetune_seg.main, [*flags, "--checkpoint-dir", str(tmp_path / "resumed")])
     finetune_seg.main([*flags, "--checkpoint-dir", str(tmp_path / "resumed"), "--resume",
                        str(tmp_path / "resumed" / "last.pth")])
     a, b = open_checkpoint(tmp_path / "straight" / "last.pth"), open_checkpoint(tmp_path / "resumed" / "last.pth")
