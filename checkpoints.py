@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -161,7 +161,9 @@ class Checkpoint:
         state = self.state or TrainingState({})
         return {"format": FORMAT, "kind": self.kind, "model": plain(asdict(self.model)), "data": plain(asdict(self.data)),
                 "precision": asdict(self.precision), "task": plain(self.task), "metrics": plain(self.metrics),
-                "epoch": self.epoch, "state": {**asdict(state), "best": plain(state.best)},
+                # Shallow: asdict would deep-copy every weight and optimiser tensor at each save.
+                "epoch": self.epoch, "state": {**{f.name: getattr(state, f.name) for f in fields(state)},
+                                               "best": plain(state.best)},
                 "run_args": plain(self.run_args), "torch_version": str(torch.__version__)}
 
     @classmethod

@@ -109,9 +109,10 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
     """(samples, split name, where they came from, how many images were found there); split "predict" or
     "unlabelled" means there are no masks to score against."""
     data = ckpt.data
+    index = find_index(args.images_dir, args.index) if args.images_dir is not None else None
     if args.images_dir is None:
         splits, where = data.labelled_splits(), f"the training data ({data.images_dir})"
-    elif args.masks_dir is None and find_index(args.images_dir, args.index) is None:
+    elif args.masks_dir is None and index is None:
         samples = samples_from_folders(args.images_dir)
         return samples, "predict", str(args.images_dir), len(samples)
     else:
@@ -128,7 +129,7 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
     # A labelled folder without an index is scored whole, unless it is the folder the model trained on.
     trained_here = data.images_dir is not None and args.images_dir is not None and \
         Path(args.images_dir).resolve() == Path(data.images_dir).resolve()
-    bare_folder = args.images_dir is not None and find_index(args.images_dir, args.index) is None and not trained_here
+    bare_folder = args.images_dir is not None and index is None and not trained_here
     split = args.split or ("all" if bare_folder else "test")
     found = sum(len(part) for part in splits.values())
     samples = [s for part in splits.values() for s in part] if split == "all" else splits[split]
