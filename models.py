@@ -1,6 +1,7 @@
 """2D U-Nets for ToothSeg: `UNet2D`, `UNet2D_scAG` (spatial-channel attention gates on the skips) and
-`UNet2D_NAC` (neighbour-aware context at the bottleneck plus scAG), and the `MODELS` registry that
-the scripts' `--model-type` selects from.
+`UNet2D_NAC` (neighbour-aware context at the bottleneck plus scAG); U-Net++, FPN and MAnet from
+segmentation_models_pytorch (smp 0.6.0) on a ResNet encoder (`SMPModel`); and the `MODELS` registry
+that the scripts' `--model-type` selects from.
 
 Every model has the same four top-level parts, so weights move between pretraining and segmentation
 by name and the parameter names say where they live:
@@ -24,6 +25,22 @@ Choices worth knowing:
   `UNet2D_NAC` computes what a `UNet2D_scAG` computes; the gamma learns to open the branch.
 - `model.config` holds the constructor arguments as plain types and `model.name` the registry key,
   so a checkpoint's `model` section (`{"name", "args"}`, see checkpoints.py) rebuilds it with `build_model`.
+  `model.size_multiple` is what forward pads to (16 for the U-Nets, the encoder's stride 32 for smp).
+
+The smp models (`unetpp`, `fpn`, `manet`) keep the same four parts: smp's encoder is `encoder` (e.g.
+encoder.layer4.1.conv2.weight), `bottleneck` is the identity, smp's decoder is `decoder` and its
+`segmentation_head` is `head` (head.0.weight), so --init-from, --freeze-encoder-epochs and pretraining
+treat them like the U-Nets. Random initialisation only (encoder_weights=None: nothing is downloaded).
+Their arguments map onto the U-Nets' flags:
+- `base_channels` sets the decoder width, and 32 gives smp's own defaults: U-Net++ and MAnet decoder
+  channels base*(8, 4, 2, 1, 1/2) = (256, 128, 64, 32, 16); MAnet's PAB width base*2 = 64; FPN's pyramid
+  base*8 = 256 and segmentation width base*4 = 128 (rounded up to a multiple of 32, the groups of
+  smp's GroupNorm). The encoder's widths are the ResNet's and do not change with it.
+- `bilinear` chooses the decoder's upsampling: bilinear (True, the scripts' default) or nearest
+  (False, smp's default; --no-bilinear). smp has no transposed-convolution decoder.
+- `encoder_name` is any smp encoder (`resnet18` default, `resnet34`, `efficientnet-b0`, `tu-<timm model>` ...).
+- They have no deep supervision or auxiliary outputs (smp's aux_params classification head is not
+  built), like the U-Nets: forward returns the logits only.
 """
 from __future__ import annotations
 
@@ -239,19 +256,24 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Ten
     return x
 
 
+def check_channels(**values: int) -> None:
+    """One-line errors for channel counts that are not positive integers."""
+    for arg, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ToothSegError(f"model {arg} must be a positive integer, got {value!r}")
+
+
 class UNetBase(nn.Module):
     """Shared body; subclasses set `name`, `config` and which gate/bottleneck they use."""
 
     name: str
     config: dict
+    size_multiple = SIZE_MULTIPLE
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int, bilinear: bool,
                  gate_reduction: int | None = None, bottleneck: nn.Module | None = None):
         super().__init__()
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                           ("base_channels", base_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ToothSegError(f"model {arg} must be a positive integer, got {value!r}")
+        check_channels(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels)
         self.encoder = Encoder(in_channels, base_channels, bilinear)
         self.bottleneck = bottleneck if bottleneck is not None else nn.Identity()
         self.decoder = Decoder(base_channels, bilinear, gate_reduction)
@@ -259,7 +281,7 @@ class UNetBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        features = self.encoder(pad_to_multiple(x))
+        features = self.encoder(pad_to_multiple(x, self.size_multiple))
         decoded = self.decoder(self.bottleneck(features[-1]), features[:-1])
         return self.head(decoded)[..., :height, :width]
 
@@ -304,10 +326,96 @@ class UNet2D_NAC(UNetBase):
                            nac_dilations=list(nac_dilations), nac_reduction=nac_reduction)
 
 
-MODELS: dict[str, type[UNetBase]] = {cls.name: cls for cls in (UNet2D, UNet2D_scAG, UNet2D_NAC)}
+# ----------------------------------------------------------------------------------------------
+# segmentation_models_pytorch architectures under the same parameter names
+# ----------------------------------------------------------------------------------------------
+class SMPModel(nn.Module):
+    """An smp architecture (`smp_class`) as encoder / bottleneck (identity) / decoder / head.
+
+    smp is imported here, not at the top: it pulls in timm and huggingface_hub (3 s), which the
+    U-Nets and the light stages need not pay for.
+    """
+
+    name: str
+    smp_class: str
+    config: dict
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
+                 bilinear: bool = True, encoder_name: str = "resnet18"):
+        super().__init__()
+        check_channels(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels)
+        import segmentation_models_pytorch as smp
+
+        if not isinstance(encoder_name, str) or not (encoder_name in smp.encoders.get_encoder_names()
+                                                     or encoder_name.startswith("tu-")):
+            raise ToothSegError(f"model {self.name!r}: unknown encoder_name {encoder_name!r}; e.g. resnet18, resnet34, "
+                                f"resnet50, efficientnet-b0, mobilenet_v2, or tu-<timm model> "
+                                f"(segmentation_models_pytorch.encoders.get_encoder_names() lists them all)")
+        try:
+            net = getattr(smp, self.smp_class)(
+                encoder_name=encoder_name, encoder_weights=None, in_channels=in_channels, classes=out_channels,
+                decoder_interpolation="bilinear" if bilinear else "nearest", **self.decoder_args(base_channels))
+        except (ValueError, KeyError, RuntimeError) as exc:  # e.g. an encoder this decoder does not support
+            message = str(exc.args[0] if exc.args else exc).splitlines()[0]
+            raise ToothSegError(f"model {self.name!r} with encoder_name {encoder_name!r}: {message}") from None
+        self.encoder = net.encoder
+        self.bottleneck = nn.Identity()
+        self.decoder = net.decoder
+        self.head = net.segmentation_head
+        self.size_multiple = int(self.encoder.output_stride)
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+                           bilinear=bool(bilinear), encoder_name=encoder_name)
+
+    @staticmethod
+    def decoder_args(base: int) -> dict:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        features = self.encoder(pad_to_multiple(x, self.size_multiple))
+        features = [*features[:-1], self.bottleneck(features[-1])]
+        return self.head(self.decoder(features))[..., :height, :width]
 
 
-def build_model(name: str, **kwargs) -> UNetBase:
+def _unet_like_widths(base: int) -> tuple[int, ...]:
+    return (base * 8, base * 4, base * 2, base, max(base // 2, 1))
+
+
+class SMPUnetPlusPlus(SMPModel):
+    """U-Net++ (Zhou et al. 2018): nested, densely connected skip pathways between encoder and decoder."""
+
+    name, smp_class = "unetpp", "UnetPlusPlus"
+
+    @staticmethod
+    def decoder_args(base: int) -> dict:
+        return {"decoder_channels": _unet_like_widths(base)}
+
+
+class SMPFPN(SMPModel):
+    """Feature Pyramid Network (Lin et al. 2017) decoder; predicts at 1/4 size, then upsamples bilinearly."""
+
+    name, smp_class = "fpn", "FPN"
+
+    @staticmethod
+    def decoder_args(base: int) -> dict:
+        return {"decoder_pyramid_channels": base * 8, "decoder_segmentation_channels": -(-base * 4 // 32) * 32}
+
+
+class SMPMAnet(SMPModel):
+    """MA-Net (Fan et al. 2020): position-wise attention at the bottleneck, multi-scale fusion attention on the skips."""
+
+    name, smp_class = "manet", "MAnet"
+
+    @staticmethod
+    def decoder_args(base: int) -> dict:
+        return {"decoder_channels": _unet_like_widths(base), "decoder_pab_channels": base * 2}
+
+
+MODELS: dict[str, type[nn.Module]] = {cls.name: cls for cls in (UNet2D, UNet2D_scAG, UNet2D_NAC,
+                                                                 SMPUnetPlusPlus, SMPFPN, SMPMAnet)}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model by its `--model-type` name, with one-line errors for bad names or args."""
     if name not in MODELS:
         raise ToothSegError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")

@@ -1,5 +1,7 @@
 """Tests for models.py: shapes on odd sizes, gradients, determinism, registry errors, memory formats,
-autocast, torch.compile, checkpoint round trips, and the scAG / NAC blocks against their definitions."""
+autocast, torch.compile, checkpoint round trips, and the scAG / NAC blocks against their definitions.
+The registry-wide tests run over every name, the smp models (U-Net++, FPN, MAnet) included; what only
+the smp models have is in test_models_smp.py."""
 import json
 
 import pytest
@@ -11,6 +13,7 @@ from utils import ToothSegError
 
 BASE = 8  # small widths keep the suite fast; the structure is the same as at base 32
 NAMES = sorted(MODELS)
+UNET_NAMES = ["nac", "scag", "unet"]  # ToothSeg's own U-Nets; the rest wrap segmentation_models_pytorch
 
 
 def small_model(name: str, **kwargs) -> torch.nn.Module:
@@ -36,12 +39,18 @@ def test_output_shape_matches_input_on_any_size(name, shape):
 @pytest.mark.parametrize("name", NAMES)
 def test_padding_is_replicate_and_crop_is_exact(name):
     model = small_model(name).eval()
+    multiple = model.size_multiple
+    assert multiple == (16 if name in UNET_NAMES else 32)  # four 2x poolings; a ResNet encoder's stride 32
     x = torch.randn(1, 1, 37, 83)
-    manually_padded = F.pad(x, (0, 96 - 83, 0, 48 - 37), mode="replicate")
+    height, width = -(-37 // multiple) * multiple, -(-83 // multiple) * multiple
+    manually_padded = F.pad(x, (0, width - 83, 0, height - 37), mode="replicate")
+    zero_padded = F.pad(x, (0, width - 83, 0, height - 37))
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(manually_padded)[..., :37, :83])
+        assert not torch.allclose(model(x), model(zero_padded)[..., :37, :83])  # the padding does matter
     assert pad_to_multiple(x).shape[-2:] == (48, 96)
-    assert pad_to_multiple(manually_padded) is manually_padded  # already a multiple: untouched
+    assert pad_to_multiple(x, 32).shape[-2:] == (64, 96)
+    assert pad_to_multiple(manually_padded, multiple) is manually_padded  # already a multiple: untouched
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -63,7 +72,7 @@ def test_eval_mode_is_deterministic(name):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ToothSegError, match=r"^unknown model 'foo'; valid: nac, scag, unet$"):
+    with pytest.raises(ToothSegError, match=r"^unknown model 'foo'; valid: fpn, manet, nac, scag, unet, unetpp$"):
         build_model("foo")
 
 
@@ -72,9 +81,13 @@ def test_bad_constructor_args_are_one_line_errors():
         build_model("unet", bogus=1)
     with pytest.raises(ToothSegError, match="base_channels must be a positive integer, got 0"):
         build_model("scag", base_channels=0)
+    with pytest.raises(ToothSegError, match=r"'fpn' does not take gate_reduction; it accepts in_channels, .*encoder_name"):
+        build_model("fpn", gate_reduction=8)
+    with pytest.raises(ToothSegError, match="out_channels must be a positive integer, got 0"):
+        build_model("unetpp", out_channels=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", UNET_NAMES)
 def test_transposed_conv_variant(name):
     model = small_model(name, bilinear=False).eval()
     assert isinstance(model.decoder.up1.upsample, torch.nn.ConvTranspose2d)
