@@ -10,7 +10,8 @@ A checkpoint (format 2) is a dict of plain types and tensors, so it loads with t
                 share (`holdout`), the seed of its sample randomness, and the sliding window it trained
                 on crops of and predicts with (`window`, `window_overlap`; absent in older files: none)
     precision   {"amp": the --amp setting, "dtype": the autocast dtype it trained in, or "float32"}
-    task        plain dicts: the MIM masking, the Models Genesis perturbations, or the segmentation loss and labels
+    task        plain dicts: the MIM masking, the Models Genesis perturbations, or the segmentation loss and labels;
+                a per-tooth model has task "teeth" and `classes`, the FDI number of each output channel (0 first)
     metrics     that epoch's metrics
     epoch       epochs completed
     state       weights, optimizer, scheduler, scaler, global_step, best, epochs_since_best
@@ -147,6 +148,11 @@ class Checkpoint:
     format: int = FORMAT
     torch_version: str = ""
     path: Path | None = None
+
+    @property
+    def tooth_classes(self) -> list[int] | None:
+        """The FDI number of each output channel of a per-tooth model (0 = background); None for a binary one."""
+        return self.task.get("classes") if self.task.get("task") == "teeth" else None
 
     def build_model(self) -> nn.Module:
         """The model this checkpoint describes, with its weights."""

@@ -13,6 +13,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from index import Sample, read_mask
+from metrics import IGNORE_INDEX
+from teeth import check_label_map, mirror_label_map
 from utils import ToothSegError, read_image, to_uint8
 
 
@@ -23,12 +25,14 @@ NORM_MEAN, NORM_STD = 0.5, 0.25
 
 
 def build_train_transform(height: int, width: int, modality: str = "xray", normalize: bool = True,
-                          window: tuple[int, int] | None = None) -> A.Compose:
+                          window: tuple[int, int] | None = None, flip: bool = True) -> A.Compose:
     """The seeds' panoramic recipe; `modality="ultrasound"` gives the TG3K variant (speckle, larger affine).
-    With `window` (H, W), training sees a random crop of that size, taken after the geometric augmentation."""
+    With `window` (H, W), training sees a random crop of that size, taken after the geometric augmentation.
+    `flip=False` leaves the horizontal flip to the dataset (TeethDataset, which must renumber the teeth)."""
+    flips = [A.HorizontalFlip(p=0.5)] if flip else []
     if modality == "xray":
         geometric = [
-            A.HorizontalFlip(p=0.5),
+            *flips,
             A.Rotate(limit=5, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
         ]
         photometric = [
@@ -37,7 +41,7 @@ def build_train_transform(height: int, width: int, modality: str = "xray", norma
         ]
     elif modality == "ultrasound":
         geometric = [
-            A.HorizontalFlip(p=0.5),
+            *flips,
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
         ]
@@ -195,6 +199,47 @@ class SegmentationDataset(_ImageDataset):
         target = out["mask"].unsqueeze(0).float() / (255.0 if soft else 1.0)
         picture = strong_photometric(out["image"], rng) if soft and self.noise else out["image"]
         return picture, target, {**self._meta(index, image), "weight": self.soft_weight if soft else 1.0}
+
+
+def read_label_map(path) -> np.ndarray:
+    """A per-tooth label map (FDI numbers, 0 background), checked to hold nothing else."""
+    labels = read_image(path)
+    check_label_map(labels, str(path))
+    return labels
+
+
+class TeethDataset(_ImageDataset):
+    """(image (1,H,W) normalised, class indices (H,W) int64, meta) for the per-tooth task. `classes` lists the
+    FDI number of each class (0 first); a tooth number outside it is IGNORE_INDEX (the model cannot name it,
+    so it is neither rewarded nor punished there). With `mirror`, half the items are flipped left-right with
+    their teeth renumbered to the other side (teeth.mirror_label_map): a plain flip would teach the model that
+    a left tooth is a right one. The transform itself must not flip (build_train_transform(flip=False))."""
+
+    def __init__(self, samples: list[Sample], transform: A.Compose, classes: list[int], *, mirror: bool = False,
+                 **kwargs):
+        missing = [s.image for s in samples if s.teeth is None]
+        if missing:
+            raise ToothSegError(f"{missing[0]}: has no per-tooth label map; add them with prepare_sts2d.py --teeth-dir")
+        super().__init__(samples, transform, **kwargs)
+        self.mirror = mirror
+        self.lookup = np.full(256, IGNORE_INDEX, np.int64)
+        self.lookup[list(classes)] = np.arange(len(classes))
+        self._labels = SharedImages([self._read_labels(i) for i in range(len(self.samples))]) \
+            if self._images is not None else None
+
+    def _read_labels(self, index: int) -> np.ndarray:
+        return read_label_map(self.samples[index].teeth)
+
+    def __getitem__(self, index: int):
+        rng, image = self._rng(index), self._image(index)
+        labels = self._labels[index] if self._labels is not None else self._read_labels(index)
+        if labels.shape != image.shape:
+            raise ToothSegError(f"{self.samples[index].teeth}: label map size {labels.shape[::-1]} differs from its "
+                                f"image {image.shape[::-1]}; re-run prepare_sts2d.py")
+        if self.mirror and rng.random() < 0.5:
+            image, labels = np.ascontiguousarray(image[:, ::-1]), mirror_label_map(labels)
+        out = self._augment(rng, image=image, mask=labels)
+        return out["image"], torch.from_numpy(self.lookup[out["mask"].numpy()]), {**self._meta(index, image), "weight": 1.0}
 
 
 class InferenceDataset(_ImageDataset):

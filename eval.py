@@ -28,12 +28,22 @@ of the area, not a pixel count, so one value means the same on 512x512 and 1615x
 --min-component auto, F is the value of a small grid with the best mean Dice on the checkpoint's own
 validation split, never on the images scored.
 
+A per-tooth model (finetune_seg.py --task teeth) gives each pixel its most probable FDI number (0 background)
+at the image's own size, and is scored on the images with per-tooth label maps: the Dice of each true tooth
+with the predicted pixels of its number (the mean over all true teeth), tooth detection precision, recall
+and F1 (a predicted tooth matches a true one at IoU >= 0.5, whatever its number), numbering accuracy (the
+share of matched teeth with the right number), and the binary metrics of the union of the teeth. It also
+writes OUT_DIR/per_tooth.csv (each FDI number's mean Dice). --save-preds (and predict mode) writes a label
+map PNG (pixel = FDI number) and a tooth chart JSON per image: each tooth's number, area, bounding box and
+mean probability. Best and worst overlays show the prediction above the truth, each tooth numbered.
+
 Examples:
   python eval.py --checkpoint ./checkpoints/finetune_mim_unet/best.pth --split test
   python eval.py --checkpoint best.pth --images-dir ./clinic_b/images --masks-dir ./clinic_b/masks
   python eval.py --checkpoint best.pth --images-dir ./my_xrays --save-preds ./my_xrays_masks --skip-bad
   python eval.py --checkpoint teacher_a/best.pth teacher_b/best.pth --split unlabelled --save-probs ./pseudo
   python eval.py --checkpoint best.pth --split test --min-component auto
+  python eval.py --checkpoint ./checkpoints/teeth --images-dir ./new_xrays --save-preds ./tooth_charts
 """
 from __future__ import annotations
 
@@ -43,15 +53,17 @@ import json
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
 from data import InferenceDataset
 from engine import DistEnv, make_loader, setup_runtime
 from index import find_index, read_mask, samples_from_folders, unlabelled_pool
-from metrics import ASSD_DEFINITION, METRIC_NAMES, overlap_metrics, segmentation_metrics, summarize
-from overlay import overlay_mask
-from predict import clean_mask, load_predictor, mask_at_size, prob_at_size
+from metrics import (ASSD_DEFINITION, METRIC_NAMES, TOOTH_SUMMARY_NAMES, overlap_metrics, segmentation_metrics, summarize,
+                     summarize_teeth, tooth_metrics)
+from overlay import overlay_mask, overlay_teeth
+from predict import clean_mask, load_predictor, mask_at_size, prob_at_size, read_label_map, teeth_at_size, tooth_chart
 from semi import PseudoLabel, mean_entropy, write_manifest
 from utils import (ToothSegError, atomic_write_text, check_output_dir, make_parser, non_negative_int, positive_int,
                    probability, read_image, run_cli, to_uint8, write_png)
@@ -94,6 +106,8 @@ def parse_args(argv=None):
                            help="drop predicted components (8-connected) smaller than F of the image's area, e.g. "
                                 "0.0005; auto: the best of " + ", ".join(f"{f:g}" for f in MIN_COMPONENT_GRID)
                                 + " by mean Dice on the checkpoint's validation split; default: keep every component")
+    inference.add_argument("--one-region-per-tooth", action="store_true",
+                           help="per-tooth models: keep each tooth number on its largest region only")
     inference.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per forward pass")
     inference.add_argument("--workers", "--num-workers", dest="workers", type=non_negative_int, default=2, metavar="N",
                            help="DataLoader worker processes")
@@ -145,6 +159,9 @@ def load_ensemble(paths: list[Path], device) -> list:
     if len(sizes) > 1:
         raise ToothSegError(f"{paths[0]}: the checkpoints have different input sizes {sorted(sizes)}; "
                             f"average only models trained at one size")
+    if len({str(p.classes) for p in predictors}) > 1:
+        raise ToothSegError(f"{paths[0]}: the checkpoints predict different classes (binary, or other tooth numbers); "
+                            f"average only models of one task and class list")
     return predictors
 
 
@@ -169,6 +186,89 @@ def ground_truth(sample, size: tuple[int, int]) -> np.ndarray:
         raise ToothSegError(f"{sample.mask}: mask size {gt.shape[::-1]} differs from its image {size[::-1]}; "
                             f"fix the pair")
     return gt
+
+
+class BinaryOutputs:
+    """What eval does with a binary model's probabilities: a thresholded, cleaned mask per image, scored with
+    segmentation_metrics against the image's mask, saved as a 0/255 PNG."""
+    rank_by = "dice"
+
+    def __init__(self, args, min_component: float):
+        self.threshold, self.min_component = args.threshold, min_component
+
+    def predict(self, probs, size: tuple[int, int]) -> tuple[np.ndarray, None]:
+        return mask_at_size(probs, size, self.threshold, self.min_component), None
+
+    def truth(self, sample, size: tuple[int, int]) -> np.ndarray:
+        return ground_truth(sample, size)
+
+    def score(self, sample, pred: np.ndarray, gt: np.ndarray) -> dict:
+        return {"mask": str(sample.mask), **segmentation_metrics(pred, gt), "gt_pixels": int(gt.sum()),
+                "pred_pixels": int(pred.sum())}
+
+    def save(self, folder: Path, sample, pred: np.ndarray, confidence) -> None:
+        write_png(folder / f"{sample.image.stem}.png", pred.astype(np.uint8) * 255)
+
+    def pack(self, pred: np.ndarray):
+        return np.packbits(pred)
+
+    def overlay(self, image: np.ndarray, packed, row: dict) -> np.ndarray:
+        pred = np.unpackbits(packed, count=image.size).reshape(image.shape)
+        return overlay_mask(image, pred, read_mask(row["mask"]))
+
+    def summary(self, rows: list[dict]) -> dict:
+        return {}
+
+    def report(self, rows: list[dict], summary: dict) -> str:
+        means = summary["metrics"]
+        return "  ".join(f"{m}={means[m]['mean']:.4f}±{means[m]['std']:.4f}" for m in METRIC_NAMES)
+
+
+class TeethOutputs(BinaryOutputs):
+    """A per-tooth model's: an FDI label map per image (most probable class at the image's size), scored per
+    tooth (metrics.tooth_metrics) and, as a binary mask, by the union of its teeth against the union of the
+    true ones; saved as a label map PNG and a tooth chart JSON (number, area, box, mean probability)."""
+    rank_by = "tooth_dice"
+
+    def __init__(self, args, classes: list[int]):
+        self.classes, self.one_region = classes, args.one_region_per_tooth
+
+    def predict(self, probs, size):
+        return teeth_at_size(probs, size, self.classes, self.one_region)
+
+    def truth(self, sample, size):
+        labels = read_label_map(sample.teeth)
+        if labels.shape != size:
+            raise ToothSegError(f"{sample.teeth}: label map size {labels.shape[::-1]} differs from its image "
+                                f"{size[::-1]}; re-run prepare_sts2d.py")
+        return labels
+
+    def score(self, sample, pred, gt):
+        teeth = tooth_metrics(pred, gt)
+        return {"teeth": str(sample.teeth), **segmentation_metrics(pred > 0, gt > 0), **teeth}
+
+    def save(self, folder, sample, pred, confidence):
+        write_png(folder / f"{sample.image.stem}.png", pred)
+        chart = {"image": str(sample.image), "height": pred.shape[0], "width": pred.shape[1],
+                 "teeth": tooth_chart(pred, confidence)}
+        atomic_write_text(folder / f"{sample.image.stem}.json", json.dumps(chart, indent=1))
+
+    def pack(self, pred):
+        return cv2.imencode(".png", pred)[1]  # lossless and small: label maps are mostly runs of one value
+
+    def overlay(self, image, packed, row):
+        """The prediction above the truth, each tooth coloured and numbered."""
+        pred = cv2.imdecode(packed, cv2.IMREAD_UNCHANGED)
+        return np.concatenate([overlay_teeth(image, pred), overlay_teeth(image, read_label_map(row["teeth"]))])
+
+    def summary(self, rows):
+        return {"teeth": summarize_teeth(rows)}
+
+    def report(self, rows, summary):
+        teeth = summary["teeth"]
+        return (f"per-tooth Dice={teeth['tooth_dice']:.4f} ({teeth['true_teeth']} teeth)  detection "
+                f"P={teeth['detection_precision']:.4f} R={teeth['detection_recall']:.4f} F1={teeth['detection_f1']:.4f}"
+                f"  numbering={teeth['numbering_accuracy']:.4f}  union " + super().report(rows, summary))
 
 
 def choose_min_component(predictors: list, args, device) -> dict:
@@ -221,10 +321,24 @@ def main(argv=None):
     _, device = setup_runtime(args.cpu)
     predictors = load_ensemble(args.checkpoint, device)
     ckpt = predictors[0].checkpoint  # the first one's data is the default data
+    classes = predictors[0].classes  # a per-tooth model's FDI numbers, None for a binary one
+    if classes and (args.min_component is not None or args.save_probs is not None):
+        raise ToothSegError(f"{ckpt.path}: is a per-tooth model; --min-component and --save-probs apply to binary "
+                            f"models (use --one-region-per-tooth to clean per-tooth predictions)")
+    if args.one_region_per_tooth and not classes:
+        raise ToothSegError(f"{ckpt.path}: is a binary model; --one-region-per-tooth applies to per-tooth models "
+                            f"(use --min-component)")
 
     # Data: a labelled split or folder, or predict mode for a folder without masks (or the unlabelled pool).
     samples, split, where, found = choose_samples(args, ckpt)
     predict = split in ("predict", "unlabelled")
+    if classes and not predict:
+        labelled = len(samples)
+        samples = [s for s in samples if s.teeth is not None]
+        if not samples:
+            raise ToothSegError(f"{where}: none of the {labelled} images of split {split!r} has a per-tooth label map; "
+                                f"prepare the data with prepare_sts2d.py --teeth-dir")
+        where += f", {len(samples)} of them with per-tooth labels" if len(samples) < labelled else ""
     out_dir = args.out_dir or ckpt.path.parent / f"eval_{split}"
     save_preds = args.save_preds or (out_dir / "preds" if predict and args.save_probs is None else None)
     what = f"{len(samples)} images from {where}" if predict else \
@@ -236,34 +350,34 @@ def main(argv=None):
     started = time.time()
     min_component = choose_min_component(predictors, args, device) if args.min_component == "auto" else \
         {"fraction": args.min_component, "chosen": "fixed"} if args.min_component else None
-    fraction = min_component["fraction"] if min_component else 0.0
+    outputs = TeethOutputs(args, classes) if classes else \
+        BinaryOutputs(args, min_component["fraction"] if min_component else 0.0)
 
-    # Inference at network size, masks and scores at each image's own size.
-    rows, skipped, packed_preds, pseudo = [], [], {}, []
+    # Inference at network size, masks (or label maps) and scores at each image's own size.
+    rows, skipped, kept_preds, pseudo = [], [], {}, []
     for sample, error, size, probs in predictions(predictors, samples, args, device, split):
         pair_id = sample.pair_id
         if error:
             skipped.append({"image": str(sample.image), "reason": error})
             continue
-        pred = mask_at_size(probs, size, args.threshold, fraction)
+        pred, confidence = outputs.predict(probs, size)
         if args.save_probs is not None:
             prob = prob_at_size(probs, size)
             write_png(args.save_probs / f"{pair_id}.png", np.round(prob * 255).astype(np.uint8))
             pseudo.append(PseudoLabel(pair_id, sample.image, args.save_probs / f"{pair_id}.png", mean_entropy(prob)))
         if not predict:
             try:
-                gt = ground_truth(sample, size)
+                gt = outputs.truth(sample, size)
             except ToothSegError as exc:
                 if not args.skip_bad:
                     raise
                 skipped.append({"image": str(sample.image), "reason": str(exc)})
                 continue
-            packed_preds[pair_id] = np.packbits(pred)  # for the overlays, without predicting twice
-            rows.append({"pair_id": pair_id, "image": str(sample.image), "mask": str(sample.mask),
-                         "age_group": sample.age_group, **segmentation_metrics(pred, gt), "gt_pixels": int(gt.sum()),
-                         "pred_pixels": int(pred.sum()), "height": size[0], "width": size[1]})
+            kept_preds[pair_id] = outputs.pack(pred)  # for the overlays, without predicting twice
+            rows.append({"pair_id": pair_id, "image": str(sample.image), "age_group": sample.age_group,
+                         **outputs.score(sample, pred, gt), "height": size[0], "width": size[1]})
         if save_preds is not None:
-            write_png(save_preds / f"{sample.image.stem}.png", pred.astype(np.uint8) * 255)
+            outputs.save(save_preds, sample, pred, confidence)
     if args.save_probs is not None:
         write_manifest(args.save_probs, pseudo, [str(p.path) for p in predictors], args.tta)
         print(f"wrote {len(pseudo)} probability maps and {args.save_probs / 'pseudo_labels.json'}")
@@ -272,19 +386,22 @@ def main(argv=None):
         print(f"skipped {len(skipped)} unreadable files (listed in {out_dir / 'skipped.csv'}); first: {skipped[0]['reason']}")
     if predict:
         if save_preds is not None:
-            print(f"wrote {len(samples) - len(skipped)} of {len(samples)} masks to {save_preds}")
+            print(f"wrote {len(samples) - len(skipped)} of {len(samples)} {'label maps and tooth charts' if classes else 'masks'} "
+                  f"to {save_preds}")
         return
     if not rows:
         raise ToothSegError(f"{where}: no image could be scored; see {out_dir / 'skipped.csv'}")
 
     # Outputs: per-image table, summary, best and worst overlays.
-    write_csv(out_dir / "per_image.csv", rows)
+    write_csv(out_dir / "per_image.csv", [{k: v for k, v in row.items() if k != "dice_by_fdi"} for row in rows])
     summary = {
-        "metrics": summarize(rows, METRIC_NAMES),
+        "metrics": summarize(rows, METRIC_NAMES + (TOOTH_SUMMARY_NAMES if classes else ())),
+        **outputs.summary(rows),
         "by_age_group": {g: summarize([r for r in rows if r["age_group"] == g], METRIC_NAMES)
                          for g in sorted({r["age_group"] for r in rows})},
         "n_images": len(rows), "n_found": found, "n_skipped": len(skipped), "split": split,
         "threshold": args.threshold, "tta": args.tta, "min_component": min_component,
+        "one_region_per_tooth": args.one_region_per_tooth if classes else None,
         "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch, "ensemble": [str(p.path) for p in predictors],
         "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
         "window": list(ckpt.data.window) if ckpt.data.window else None, "window_overlap": ckpt.data.window_overlap,
@@ -294,19 +411,19 @@ def main(argv=None):
         "assd": ASSD_DEFINITION,
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    ranked = sorted(rows, key=lambda r: r["dice"], reverse=True)
+    if classes:
+        write_csv(out_dir / "per_tooth.csv", [{"fdi": n, **v} for n, v in summary["teeth"]["by_fdi"].items()])
+    ranked = sorted(rows, key=lambda r: r[outputs.rank_by], reverse=True)
     k = min(args.top_k, len(ranked))
     for label, chosen in (("best", ranked[:k]), ("worst", ranked[::-1][:k])):
-        print(f"{label} {k}: " + ", ".join(f"{r['pair_id']} ({r['dice']:.3f})" for r in chosen))
+        print(f"{label} {k}: " + ", ".join(f"{r['pair_id']} ({r[outputs.rank_by]:.3f})" for r in chosen))
         for rank, row in enumerate(chosen, 1):
             image = to_uint8(read_image(row["image"]))
-            pred = np.unpackbits(packed_preds[row["pair_id"]], count=image.size).reshape(image.shape)
             write_png(out_dir / label / f"{rank:02d}_{row['pair_id']}.png",
-                      overlay_mask(image, pred, read_mask(row["mask"]))[..., ::-1])
-    means = summary["metrics"]
-    print("  ".join(f"{m}={means[m]['mean']:.4f}±{means[m]['std']:.4f}" for m in METRIC_NAMES)
-          + f"  (scored {len(rows)} of {found} found)")
-    print(f"wrote {out_dir / 'per_image.csv'} and {out_dir / 'summary.json'}")
+                      outputs.overlay(image, kept_preds[row["pair_id"]], row)[..., ::-1])
+    print(outputs.report(rows, summary) + f"  (scored {len(rows)} of {found} found)")
+    print(f"wrote {out_dir / 'per_image.csv'}{', ' + str(out_dir / 'per_tooth.csv') if classes else ''} "
+          f"and {out_dir / 'summary.json'}")
 
 
 if __name__ == "__main__":

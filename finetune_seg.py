@@ -12,6 +12,12 @@ input resolution costs what a step at the window's size does. Validation, and ev
 checkpoint records the window), predict the whole input in overlapping H x W windows (--window-overlap)
 blended into one map.
 
+--task teeth segments every tooth by its FDI number: a head with one class per FDI number in the training
+label maps (and its mirror), cross-entropy + soft Dice, trained on the pairs that have per-tooth label maps
+(prepare_sts2d.py --teeth-dir). A flipped training image gets its teeth renumbered to the other side. MIM,
+full-image and binary checkpoints initialise it by parameter name (the head is new). The best epoch is the
+one with the best mean per-tooth Dice on validation.
+
 Unlabelled images (the index's, plus the training pairs --label-fraction leaves out) join in one of two
 ways: --pseudo-labels DIR (a teacher's soft probabilities from eval.py --split unlabelled --save-probs),
 or --semi (a mean teacher with weak-to-strong consistency, trained online).
@@ -20,6 +26,7 @@ Example:
   python finetune_seg.py --images-dir ./sts_tooth_data/processed_2d \\
       --init-from ./checkpoints/mim_unet/best.pth --checkpoint-dir ./checkpoints/finetune_mim_unet
   python finetune_seg.py --images-dir ./sts_tooth_data/processed_2d --pseudo-labels ./pseudo --pseudo-keep 0.3
+  python finetune_seg.py --images-dir ./ufba_data/processed_2d --task teeth --checkpoint-dir ./checkpoints/teeth
 """
 from __future__ import annotations
 
@@ -30,17 +37,21 @@ import numpy as np
 import torch
 
 from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
-from data import (SegmentationDataset, SemiDataset, UnlabelledDataset, build_eval_transform, build_train_transform,
-                  denormalize, modality_of)
+from data import (SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset, build_eval_transform,
+                  build_train_transform, denormalize, modality_of, read_label_map)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
-from metrics import BCEDiceLoss, dice_per_image
+from metrics import BCEDiceLoss, CEDiceLoss, dice_per_image, tooth_dice_per_image
 from models import ENCODER_PREFIXES, SIZE_MULTIPLE
-from overlay import overlay_mask
+from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
 from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
+from teeth import mirror_closed
 from utils import ToothSegError, make_parser, non_negative_int, positive_int, probability, run_cli, set_seed
+
+
+TASKS = ("binary", "teeth")
 
 
 def parse_args(argv=None):
@@ -72,7 +83,12 @@ def parse_args(argv=None):
                            "overlapping H x W windows; multiples of 16, within the input; default: the whole input")
     data.add_argument("--window-overlap", type=probability, default=0.5, metavar="F",
                       help="with --window: the share of a window that its neighbours overlap when predicting")
-    optim.add_argument("--lambda-dice", type=float, default=0.2, metavar="L", help="loss = BCE + L * soft Dice")
+    data.add_argument("--task", choices=TASKS, default="binary",
+                      help="binary: one tooth mask; teeth: every tooth by its FDI number (needs per-tooth label maps, "
+                           "prepare_sts2d.py --teeth-dir), one class per number in the training labels and its mirror")
+    optim.add_argument("--lambda-dice", type=float, metavar="L",
+                       help="loss = BCE + L * soft Dice (binary, default 0.2), or cross-entropy + L * soft Dice over the "
+                            "tooth classes (teeth, default 1.0, as nnU-Net)")
     optim.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better val Dice")
 
     unlabelled = parser.add_argument_group(
@@ -97,6 +113,10 @@ def parse_args(argv=None):
     args = parse_training_args(parser, argv)
     if args.semi and args.pseudo_labels is not None:
         parser.error("choose one way of using the unlabelled images: --pseudo-labels or --semi")
+    if args.task == "teeth" and (args.semi or args.pseudo_labels is not None):
+        parser.error("--task teeth learns from labelled images only; drop --semi/--pseudo-labels (or use them with --task binary)")
+    if args.lambda_dice is None:
+        args.lambda_dice = 1.0 if args.task == "teeth" else 0.2
     if args.window is not None:
         check_window(args.window, (args.img_height, args.img_width))
         args.window = tuple(args.window)
@@ -115,7 +135,7 @@ def check_window(window: list[int], input_size: tuple[int, int]) -> None:
                             f"choose a window within it, or raise the input size")
 
 
-def resolve_model(args) -> ModelSpec:
+def resolve_model(args, out_channels: int = 1) -> ModelSpec:
     """Explicit flags win; then the --resume or --init-from checkpoint's architecture; then defaults."""
     described = None
     if args.resume is not None:
@@ -125,7 +145,7 @@ def resolve_model(args) -> ModelSpec:
         described = record.model if record is not None else None
     name = args.model_type or (described.name if described else "unet")
     kwargs = dict(described.args) if described and described.name == name else {}
-    kwargs["out_channels"] = 1
+    kwargs["out_channels"] = out_channels
     if args.base_channels is not None:
         kwargs["base_channels"] = args.base_channels
     if args.no_bilinear is not None:
@@ -157,6 +177,33 @@ class SegmentationTask:
         preds, gts = (logits[:4, 0] > 0).cpu().numpy(), (mask[:4, 0] > 0.5).cpu().numpy()
         overlays = np.stack([overlay_mask(g, p, t) for g, p, t in zip(gray, preds, gts)])
         return {"overlay": torch.from_numpy(overlays).permute(0, 3, 1, 2).float() / 255}
+
+
+class TeethTask(SegmentationTask):
+    """The per-tooth task: cross-entropy + soft Dice over the tooth classes; validation scores the mean Dice
+    of each image's true teeth, as eval.py's per-tooth Dice (at network size), and the Dice of their union."""
+
+    def __init__(self, classes: list[int], lambda_dice: float, window: tuple[int, int] | None = None,
+                 overlap: float = 0.5):
+        super().__init__(lambda_dice, window, overlap)
+        self.classes = np.asarray(classes, np.uint8)
+        self.loss = CEDiceLoss(lambda_dice)
+
+    def val_step(self, model, batch):
+        image, labels, _ = batch
+        logits = network_logits(model, image, self.window, self.overlap)
+        n = torch.tensor(float(len(image)), device=image.device)
+        teeth = logits[:, 1:].logsumexp(1, keepdim=True) - logits[:, :1]  # logit of "any tooth"
+        return {"loss": self.loss(logits, labels) * n, "dice": tooth_dice_per_image(logits, labels).sum(),
+                "binary_dice": dice_per_image(teeth, (labels > 0).unsqueeze(1).float()).sum(), "count": n}
+
+    def visuals(self, batch, logits):
+        image, labels = batch[:2]
+        gray = (denormalize(image[:4, 0].float()) * 255).round().byte().cpu().numpy()
+        preds, gts = self.classes[logits[:4].argmax(1).cpu().numpy()], self.classes[labels[:4].clamp_min(0).cpu().numpy()]
+        overlays = np.stack([np.concatenate([overlay_teeth(g, p, numbers=False), overlay_teeth(g, t, numbers=False)])
+                             for g, p, t in zip(gray, preds, gts)])
+        return {"teeth (prediction above truth)": torch.from_numpy(overlays).permute(0, 3, 1, 2).float() / 255}
 
 
 class SemiTask(SegmentationTask):
@@ -211,6 +258,29 @@ def pseudo_labelled_samples(args, splits: dict, pool: list[Sample]) -> tuple[lis
     return [Sample(label.image, label.probs, label.pair_id, source="pseudo") for label in kept], record
 
 
+def tooth_classes(args, train_samples: list[Sample]) -> list[int]:
+    """0 (background), then every FDI number in the training label maps together with its mirror (a flipped
+    image shows it); a resumed run keeps its checkpoint's classes."""
+    if args.resume is not None:
+        return open_checkpoint(args.resume, ("segmentation",), "--resume").tooth_classes
+    numbers = set()
+    for sample in train_samples:
+        numbers.update(int(n) for n in np.unique(read_label_map(sample.teeth)))
+    return [0] + mirror_closed(numbers - {0})
+
+
+def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: str):
+    """The per-tooth task's training and validation sets, and its classes."""
+    classes = tooth_classes(args, train_samples)
+    if not classes:
+        raise ToothSegError(f"{args.resume}: is a binary model; resume it without --task teeth")
+    transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window, flip=False)
+    train_set = TeethDataset(train_samples, transform, classes, mirror=True, seed=args.seed, cache=args.cache_images)
+    val_set = TeethDataset(splits["val"], build_eval_transform(args.img_height, args.img_width), classes,
+                           seed=args.seed, fixed=True, cache=args.cache_images)
+    return train_set, val_set, classes
+
+
 def main(argv=None):
     args = parse_args(argv)
     dist, device = setup_runtime(args.cpu)
@@ -220,6 +290,12 @@ def main(argv=None):
     index = find_index(args.images_dir, args.index)
     splits = segmentation_splits(args.images_dir, args.masks_dir, index=index, val_ratio=args.val_ratio,
                                  test_ratio=args.test_ratio, seed=args.split_seed)
+    teeth = args.task == "teeth"
+    if teeth:  # the pairs with per-tooth labels
+        splits = {name: [s for s in part if s.teeth is not None] for name, part in splits.items()}
+        if not splits["train"]:
+            raise ToothSegError(f"{index or args.images_dir}: no training pair has a per-tooth label map; add them with "
+                                f"prepare_sts2d.py --teeth-dir (PNG label maps or labelme files)")
     train_samples = subset_fraction(splits["train"], args.label_fraction, args.seed)[:args.train_subset_size]
     if not splits["val"]:
         raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; "
@@ -232,22 +308,27 @@ def main(argv=None):
                             f"prepare_sts2d.py --unlabelled-dir, or train on a --label-fraction below 1")
     pseudo, pseudo_record = pseudo_labelled_samples(args, splits, pool) \
         if args.pseudo_labels is not None else ([], None)
-    train_set = SegmentationDataset(train_samples + pseudo, train_transform, soft={s.pair_id for s in pseudo},
-                                    soft_weight=args.pseudo_weight, noise=args.student_noise, seed=args.seed,
-                                    cache=args.cache_images)
+    classes = None
+    if teeth:
+        train_set, val_set, classes = teeth_datasets(args, splits, train_samples, modality)
+    else:
+        train_set = SegmentationDataset(train_samples + pseudo, train_transform, soft={s.pair_id for s in pseudo},
+                                        soft_weight=args.pseudo_weight, noise=args.student_noise, seed=args.seed,
+                                        cache=args.cache_images)
+        val_set = SegmentationDataset(splits["val"], build_eval_transform(args.img_height, args.img_width),
+                                      seed=args.seed, fixed=True, cache=args.cache_images)
     if args.semi:
         train_set = SemiDataset(train_set, UnlabelledDataset(pool, train_transform, seed=args.seed, cache=args.cache_images),
                                 seed=args.seed)
-    val_set = SegmentationDataset(splits["val"], build_eval_transform(args.img_height, args.img_width),
-                                  seed=args.seed, fixed=True, cache=args.cache_images)
     train_loader, val_loader = make_loaders(train_set, val_set, args, dist, device)
 
     # Model: architecture from the flags or the checkpoint, then the pretrained weights.
-    spec = resolve_model(args)
+    spec = resolve_model(args, len(classes) if teeth else 1)
     model = spec.build()
     if dist.is_main:
         extra = f" + {len(pseudo)} pseudo-labelled of {len(pool)} unlabelled" if pseudo else \
-            f" + {len(pool)} unlabelled (online, mean teacher)" if args.semi else ""
+            f" + {len(pool)} unlabelled (online, mean teacher)" if args.semi else \
+            f", per tooth: {len(classes) - 1} FDI numbers" if teeth else ""
         crops = f", {args.window[0]}x{args.window[1]} crops of the input" if args.window else ""
         print(f"fine-tuning {spec.name} {spec.args} on {len(train_samples)} labelled pairs{extra} ({modality}{crops}), "
               f"validating on {len(val_set)}; device {device}")
@@ -259,7 +340,7 @@ def main(argv=None):
 
     # Loop: best by validation Dice, optional early stopping and encoder freezing.
     split = SplitSpec(str(index) if index else None, args.val_ratio, args.test_ratio, args.split_seed)
-    settings = {"lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
+    settings = {"task": args.task, "classes": classes, "lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
                 "labelled_pairs": sorted(s.pair_id for s in train_samples), "init_from": args.init_from,
                 "freeze_encoder_epochs": args.freeze_encoder_epochs, "pseudo_labels": pseudo_record,
                 "semi": {"method": "mean teacher, weak-to-strong consistency", "unlabelled": len(pool),
@@ -267,6 +348,7 @@ def main(argv=None):
                          "rampup_epochs": args.rampup_epochs} if args.semi else None}
     task = SemiTask(args.lambda_dice, MeanTeacher(unwrap(model), args.ema_decay), args.confidence, args.unlabelled_weight,
                     args.rampup_epochs * len(train_loader), args.window, args.window_overlap) if args.semi \
+        else TeethTask(classes, args.lambda_dice, args.window, args.window_overlap) if teeth \
         else SegmentationTask(args.lambda_dice, args.window, args.window_overlap)
     trainer = build_trainer(args, task=task, model=model, kind="segmentation",
                             data=data_spec(args, modality=modality, split=split,

@@ -238,3 +238,134 @@ def masked_l1_loss(
         masked_mean = (l1 * mask).sum() / masked_count.clamp_min(1)
         # torch.where instead of `if masked_count.item()`: no host-device sync per step.
         return torch.where(masked_count > 0, masked_mean, l1.mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-tooth metrics (numpy, on FDI label maps at the image's own size)
+# ----------------------------------------------------------------------------------------------
+# A label map holds each pixel's FDI number (0 = background); each number present is one tooth.
+#
+# * Tooth Dice: for every true tooth, the Dice of the predicted pixels with its number against its pixels
+#   (a tooth predicted under another number, or not at all, scores 0). The dataset's mean per-tooth Dice
+#   averages over all true teeth of all images, each tooth counting once; an image's mean over its own.
+# * Detection: a predicted tooth matches a true one when their regions overlap at IoU >= 0.5, whatever
+#   their numbers (greedy by IoU; above 0.5 a match is unique anyway, since teeth do not overlap).
+#   Unmatched predictions are false positives, unmatched true teeth misses. Precision, recall and F1 over
+#   a dataset pool the counts of all images (micro average).
+# * Numbering accuracy: the share of matched teeth whose predicted number is the true one.
+DETECTION_IOU = 0.5
+TOOTH_SUMMARY_NAMES = ("tooth_dice", "detection_precision", "detection_recall", "detection_f1", "numbering_accuracy")
+
+
+def _ratio(num: float, den: float, empty: float) -> float:
+    return num / den if den else empty
+
+
+def tooth_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """Per-tooth scores of one pair of FDI label maps; see the section comment. Returns the counts an
+    image contributes to the dataset figures ("true_teeth", "pred_teeth", "matched", "numbered_right"),
+    its own precision/recall/F1 and mean tooth Dice, and "dice_by_fdi" ({FDI number: Dice} of its true teeth)."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape or pred.ndim != 2:
+        raise ToothSegError(f"prediction shape {pred.shape} and ground-truth shape {gt.shape} differ or are not HxW; "
+                            "resize the prediction to the label map's own resolution before scoring")
+    # joint[g, p]: pixels labelled g in the truth and p in the prediction.
+    joint = np.bincount(gt.astype(np.int64).ravel() * 256 + pred.astype(np.int64).ravel(),
+                        minlength=256 * 256).reshape(256, 256)
+    gt_area, pred_area = joint.sum(1), joint.sum(0)
+    true_teeth, pred_teeth = np.flatnonzero(gt_area[1:]) + 1, np.flatnonzero(pred_area[1:]) + 1
+    dice = {int(n): float(2 * joint[n, n] / (gt_area[n] + pred_area[n])) for n in true_teeth}
+    pairs = []
+    for g in true_teeth:
+        for p in pred_teeth:
+            if joint[g, p]:
+                iou = joint[g, p] / (gt_area[g] + pred_area[p] - joint[g, p])
+                if iou >= DETECTION_IOU:
+                    pairs.append((iou, int(g), int(p)))
+    matched_true, matched_pred, numbered_right = set(), set(), 0
+    for _, g, p in sorted(pairs, reverse=True):
+        if g not in matched_true and p not in matched_pred:
+            matched_true.add(g)
+            matched_pred.add(p)
+            numbered_right += g == p
+    matched, n_true, n_pred = len(matched_true), len(true_teeth), len(pred_teeth)
+    precision = _ratio(matched, n_pred, 1.0 if not n_true else 0.0)
+    recall = _ratio(matched, n_true, 1.0 if not n_pred else 0.0)
+    return {"true_teeth": n_true, "pred_teeth": n_pred, "matched": matched, "numbered_right": numbered_right,
+            "tooth_dice": float(np.mean(list(dice.values()))) if dice else float(not n_pred),
+            "detection_precision": precision, "detection_recall": recall,
+            "detection_f1": _ratio(2 * precision * recall, precision + recall, 0.0),
+            "numbering_accuracy": _ratio(numbered_right, matched, 1.0),
+            "dice_by_fdi": dice}
+
+
+def summarize_teeth(per_image: Sequence[dict]) -> dict:
+    """Dataset figures from `tooth_metrics` rows: mean per-tooth Dice over all true teeth, pooled
+    detection precision/recall/F1 and numbering accuracy, and per FDI number its mean Dice and count."""
+    if not per_image:
+        raise ToothSegError("no images were scored, so there is nothing to summarize; check the split and folders")
+    counts = {k: sum(r[k] for r in per_image) for k in ("true_teeth", "pred_teeth", "matched", "numbered_right")}
+    by_fdi: dict[int, list[float]] = {}
+    for row in per_image:
+        for number, value in row["dice_by_fdi"].items():
+            by_fdi.setdefault(int(number), []).append(value)
+    all_dice = [v for values in by_fdi.values() for v in values]
+    precision = _ratio(counts["matched"], counts["pred_teeth"], 1.0)
+    recall = _ratio(counts["matched"], counts["true_teeth"], 1.0)
+    return {"tooth_dice": float(np.mean(all_dice)) if all_dice else 0.0,
+            "detection_precision": precision, "detection_recall": recall,
+            "detection_f1": _ratio(2 * precision * recall, precision + recall, 0.0),
+            "numbering_accuracy": _ratio(counts["numbered_right"], counts["matched"], 1.0),
+            **counts, "n_images": len(per_image),
+            "by_fdi": {n: {"dice": float(np.mean(v)), "teeth": len(v)} for n, v in sorted(by_fdi.items())}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-tooth training loss and validation score (torch). Targets are class indices (B, H, W), int64,
+# with IGNORE_INDEX on pixels whose tooth number the model has no class for.
+# ----------------------------------------------------------------------------------------------
+IGNORE_INDEX = -100
+
+
+class CEDiceLoss(nn.Module):
+    """Cross-entropy + lambda_dice * soft Dice over the tooth classes (background left out, batch Dice as
+    nnU-Net's), in fp32. With `weights` (one per sample), the batch mean weighs each sample's cross-entropy."""
+
+    def __init__(self, lambda_dice: float = 1.0, eps: float = 1.0):
+        super().__init__()
+        self.lambda_dice, self.eps = lambda_dice, eps
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if logits.ndim != 4 or targets.shape != (logits.shape[0], *logits.shape[2:]):
+            raise ValueError(f"logits {tuple(logits.shape)} need class-index targets (B, H, W), got {tuple(targets.shape)}")
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.float()
+            ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none").mean((1, 2))
+            ce = (weights.float() * ce).mean() if weights is not None else ce.mean()
+            valid = (targets != IGNORE_INDEX).unsqueeze(1)
+            probs = torch.softmax(logits, 1) * valid
+            onehot = F.one_hot(targets.clamp_min(0), logits.shape[1]).permute(0, 3, 1, 2) * valid
+            dims = (0, 2, 3)
+            overlap, total = (probs * onehot).sum(dims)[1:], (probs.sum(dims) + onehot.sum(dims))[1:]
+            dice = (2 * overlap + self.eps) / (total + self.eps)
+            return ce + self.lambda_dice * (1 - dice.mean())
+
+    def extra_repr(self) -> str:
+        return f"lambda_dice={self.lambda_dice}"
+
+
+@torch.no_grad()
+def tooth_dice_per_image(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per sample (shape [B], fp32), the mean over its true teeth of the Dice of argmax(logits) against the
+    targets, class by class (as `tooth_metrics`' per-tooth Dice, at network size); an image without teeth
+    scores 1 when nothing is predicted, else 0. Ignored pixels count for neither side."""
+    classes = logits.shape[1]
+    valid = targets != IGNORE_INDEX
+    pred = F.one_hot(logits.argmax(1), classes)[..., 1:] & valid[..., None]
+    gt = F.one_hot(targets.clamp_min(0), classes)[..., 1:] & valid[..., None]
+    overlap, pred_area, gt_area = (pred & gt).sum((1, 2)).float(), pred.sum((1, 2)).float(), gt.sum((1, 2)).float()
+    present = gt_area > 0
+    dice = torch.where(present, 2 * overlap / (pred_area + gt_area).clamp_min(1), torch.zeros_like(overlap))
+    n_teeth = present.sum(1)
+    empty_score = (pred_area.sum(1) == 0).float()
+    return torch.where(n_teeth > 0, dice.sum(1) / n_teeth.clamp_min(1), empty_score)

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from checkpoints import Checkpoint, open_checkpoint
-from data import build_eval_transform
+from data import build_eval_transform, read_label_map
 from engine import autocast, checkpoint_amp, memory_format
 from index import read_mask
+from teeth import mirror_fdi
 from utils import ToothSegError
 
 
@@ -79,14 +80,30 @@ def network_logits(model, batch: torch.Tensor, window: tuple[int, int] | None = 
     return model(batch).float() if window is None else sliding_window(model, batch, window, overlap)
 
 
+def mirror_channels(classes: list[int]) -> list[int]:
+    """For a per-tooth model's classes (FDI numbers), the channel of each class's mirror tooth: the prediction
+    of a flipped image, flipped back, holds tooth 11 in the channel of 21, so `probs[:, mirror_channels]` reads it
+    back in place. The classes are closed under mirroring (finetune_seg.py makes them so)."""
+    channel = {number: i for i, number in enumerate(classes)}
+    return [channel[mirror_fdi(number)] for number in classes]
+
+
 @torch.inference_mode()
 def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, device,
-                          window: tuple[int, int] | None = None, overlap: float = 0.5) -> torch.Tensor:
-    """Tooth probabilities at network size; with `tta`, averaged with the horizontally flipped prediction."""
+                          window: tuple[int, int] | None = None, overlap: float = 0.5,
+                          mirror: list[int] | None = None) -> torch.Tensor:
+    """Probabilities at network size: a binary model's tooth probability (sigmoid), or with `mirror` (a per-tooth
+    model's `mirror_channels`) each class's (softmax). With `tta`, averaged with the horizontally flipped
+    prediction, whose teeth are renumbered to their own side first."""
+    def probabilities(inputs: torch.Tensor) -> torch.Tensor:
+        logits = network_logits(model, inputs, window, overlap)
+        return torch.sigmoid(logits) if mirror is None else torch.softmax(logits, 1)
+
     with autocast(device, amp_dtype):
-        probs = torch.sigmoid(network_logits(model, batch, window, overlap))
+        probs = probabilities(batch)
         if tta:
-            probs = 0.5 * (probs + torch.sigmoid(network_logits(model, batch.flip(-1), window, overlap)).flip(-1))
+            flipped = probabilities(batch.flip(-1)).flip(-1)
+            probs = 0.5 * (probs + (flipped if mirror is None else flipped[:, mirror]))
     return probs
 
 
@@ -125,6 +142,42 @@ def mask_at_size(probs: torch.Tensor, size: tuple[int, int], threshold: float,
     return clean_mask(prob_at_size(probs, size) > threshold, min_component)
 
 
+def keep_largest_region(label_map: np.ndarray) -> np.ndarray:
+    """Each tooth number kept on its largest 8-connected region only, the rest set to background: a tooth is one
+    region, so a second blob with its number is a stray (eval.py --one-region-per-tooth)."""
+    out = label_map.copy()
+    for number in np.unique(label_map[label_map > 0]):
+        parts, count = ndimage.label(label_map == number, structure=np.ones((3, 3), bool))
+        if count > 1:
+            largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+            out[(parts > 0) & (parts != largest)] = 0
+    return out
+
+
+def teeth_at_size(probs: torch.Tensor, size: tuple[int, int], classes: list[int],
+                  one_region: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A per-tooth model's (1, C, h, w) class probabilities resized (bilinear) to the image's own (H, W), then
+    (FDI label map, uint8; the probability of each pixel's chosen class, float32): each pixel takes its most
+    probable class, and with `one_region` each tooth keeps only its largest region."""
+    resized = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)[0]
+    confidence, chosen = resized.max(0)
+    label_map = np.asarray(classes, np.uint8)[chosen.cpu().numpy()]
+    return keep_largest_region(label_map) if one_region else label_map, confidence.cpu().numpy()
+
+
+def tooth_chart(label_map: np.ndarray, confidence: np.ndarray) -> list[dict]:
+    """The teeth of an FDI label map, in FDI order: number, area in pixels, bounding box [x0, y0, x1, y1]
+    (inclusive, pixels of the image's own size) and the mean probability the model gave it over its pixels."""
+    chart = []
+    for number in np.unique(label_map[label_map > 0]):
+        where = label_map == number
+        ys, xs = np.nonzero(where)
+        chart.append({"fdi": int(number), "area_px": int(where.sum()),
+                      "bbox": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())],
+                      "mean_probability": round(float(confidence[where].mean()), 4)})
+    return chart
+
+
 @dataclass
 class Predictor:
     """A fine-tuned segmentation model with the preprocessing and data it was trained with."""
@@ -135,6 +188,8 @@ class Predictor:
 
     def __post_init__(self):
         self.amp_dtype = checkpoint_amp(self.checkpoint, self.device)  # the precision it was validated in
+        self.classes = self.checkpoint.tooth_classes  # None for a binary model
+        self.mirror = mirror_channels(self.classes) if self.classes else None
 
     @property
     def path(self) -> Path:
@@ -149,16 +204,20 @@ class Predictor:
         return self.transform()(image=image)["image"][None]
 
     def probabilities(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """(N, 1, h, w) tooth probabilities of a batch of network inputs (in the checkpoint's windows, if any)."""
+        """(N, 1, h, w) tooth probabilities of a batch of network inputs (in the checkpoint's windows, if any);
+        (N, C, h, w) class probabilities for a per-tooth model."""
         batch = batch.to(self.device, memory_format=memory_format(self.device))
         data = self.checkpoint.data
         return predict_probabilities(self.model, batch, tta, self.amp_dtype, self.device, data.window,
-                                     data.window_overlap)
+                                     data.window_overlap, self.mirror)
 
     def predict(self, image: np.ndarray, threshold: float = 0.5, tta: bool = False,
-                min_component: float = 0.0) -> np.ndarray:
-        """Boolean HxW mask at the image's own size (eval.py's inference, resize, threshold and --min-component)."""
+                min_component: float = 0.0, one_region: bool = False) -> np.ndarray:
+        """At the image's own size, as eval.py predicts: a boolean HxW mask (resize, threshold, --min-component),
+        or for a per-tooth model an FDI label map (resize, most probable class, --one-region-per-tooth)."""
         probs = self.probabilities(self.network_input(image), tta)
+        if self.classes:
+            return teeth_at_size(probs, image.shape[:2], self.classes, one_region)[0]
         return mask_at_size(probs, image.shape[:2], threshold, min_component)
 
     def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
@@ -171,15 +230,17 @@ class Predictor:
         return np.clip(cv2.resize(saliency, image.shape[1::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
 
     def ground_truth(self, image_path: str | os.PathLike) -> np.ndarray:
-        """The mask (uint8 0/1) of one of the labelled images this model was trained and tested with,
-        paired as eval.py pairs them (the index, or file names in the masks folder)."""
+        """The mask (uint8 0/1) of one of the labelled images this model was trained and tested with, paired as
+        eval.py pairs them (the index, or file names in the masks folder); its FDI label map for a per-tooth model."""
         if self._mask_paths is None:
             splits = self.checkpoint.data.labelled_splits()
-            self._mask_paths = {s.image.resolve(): s.mask for part in splits.values() for s in part}
+            self._mask_paths = {s.image.resolve(): s.teeth if self.classes else s.mask
+                                for part in splits.values() for s in part}
         mask_path = self._mask_paths.get(Path(image_path).resolve())
         if mask_path is None:
-            raise ToothSegError(f"{image_path}: not one of the labelled images of {self.path}; pass its mask explicitly")
-        return read_mask(mask_path)
+            raise ToothSegError(f"{image_path}: not one of the {'per-tooth ' if self.classes else ''}labelled images "
+                                f"of {self.path}; pass its {'label map' if self.classes else 'mask'} explicitly")
+        return read_label_map(mask_path) if self.classes else read_mask(mask_path)
 
 
 def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:

@@ -17,6 +17,10 @@ over test images, and each pretraining's paired difference to scratch), and stud
 (test Dice against label fraction, one line per method). Each method is compared with supervised
 scratch by a paired bootstrap over the test images.
 
+--task teeth runs the per-tooth task (finetune_seg.py --task teeth) in the same grid of models and
+initialisations, on the pairs with per-tooth label maps, and tabulates per-tooth Dice, detection F1 and
+numbering accuracy.
+
 Example (the README's real-data run):
   python run_study.py --images-dir ./ufba/processed_2d --out-dir runs/study_ufba --models unet \\
       --inits scratch mim fullimage --label-fractions 0.1 0.3 1.0 --seeds 0 1 --img-height 160 --img-width 320
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metrics import METRIC_NAMES
+from metrics import METRIC_NAMES, TOOTH_SUMMARY_NAMES
 from models import MODELS
 from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, run_cli
 
@@ -53,6 +57,9 @@ def parse_args(argv=None):
     grid.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, metavar="INIT", help="scratch, mim, fullimage")
     grid.add_argument("--semi", nargs="+", default=["none"], choices=SEMI, metavar="WAY",
                       help="none, pseudo (offline teacher -> student; needs none, its teacher), online (mean teacher)")
+    grid.add_argument("--task", choices=("binary", "teeth"), default="binary",
+                      help="binary tooth masks, or every tooth by its FDI number (finetune_seg.py --task teeth; scored "
+                           "by per-tooth Dice, detection F1 and numbering accuracy; supervised cells only)")
     grid.add_argument("--label-fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0], metavar="F", help="shares of the labelled training pairs")
     grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="S", help="fine-tuning seeds (also pick the label subsets)")
     data = parser.add_argument_group("data")
@@ -81,15 +88,23 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown --models {', '.join(unknown)}; valid: {', '.join(sorted(MODELS))}")
+    if args.task == "teeth" and args.semi != ["none"]:
+        parser.error("--task teeth runs supervised cells only (--semi none); pseudo-labels and the online method are binary")
     if "pseudo" in args.semi and "none" not in args.semi:
         parser.error("--semi pseudo labels with its supervised twin: add none to --semi")
     args.semi = [way for way in SEMI if way in args.semi]  # teachers (none) before their students
     return args
 
 
-def cell_name(model: str, init: str, fraction: float, seed: int, semi: str = "none") -> str:
+def cell_name(model: str, init: str, fraction: float, seed: int, semi: str = "none", task: str = "binary") -> str:
     way = "" if semi == "none" else f"_{semi}"  # supervised cells keep the names of studies before --semi
-    return f"{model}_{init}{way}_f{fraction:g}_s{seed}"
+    kind = "_teeth" if task == "teeth" else ""  # so a per-tooth grid never takes a binary cell for done
+    return f"{model}_{init}{kind}{way}_f{fraction:g}_s{seed}"
+
+
+def score_name(args) -> str:
+    """The per-image score the tables and CIs use: Dice, or the per-tooth task's mean Dice of the true teeth."""
+    return "tooth_dice" if args.task == "teeth" else "dice"
 
 
 def script(name: str) -> list[str]:
@@ -114,8 +129,8 @@ def pretrain_command(args, model: str, init: str) -> tuple[list[str], Path]:
 def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed: int,
                   pretrained: Path | None) -> list[list[str]]:
     cells = args.out_dir / "cells"
-    cell = cells / cell_name(model, init, fraction, seed, semi)
-    finetune = script("finetune_seg.py") + [
+    cell = cells / cell_name(model, init, fraction, seed, semi, args.task)
+    finetune = script("finetune_seg.py") + ["--task", args.task,
         "--images-dir", str(args.images_dir), "--checkpoint-dir", str(cell), "--model-type", model,
         "--base-channels", str(args.base_channels), "--epochs", str(args.finetune_epochs), "--seed", str(seed),
         "--label-fraction", f"{fraction:g}", *common_flags(args), *shlex.split(args.finetune_args)]
@@ -190,7 +205,7 @@ def main(argv=None):
 
     # Cells: fine-tune then evaluate; cell.json marks a finished cell.
     for model, init, semi, fraction, seed in grid(args):
-        name = cell_name(model, init, fraction, seed, semi)
+        name = cell_name(model, init, fraction, seed, semi, args.task)
         cell = args.out_dir / "cells" / name
         source = pretrained.get((model, init))
         commands = cell_commands(args, model, init, semi, fraction, seed, source)
@@ -219,11 +234,12 @@ def main(argv=None):
         summary = json.loads((cell / "eval_test" / "summary.json").read_text())
         record = {"model": model, "init": init, "semi": semi, "label_fraction": fraction, "seed": seed,
                   **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
+                  **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {}),
                   "n_test": summary["n_images"], "best_epoch": summary["checkpoint_epoch"],
                   "seconds": round(time.time() - cell_start, 1)}
         atomic_write_text(cell / "cell.json", json.dumps(record, indent=2))
         ran += 1
-        print(f"  {name}: test dice {record['dice']:.4f}, hd95 {record['hd95']:.1f} px", flush=True)
+        print(f"  {name}: test {score_name(args)} {record[score_name(args)]:.4f}, hd95 {record['hd95']:.1f} px", flush=True)
     if args.dry_run:
         return
 
@@ -238,16 +254,16 @@ def main(argv=None):
 
 def collect(args) -> list[dict]:
     """The records of this grid's finished cells."""
-    paths = (args.out_dir / "cells" / cell_name(model, init, fraction, seed, semi) / "cell.json"
+    paths = (args.out_dir / "cells" / cell_name(model, init, fraction, seed, semi, args.task) / "cell.json"
              for model, init, semi, fraction, seed in grid(args))
     return [{"semi": "none", **json.loads(p.read_text())} for p in paths if p.exists()]  # older cells: supervised
 
 
 def per_image_dice(args, record: dict) -> dict[str, float]:
     path = args.out_dir / "cells" / cell_name(record["model"], record["init"], record["label_fraction"],
-                                              record["seed"], record["semi"]) / "eval_test" / "per_image.csv"
+                                              record["seed"], record["semi"], args.task) / "eval_test" / "per_image.csv"
     with path.open(newline="") as f:
-        return {row["pair_id"]: float(row["dice"]) for row in csv.DictReader(f)}
+        return {row["pair_id"]: float(row[score_name(args)]) for row in csv.DictReader(f)}
 
 
 def bootstrap_ci(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -275,17 +291,22 @@ def write_outputs(args, records: list[dict]) -> None:
         common = set.intersection(*(set(p) for p in per_seed))
         return {k: float(np.mean([p[k] for p in per_seed])) for k in sorted(common)}
 
-    lines = ["| model | init | unlabelled | labels | seeds | test Dice (mean ± std over seeds) | 95% CI over images | HD95 px | ASSD px |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    diffs = ["| model | labels | method | Dice − supervised scratch | paired 95% CI over images | verdict |",
+    score, teeth = score_name(args), args.task == "teeth"
+    what = "per-tooth Dice" if teeth else "Dice"
+    extra = " detection F1 | numbering |" if teeth else ""
+    lines = [f"| model | init | unlabelled | labels | seeds | test {what} (mean ± std over seeds) | 95% CI over images | "
+             f"HD95 px | ASSD px |{extra}", "| --- " * (9 + 2 * teeth) + "|"]
+    diffs = [f"| model | labels | method | {what} − supervised scratch | paired 95% CI over images | verdict |",
              "| --- | --- | --- | --- | --- | --- |"]
     order = lambda kv: (kv[0][0], kv[0][3], INITS.index(kv[0][1]), SEMI.index(kv[0][2]))  # noqa: E731
     for (model, init, semi, fraction), group in sorted(groups.items(), key=order):
-        dice = np.array([r["dice"] for r in group])
+        dice = np.array([r[score] for r in group])
         lo, hi = bootstrap_ci(np.array(list(image_means(group).values())), args.bootstrap, rng)
         lines.append(f"| {model} | {init} | {semi} | {fraction:g} | {len(group)} | {dice.mean():.4f} ± {dice.std():.4f} | "
                      f"[{lo:.4f}, {hi:.4f}] | {np.mean([r['hd95'] for r in group]):.1f} | "
-                     f"{np.mean([r['assd'] for r in group]):.1f} |")
+                     f"{np.mean([r['assd'] for r in group]):.1f} |"
+                     + ("".join(f" {np.mean([r[m] for r in group]):.4f} |" for m in ("detection_f1", "numbering_accuracy"))
+                        if teeth else ""))
         scratch = groups.get((model, "scratch", "none", fraction))
         if (init, semi) != ("scratch", "none") and scratch:
             ours, base = image_means(group), image_means(scratch)
@@ -296,12 +317,12 @@ def write_outputs(args, records: list[dict]) -> None:
             diffs.append(f"| {model} | {fraction:g} | {method_label(init, semi)} | {delta.mean():+.4f} | "
                          f"[{dlo:+.4f}, {dhi:+.4f}] | {verdict} |")
     table = "\n".join(lines)
-    text = ["# Study: unlabelled images and pretraining", "", f"Images: `{args.images_dir}`, input "
+    text = ["# Study: unlabelled images and pretraining" + (", per-tooth task" if teeth else ""), "", f"Images: `{args.images_dir}`, input "
             f"{args.img_height}x{args.img_width}, base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, "
             f"fine-tuning {args.finetune_epochs} epochs (pseudo/online extra flags: `{args.semi_args or 'none'}`), "
             f"batch {args.batch_size}.", "", table, ""]
     if len(diffs) > 2:
-        text += ["Each method against supervised scratch (same label fraction; per-image Dice averaged over seeds, "
+        text += [f"Each method against supervised scratch (same label fraction; per-image {what} averaged over seeds, "
                  "paired bootstrap over test images):", "", "\n".join(diffs), ""]
     atomic_write_text(args.out_dir / "study.md", "\n".join(text))
     plot(args, groups)
@@ -323,7 +344,8 @@ def plot(args, groups: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    series = [(model, method_label(init, semi), sorted((f, [r["dice"] for r in g]) for (m, i, w, f), g in groups.items()
+    score = score_name(args)
+    series = [(model, method_label(init, semi), sorted((f, [r[score] for r in g]) for (m, i, w, f), g in groups.items()
                                                        if (m, i, w) == (model, init, semi)))
               for model in args.models for init in args.inits for semi in args.semi]
     series = [(m, i, points) for m, i, points in series if points]
@@ -334,7 +356,7 @@ def plot(args, groups: dict) -> None:
             ax.text(k, np.mean(dice) / 2, f"{np.mean(dice):.3f}", ha="center", color="white", fontweight="bold")
         ax.set_xticks(range(len(series)), [label(m, i) for m, i, _ in series])
         ax.set_ylim(0, 1)
-        ax.set_title(f"test Dice with {args.label_fractions[0]:.0%} of the training labels")
+        ax.set_title(f"test {score.replace('_', ' ')} with {args.label_fractions[0]:.0%} of the training labels")
     else:
         for model, init, points in series:
             ax.errorbar([f for f, _ in points], [np.mean(d) for _, d in points], yerr=[np.std(d) for _, d in points],
@@ -342,7 +364,7 @@ def plot(args, groups: dict) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("fraction of labelled training images")
         ax.legend()
-    ax.set_ylabel("test Dice (mean ± std over seeds)")
+    ax.set_ylabel(f"test {score.replace('_', ' ')} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(args.out_dir / "study_dice.png") as tmp:

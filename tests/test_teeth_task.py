@@ -1,0 +1,152 @@
+"""The per-tooth task's pieces: metrics against a brute-force scorer, the loss, the flip that renumbers
+teeth, flip TTA in class space, post-processing and the tooth chart."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from metrics import IGNORE_INDEX, CEDiceLoss, summarize_teeth, tooth_dice_per_image, tooth_metrics
+from predict import keep_largest_region, mirror_channels, predict_probabilities, tooth_chart
+from teeth import mirror_label_map
+
+
+def brute_force(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """The definitions in metrics.py, pixel by pixel and pair by pair."""
+    true_teeth = sorted({int(v) for v in gt.ravel()} - {0})
+    pred_teeth = sorted({int(v) for v in pred.ravel()} - {0})
+    pixels = list(itertools.product(range(gt.shape[0]), range(gt.shape[1])))
+    dice = {}
+    for n in true_teeth:
+        both = sum(1 for y, x in pixels if gt[y, x] == n and pred[y, x] == n)
+        dice[n] = 2 * both / (sum(1 for y, x in pixels if gt[y, x] == n) + sum(1 for y, x in pixels if pred[y, x] == n))
+    matches = []
+    for g in true_teeth:
+        for p in pred_teeth:
+            inter = sum(1 for y, x in pixels if gt[y, x] == g and pred[y, x] == p)
+            union = sum(1 for y, x in pixels if gt[y, x] == g or pred[y, x] == p)
+            if inter / union >= 0.5:
+                matches.append((g, p))
+    assert len({g for g, _ in matches}) == len(matches)  # disjoint teeth: a match above 0.5 is unique
+    return {"dice": dice, "matched": len(matches), "numbered_right": sum(g == p for g, p in matches),
+            "true": len(true_teeth), "pred": len(pred_teeth)}
+
+
+def hand_made():
+    """Four true teeth: 11 found, 21 found under number 22 (swapped), 31 missed, and an extra predicted 41;
+    46 predicted too small to match (IoU 0.25) but overlapping."""
+    gt = np.zeros((12, 16), np.uint8)
+    gt[0:4, 0:4], gt[0:4, 5:9], gt[6:10, 0:3], gt[6:10, 8:12] = 11, 21, 31, 46
+    pred = np.zeros_like(gt)
+    pred[0:4, 0:4] = 11
+    pred[0:4, 5:9] = 22
+    pred[6:8, 8:10] = 46
+    pred[10:12, 12:16] = 41
+    return pred, gt
+
+
+def test_tooth_metrics_match_brute_force():
+    pred, gt = hand_made()
+    ours, truth = tooth_metrics(pred, gt), brute_force(pred, gt)
+    assert ours["dice_by_fdi"] == pytest.approx(truth["dice"])
+    assert ours["dice_by_fdi"] == pytest.approx({11: 1.0, 21: 0.0, 31: 0.0, 46: 0.4})
+    assert (ours["matched"], ours["numbered_right"], ours["true_teeth"], ours["pred_teeth"]) == \
+        (truth["matched"], truth["numbered_right"], truth["true"], truth["pred"]) == (2, 1, 4, 4)
+    assert ours["detection_precision"] == ours["detection_recall"] == ours["detection_f1"] == 0.5
+    assert ours["numbering_accuracy"] == 0.5
+    assert ours["tooth_dice"] == pytest.approx(1.4 / 4)
+
+
+def test_tooth_metrics_random_maps_match_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        gt = np.kron(rng.choice([0, 11, 12, 21, 36], size=(3, 4)), np.ones((3, 3), np.int64)).astype(np.uint8)
+        pred = gt.copy()
+        flips = rng.random(gt.shape) < 0.2
+        pred[flips] = rng.choice([0, 11, 12, 22], size=int(flips.sum()))
+        ours, truth = tooth_metrics(pred, gt), brute_force(pred, gt)
+        assert ours["dice_by_fdi"] == pytest.approx(truth["dice"])
+        assert (ours["matched"], ours["numbered_right"]) == (truth["matched"], truth["numbered_right"])
+
+
+def test_summary_pools_teeth_over_images():
+    pred, gt = hand_made()
+    perfect = tooth_metrics(gt, gt)
+    summary = summarize_teeth([tooth_metrics(pred, gt), perfect])
+    assert summary["tooth_dice"] == pytest.approx((1.4 + 4) / 8)  # each tooth counts once
+    assert summary["detection_recall"] == pytest.approx(6 / 8) and summary["detection_precision"] == pytest.approx(6 / 8)
+    assert summary["numbering_accuracy"] == pytest.approx(5 / 6)
+    assert summary["by_fdi"][21] == {"dice": 0.5, "teeth": 2}
+
+
+def test_empty_images_follow_the_binary_convention():
+    empty = np.zeros((4, 4), np.uint8)
+    assert tooth_metrics(empty, empty)["tooth_dice"] == 1.0 and tooth_metrics(empty, empty)["detection_f1"] == 1.0
+    stray = empty.copy()
+    stray[0, 0] = 11
+    assert tooth_metrics(stray, empty)["tooth_dice"] == 0.0 and tooth_metrics(stray, empty)["detection_precision"] == 0.0
+
+
+def test_validation_score_equals_eval_per_tooth_dice():
+    pred, gt = hand_made()
+    classes = [0, 11, 21, 22, 31, 41, 46]
+    index = {n: i for i, n in enumerate(classes)}
+    logits = torch.nn.functional.one_hot(torch.from_numpy(np.vectorize(index.get)(pred)), len(classes)).permute(2, 0, 1)[None]
+    targets = torch.from_numpy(np.vectorize(index.get)(gt))[None]
+    assert tooth_dice_per_image(logits.float(), targets).item() == pytest.approx(tooth_metrics(pred, gt)["tooth_dice"])
+
+
+def test_loss_is_small_when_right_and_ignores_unknown_teeth():
+    targets = torch.randint(0, 4, (2, 8, 8))
+    right = torch.nn.functional.one_hot(targets, 4).permute(0, 3, 1, 2).float() * 20
+    loss = CEDiceLoss(1.0)
+    assert loss(right, targets).item() < 1e-3 < loss(-right, targets).item()
+    ignored = targets.clone()
+    ignored[0, :4] = IGNORE_INDEX
+    wrong_there = right.clone()
+    wrong_there[0, :, :4] = -wrong_there[0, :, :4]  # wrong only where the truth is unknown
+    assert loss(wrong_there, ignored).item() == pytest.approx(loss(right, ignored).item(), abs=1e-4)
+
+
+def test_mirror_label_map_swaps_quadrants_with_the_pixels():
+    labels = np.array([[18, 11, 21, 28], [48, 41, 31, 38], [55, 0, 0, 65]], np.uint8)
+    assert mirror_label_map(labels).tolist() == [[18, 11, 21, 28], [48, 41, 31, 38], [55, 0, 0, 65]]
+    assert mirror_label_map(labels[:, :2]).tolist() == [[21, 28], [31, 38], [0, 65]]
+
+
+def test_flip_tta_renumbers_the_flipped_view():
+    """A model that knows anatomy (tooth 11 on the image's left, 21 on its right) predicts the same with flip
+    TTA, once the flipped view's teeth are renumbered; averaging the raw flipped view would blur 11 into 21."""
+    classes = [0, 11, 21]
+
+    def model(x):
+        width = x.shape[-1]
+        logits = torch.zeros(x.shape[0], 3, *x.shape[-2:])
+        logits[:, 1, :, : width // 2] = 5
+        logits[:, 2, :, width // 2:] = 5
+        return logits
+
+    batch = torch.zeros(1, 1, 4, 8)
+    plain = predict_probabilities(model, batch, False, None, torch.device("cpu"), mirror=mirror_channels(classes))
+    tta = predict_probabilities(model, batch, True, None, torch.device("cpu"), mirror=mirror_channels(classes))
+    assert torch.allclose(plain, tta)
+    naive = predict_probabilities(model, batch, True, None, torch.device("cpu"), mirror=[0, 1, 2])
+    assert not torch.allclose(plain, naive)
+
+
+def test_keep_largest_region_only_removes_strays():
+    labels = np.zeros((6, 10), np.uint8)
+    labels[0:3, 0:3], labels[5, 9], labels[0:2, 6:8] = 11, 11, 21
+    kept = keep_largest_region(labels)
+    assert kept[5, 9] == 0 and (kept[0:3, 0:3] == 11).all() and (kept[0:2, 6:8] == 21).all()
+    assert ((kept == labels) | (kept == 0)).all()
+
+
+def test_tooth_chart_gives_area_box_and_probability():
+    labels = np.zeros((6, 10), np.uint8)
+    labels[1:3, 2:6] = 36
+    confidence = np.full(labels.shape, 0.5, np.float32)
+    confidence[1, 2:6] = 0.9
+    assert tooth_chart(labels, confidence) == [{"fdi": 36, "area_px": 8, "bbox": [2, 1, 5, 2], "mean_probability": 0.7}]
