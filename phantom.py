@@ -1,7 +1,8 @@
 """A synthetic panoramic dental X-ray phantom: the built-in data for the demo and the tests.
 
-`generate_panoramic(seed)` draws one 320x640 panoramic image and its tooth mask. The anatomy is
-drawn in a 640x320 reference frame and scaled to the requested size:
+`generate_panoramic(seed)` draws one 320x640 panoramic image and its tooth mask;
+`generate_panoramic_teeth(seed)` also its per-tooth label map (FDI numbers, see teeth.py). The anatomy
+is drawn in a 640x320 reference frame and scaled to the requested size:
 
 - dark soft tissue, with the cervical spine's blurred shadow at both sides;
 - the maxilla and the mandible (with its rami, cortical border and the hard palate) as soft,
@@ -19,6 +20,14 @@ The mask is 255 on every natural tooth, erupted or not (buds included), and 0 el
 are barely brighter than the bone around them and the exposure varies across the image, so no
 single global threshold separates teeth from bone (tests/test_phantom.py checks this); the tooth
 outlines and their context do.
+
+The label map gives each tooth of the mask its FDI number, from its quadrant and its slot from the
+midline: adults 11..48; children their primary teeth 51..85 and their permanent teeth (erupted
+incisors and first molars, and the buds) by their permanent number, each bud that of the tooth that
+will erupt there (the buds under the primary molars are premolars 4 and 5). As on a real panoramic,
+the patient's right (quadrants 1, 4, 5, 8) is drawn on the image's left, so a left-right flip of image
+and label map is teeth.mirror_label_map. Where two teeth touch, the one drawn later (a bud under its
+primary tooth) keeps the shared pixels; the label map is non-zero exactly where the mask is.
 """
 from __future__ import annotations
 
@@ -57,6 +66,7 @@ class Tooth:
     crown_frac: float
     roots: int
     follicle: bool = False  # an unerupted bud: drawn inside a dark follicle
+    fdi: int = 0            # its FDI number, for the per-tooth label map
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +100,12 @@ def _jaw(rng: np.random.Generator, age_group: str) -> Jaw:
                gap=rng.uniform(1, 6), scale=rng.uniform(0.93, 1.05) * (0.9 if child else 1.0), child=child)
 
 
+def _quadrant(side: int, upper: bool) -> int:
+    """The FDI quadrant of permanent teeth on the image's `side` (-1 left, +1 right): the patient's right
+    is the viewer's left."""
+    return (1 if side < 0 else 2) if upper else (4 if side < 0 else 3)
+
+
 def _place(jaw: Jaw, rng: np.random.Generator, slots, side: int, upper: bool):
     """Yield (slot index, tooth) for consecutive slots along the arch from the midline out."""
     edge = 1.0
@@ -110,7 +126,11 @@ def _rotate(v: np.ndarray, angle: float) -> np.ndarray:
 
 def _adult_quadrant(jaw, rng, side, upper, has_third_molar):
     slots = ADULT_UPPER if upper else ADULT_LOWER
-    return [t for i, t in _place(jaw, rng, slots, side, upper) if i < 7 or has_third_molar]
+    quadrant = _quadrant(side, upper)
+    teeth = [t for i, t in _place(jaw, rng, slots, side, upper) if i < 7 or has_third_molar]
+    for i, tooth in enumerate(teeth):
+        tooth.fdi = 10 * quadrant + i + 1
+    return teeth
 
 
 def _child_quadrant(jaw, rng, side, upper, dental_age):
@@ -119,26 +139,30 @@ def _child_quadrant(jaw, rng, side, upper, dental_age):
     (dental_age near 1) the permanent incisors have already replaced the primary ones."""
     primary = PRIMARY_UPPER if upper else PRIMARY_LOWER
     permanent = ADULT_UPPER if upper else ADULT_LOWER
+    quadrant = _quadrant(side, upper)
     teeth = []
     for i, tooth in _place(jaw, rng, primary + permanent[5:7], side, upper):
+        successor = 10 * quadrant + i + 1  # slot i holds primary tooth i + 1 (i < 5), then molars 6 and 7
         if i < 2 and dental_age > (0.35, 0.6)[i]:
             w, length, crown_frac, roots = permanent[i]
             teeth.append(Tooth(tooth.x, tooth.y, tooth.axis, w * jaw.scale * 0.9,
-                               length * jaw.scale * rng.uniform(0.8, 1.0), crown_frac, roots))
+                               length * jaw.scale * rng.uniform(0.8, 1.0), crown_frac, roots, fdi=successor))
             continue
         if i == 5:
+            tooth.fdi = successor
             teeth.append(tooth)
             continue
         depth = tooth.length * rng.uniform(0.85, 0.95) if i < 5 else 36 * jaw.scale + rng.uniform(0, 8)
         if i < 5:
             tooth.length *= rng.uniform(0.75, 0.9)
+            tooth.fdi = successor + 40  # the primary quadrants are 5..8
             teeth.append(tooth)
         w, length, crown_frac, _ = permanent[i]
         formed = rng.uniform(0.0, 0.35) * dental_age  # how much of the root has formed
         bud_len = length * jaw.scale * (crown_frac + (1 - crown_frac) * formed)
         base = np.array([tooth.x, tooth.y]) + depth * tooth.axis
         teeth.append(Tooth(base[0], base[1], _rotate(tooth.axis, rng.normal(0, 0.12)), w * jaw.scale * 0.92, bud_len,
-                           crown_frac * length * jaw.scale / bud_len, 1, follicle=True))
+                           crown_frac * length * jaw.scale / bud_len, 1, follicle=True, fdi=successor))
     return teeth
 
 
@@ -266,13 +290,14 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, factor: int
 
 
 class _Canvas:
-    """Float layers and the mask at the output size; polygons come in reference px."""
+    """Float layers, the mask and the per-tooth label map at the output size; polygons come in reference px."""
 
     def __init__(self, height: int, width: int):
         self.scale = np.array([width / REF_W, height / REF_H]) * (1 << SHIFT)
         self.layers = {name: np.zeros((height, width), np.float32)
                        for name in ("enamel", "pulp", "follicle", "metal", "implant")}
         self.mask = np.zeros((height, width), np.uint8)
+        self.teeth = np.zeros((height, width), np.uint8)
 
     def fill(self, target: np.ndarray, polygons, value: float) -> None:
         pts = [np.round(np.asarray(p) * self.scale).astype(np.int32) for p in polygons]
@@ -291,6 +316,7 @@ def _draw_tooth(canvas: _Canvas, tooth: Tooth, rng: np.random.Generator, restore
         angle = np.degrees(np.arctan2(tooth.axis[1], tooth.axis[0]))
         canvas.ellipse(canvas.layers["follicle"], centre, (tooth.length * 0.5 + 5, tooth.width / 2 + 5), angle, 1.0)
     canvas.fill(canvas.mask, outline, 255)
+    canvas.fill(canvas.teeth, outline, tooth.fdi)
     canvas.fill(canvas.layers["enamel"], [crown], 1.0)
     canvas.fill(canvas.layers["enamel"], [core], 0.0)
     canvas.fill(canvas.layers["pulp"], [pulp], 1.0)
@@ -364,6 +390,14 @@ def generate_panoramic(seed: int, height: int = DEFAULT_HEIGHT, width: int = DEF
                        age_group: str = "adult") -> tuple[np.ndarray, np.ndarray]:
     """One synthetic panoramic X-ray: (image uint8 HxW, mask uint8 HxW with 0/255). Deterministic in
     (seed, height, width, age_group)."""
+    image, mask, _ = generate_panoramic_teeth(seed, height, width, age_group)
+    return image, mask
+
+
+def generate_panoramic_teeth(seed: int, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
+                             age_group: str = "adult") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """generate_panoramic's image and mask, and the per-tooth label map (uint8 HxW, FDI numbers, 0
+    background, non-zero exactly where the mask is)."""
     rng = _rng(seed, age_group)
     if height < 32 or width < 64:
         raise ValueError(f"phantom size must be at least 32x64, got {height}x{width}")
@@ -413,7 +447,7 @@ def generate_panoramic(seed: int, height: int = DEFAULT_HEIGHT, width: int = DEF
     noise_std = np.sqrt(np.clip(image, 0, None) / photons + read_out ** 2)
     image = image + noise_std * rng.standard_normal(image.shape, dtype=np.float32)
     image = np.clip(image * 235 + rng.uniform(0, 12), 0, 255).astype(np.uint8)
-    return image, canvas.mask
+    return image, canvas.mask, canvas.teeth
 
 
 # ----------------------------------------------------------------------------------------------
