@@ -22,10 +22,11 @@ means the same thing for 8-bit and 16-bit copies of an image. Float images are t
 inside the image; OpenCV instead mirrors the image at its border.
 
 Folders: every image under `--input-dir` is filtered into the same relative path under
-`--output-dir`; files under a folder named `masks` (any case) are copied byte for byte, and the
-dataset index `sts2d_index.csv` (looked for in the input dir, then its parent) is copied to
-`<output-dir>/sts2d_index.csv`. Its `rel_path`s are relative to processed_2d, so they resolve
-inside the output dir, and the output dir can be given to the training scripts as `--images-dir`.
+`--output-dir`; files under a folder named `masks` or `teeth` (any case: binary masks and per-tooth
+label maps) are copied byte for byte, and the dataset index `sts2d_index.csv` (looked for in the
+input dir, then its parent) is copied to `<output-dir>/sts2d_index.csv`. Its `rel_path`s are
+relative to processed_2d, so they resolve inside the output dir, and the output dir can be given to
+the training scripts as `--images-dir`.
 The index is copied unchanged: its `sha1` column still describes the unfiltered images.
 Existing outputs are kept unless `--overwrite`; every write is atomic. An image that cannot be
 decoded is named on its own line and skipped, the others are still written, and the run ends with
@@ -46,7 +47,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from index import INDEX_NAME, find_index
+from index import INDEX_NAME, find_index, in_label_folder
 from utils import ToothSegError, atomic_path, atomic_write_bytes, decode_image, is_image_file, make_parser, run_cli
 
 METHODS = ("grid", "opencv", "exact")
@@ -310,7 +311,7 @@ def _grid_bilateral_torch(img: np.ndarray, sigma_space, sigma_color, sample_spac
 class Job:
     source: Path
     target: Path
-    copy_only: bool  # masks are copied byte for byte, never filtered
+    copy_only: bool  # masks and per-tooth label maps are copied byte for byte, never filtered
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ def find_jobs(input_dir: Path, output_dir: Path) -> tuple[list[Job], int]:
         if not is_image_file(source):
             others += relative.name != INDEX_NAME
             continue
-        copy_only = any(part.lower() == "masks" for part in relative.parts[:-1])
+        copy_only = in_label_folder(relative)
         jobs.append(Job(source, output_dir / relative, copy_only))
     return jobs, others
 

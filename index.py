@@ -24,18 +24,22 @@ PROCESSED_NAME = "processed_2d"
 # `split` is train/val/test for labelled pairs and pretrain for unlabelled images.
 # `sha1` is the file's content hash; `dup_group` is shared by all pairs whose image bytes are identical.
 # `mask_threshold` (mask rows only) is T in "a source mask pixel is tooth when its value > T".
+# `teeth` (mask rows only) is the rel_path of the pair's per-tooth label map (teeth.py), empty when it has none.
 INDEX_COLUMNS = (
     "rel_path", "age_group", "label_status", "is_mask", "pair_id",
-    "split", "width", "height", "sha1", "dup_group", "source", "mask_threshold",
+    "split", "width", "height", "sha1", "dup_group", "source", "mask_threshold", "teeth",
 )
-LATER_COLUMNS = ("mask_threshold",)  # added after the first indexes were written: those read as None
+LATER_COLUMNS = ("mask_threshold", "teeth")  # added after the first indexes were written: those read as None
+# Folders that hold labels, never images: image listings skip them and fbf.py copies them unfiltered.
+LABEL_FOLDERS = ("masks", "teeth")
 AGE_GROUPS = ("adult", "children")
 LABEL_STATUSES = ("labeled", "unlabeled")
 SPLITS = ("train", "val", "test", "pretrain")
 
 
 def read_index(path: str | os.PathLike) -> list[dict]:
-    """Read sts2d_index.csv into dicts (is_mask as bool, width/height as int, mask_threshold as int or None)."""
+    """Read sts2d_index.csv into dicts (is_mask as bool, width/height as int, mask_threshold as int or None,
+    teeth as a rel_path or None)."""
     path = Path(path)
     try:
         with path.open(newline="") as f:
@@ -51,6 +55,7 @@ def read_index(path: str | os.PathLike) -> list[dict]:
         row["is_mask"] = row["is_mask"].strip().lower() in ("true", "1")
         row["width"], row["height"] = int(row["width"]), int(row["height"])
         row["mask_threshold"] = int(row["mask_threshold"]) if row.get("mask_threshold") else None
+        row["teeth"] = row.get("teeth") or None
     return rows
 
 
@@ -74,6 +79,7 @@ class Sample:
     pair_id: str
     age_group: str = "adult"
     source: str = ""
+    teeth: Path | None = None   # the per-tooth label map, where the index lists one
 
 
 def find_index(images_dir: str | os.PathLike, index: str | os.PathLike | None = None) -> Path | None:
@@ -104,15 +110,17 @@ def samples_from_index(index_path: Path, base_dir: Path, splits: Iterable[str],
     """Image samples (with their masks where labelled) whose split is in `splits`, in index order."""
     rows = read_index(index_path)
     splits = set(splits)
-    masks = {r["pair_id"]: base_dir / r["rel_path"] for r in rows if r["is_mask"]}
+    mask_rows = {r["pair_id"]: r for r in rows if r["is_mask"]}
     samples = []
     for r in rows:
         if r["is_mask"] or r["split"] not in splits:
             continue
-        mask = masks.get(r["pair_id"])
-        if labeled_only and mask is None:
+        mask_row = mask_rows.get(r["pair_id"])
+        if labeled_only and mask_row is None:
             continue
-        samples.append(Sample(base_dir / r["rel_path"], mask, r["pair_id"], r["age_group"], r["source"]))
+        mask = base_dir / mask_row["rel_path"] if mask_row else None
+        teeth = base_dir / mask_row["teeth"] if mask_row and mask_row["teeth"] else None
+        samples.append(Sample(base_dir / r["rel_path"], mask, r["pair_id"], r["age_group"], r["source"], teeth))
     missing = [s.image for s in samples[:1] if not s.image.is_file()]
     if missing:
         raise ToothSegError(f"{missing[0]}: listed in {index_path} but missing; "
@@ -120,10 +128,14 @@ def samples_from_index(index_path: Path, base_dir: Path, splits: Iterable[str],
     return samples
 
 
+def in_label_folder(relative: Path) -> bool:
+    """Whether a path below a data folder lies in a LABEL_FOLDERS folder (any case)."""
+    return any(part.lower() in LABEL_FOLDERS for part in relative.parts[:-1])
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files below `folder`, sorted, skipping anything inside a folder named 'masks'."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and is_image_file(p) and "masks" not in {q.lower() for q in p.relative_to(folder).parts[:-1]})
+    """Image files below `folder`, sorted, skipping anything inside a folder named 'masks' or 'teeth'."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not in_label_folder(p.relative_to(folder)))
 
 
 def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> list[Sample]:
@@ -241,7 +253,7 @@ def unlabelled_pool(images_dir: str | os.PathLike, index: str | os.PathLike | No
     """What a semi-supervised run may learn from without labels: the labelled training images its label
     fraction left out (masks dropped), then the index's unlabelled images (split pretrain). Never val/test."""
     labelled = set(labelled)
-    pool = [replace(s, mask=None) for s in train if s.pair_id not in labelled]
+    pool = [replace(s, mask=None, teeth=None) for s in train if s.pair_id not in labelled]
     index_path = find_index(images_dir, index)
     if index_path is not None:
         pool += samples_from_index(index_path, index_base_dir(images_dir, index_path), ("pretrain",))

@@ -4,12 +4,16 @@ TG3K, or the built-in synthetic panoramic phantom, plus any folders of unlabelle
     python prepare_sts2d.py --zip-dir downloads/             # SD-Tooth.zip.001 ... .015, read in place
     python prepare_sts2d.py --raw-dir raw/                   # an extracted STS-2D-Tooth tree (or an ancestor)
     python prepare_sts2d.py --images-dir imgs --masks-dir masks
+    python prepare_sts2d.py --images-dir imgs --masks-dir masks --teeth-dir teeth  # + per-tooth labels
     python prepare_sts2d.py --tg3k-dir tg3k/                 # thyroid ultrasound, stored as adult/labeled
     python prepare_sts2d.py --synthetic 60 --data-root runs/demo/data
     python prepare_sts2d.py --images-dir I --masks-dir M --unlabelled-dir tufts=../tufts/images more/
 
 Output in --data-root: processed_2d/{adult,children}/{labeled,unlabeled}/{images,masks}/<pair_id>.png
-(8-bit grey images, masks 0/255) and sts2d_index.csv, one row per file (columns in index.INDEX_COLUMNS).
+(8-bit grey images, masks 0/255), with --teeth-dir (and for the phantom) per-tooth label maps in
+{age_group}/labeled/teeth/<pair_id>.png (8-bit, each pixel its tooth's FDI number, 0 background), and
+sts2d_index.csv, one row per image or mask (columns in index.INDEX_COLUMNS; a mask row's `teeth` names
+its pair's label map).
 
 Rules:
 - Images are paired with masks by file stem inside the same age group and label status; a mask may
@@ -32,7 +36,7 @@ Rules:
 - TG3K keeps its official split: tg3k-trainval.json's "val" becomes our test split, and val is
   carved from its "train" list by --val-ratio.
 - --unlabelled-dir [NAME=]DIR ... adds to the source every image below each DIR (recursively,
-  skipping folders named masks in any case) as adult/unlabeled, split pretrain, with source
+  skipping folders named masks or teeth in any case) as adult/unlabeled, split pretrain, with source
   `unlabelled:NAME`. Adult because a bare image says nothing about the patient's age. NAME defaults
   to DIR's folder name, or its parent's when that is generic (images/, img/: tufts-dev/images is
   `tufts-dev`); two pools with one name must be told apart with NAME=. A pool image's pair_id is its
@@ -43,6 +47,7 @@ Rules:
 - Bad input (an undecodable image, a mask whose size differs from its image, an image without a
   mask or a mask without an image, an unsafe zip member path) stops the run with a one-line error
   naming the file, unless --skip-bad: then the files are left out and listed in rejected.csv.
+- Per-tooth labels (--teeth-dir, and the phantom's): TEETH_RULES below, which --help prints.
 - The output is rebuilt in a temporary folder and swapped in at the end, so a failed run leaves the
   previous output intact. A second run with the same source, pools and settings does nothing and
   says so (prepare_stamp.json records them); --force rebuilds. The source is only read.
@@ -62,7 +67,7 @@ import zipfile
 import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -71,14 +76,15 @@ import numpy as np
 from tqdm import tqdm
 
 import phantom
-from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, PROCESSED_NAME, SPLITS, default_mask_threshold, list_images,
-                   read_index, write_index)
+import teeth
+from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, default_mask_threshold,
+                   list_images, read_index, write_index)
 from utils import ToothSegError, atomic_write_bytes, atomic_write_text, decode_image, is_image_file, make_parser, run_cli, to_uint8
 
 STAMP_NAME = "prepare_stamp.json"
 REJECTED_NAME = "rejected.csv"
 DUPLICATES_NAME = "duplicates.csv"
-STAMP_VERSION = 2  # bump when the output format changes, so older builds are redone
+STAMP_VERSION = 3  # bump when the output format changes, so older builds are redone
 STS_FOLDER = "sts-2d-tooth"
 AGE_FOLDERS = {"a-pxi": "adult", "c-pxi": "children"}
 STATUS_FOLDERS = {"labeled": "labeled", "labelled": "labeled", "unlabeled": "unlabeled", "unlabelled": "unlabeled"}
@@ -88,6 +94,25 @@ ZIP_PART = re.compile(r"^(?P<prefix>.+\.zip)\.(?P<number>\d{3})$", re.IGNORECASE
 POOL_KIND = "unlabelled:"     # + the pool's name: the `source` of an --unlabelled-dir image
 POOL_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)=(?P<folder>.+)$")
 GENERIC_FOLDERS = {"images", "image", "imgs", "img"}  # a pool named after one of these is named after its parent
+LABELME_EXTENSION = ".json"
+TEETH_RULES = """Per-tooth labels (--teeth-dir DIR, files matched to --images-dir by file stem, as masks are):
+- A lossless image (PNG, BMP, TIFF) whose pixels hold FDI numbers (11..48, 51..85), 0 for background.
+  Another value, a colour image or a JPEG (its compression changes the numbers) is a bad file.
+- A labelme 5.x .json file with one polygon per tooth, labelled with its FDI number first
+  ("14 - 1st Premolar") or a primary tooth's Universal letter (A-E = 55..51, F-J = 61..65,
+  K-O = 75..71, P-T = 81..85). Bad files: an unknown label, a shape other than a polygon, two polygons
+  with one number, a polygon wholly outside the image, imageHeight/imageWidth other than the image's
+  size. Counted and printed: a pixel inside two polygons goes to the smaller tooth; a polygon partly
+  outside the image is clipped to it; a file without polygons labels no tooth, so its image gets no
+  label map.
+- With --masks-dir the given masks stay the masks of the binary task (the teeth' union may differ:
+  the printed IoU says how much); without it each mask is the union of the teeth (label > 0), and an
+  image without teeth (no teeth file, or one without polygons) is a bad file. With --masks-dir an
+  image without a teeth file simply gets no label map.
+- Bad files stop the run with a one-line error naming the file, or with --skip-bad leave their pair
+  out (rejected.csv). The label maps go to {age_group}/labeled/teeth/<pair_id>.png, named in the
+  mask row's `teeth` column; fbf.py copies teeth/ folders unfiltered and image listings skip them.
+- --synthetic always writes label maps: the phantom numbers its teeth by quadrant and slot."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +129,7 @@ class SourceFile:
 class Found:
     age_group: str
     label_status: str
-    kind: str                     # "image" or "mask"
+    kind: str                     # "image", "mask" or "teeth" (a per-tooth label file)
     stem: str
     file: SourceFile
     preset_split: str = ""        # TG3K: "test" or "trainval" from its json
@@ -117,6 +142,7 @@ class Source:
     files: list[Found]
     rejects: list[tuple[str, str]]
     close: Callable[[], None] = lambda: None
+    masks_from_teeth: bool = False  # no mask files: each labelled image's mask is the union of its teeth
 
 
 class BadInput(Exception):
@@ -173,15 +199,28 @@ def source_from_raw(raw_dir: Path) -> Source:
     return Source("raw", f"extracted tree {sts}", files, [])
 
 
-def source_from_folders(images_dir: Path, masks_dir: Path) -> Source:
-    """A flat folder of images and one of same-named masks, taken as adult/labeled."""
+def is_teeth_file(path: Path) -> bool:
+    return is_image_file(path) or (path.suffix.lower() == LABELME_EXTENSION and not path.name.startswith("."))
+
+
+def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Path | None = None) -> Source:
+    """A flat folder of images, with one of same-named masks and/or one of same-named per-tooth label
+    files (label maps or labelme files), taken as adult/labeled."""
+    folders = {"image": ("--images-dir", images_dir), "mask": ("--masks-dir", masks_dir), "teeth": ("--teeth-dir", teeth_dir)}
     files = []
-    for kind, folder in (("image", images_dir), ("mask", masks_dir)):
+    for kind, (flag, folder) in folders.items():
+        if folder is None:
+            continue
         if not folder.is_dir():
-            raise ToothSegError(f"{folder}: folder not found; check --{kind}s-dir")
-        files += [Found("adult", "labeled", kind, p.stem, _file_on_disk(p))
-                  for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)]
-    return Source("folder", f"folders {images_dir} + {masks_dir}", files, [])
+            raise ToothSegError(f"{folder}: folder not found; check {flag}")
+        accepts = is_teeth_file if kind == "teeth" else is_image_file
+        found = [Found("adult", "labeled", kind, p.stem, _file_on_disk(p)) for p in sorted(folder.iterdir())
+                 if p.is_file() and accepts(p)]
+        if kind == "teeth" and not found:
+            raise ToothSegError(f"{folder}: no label maps or labelme files found; check {flag}")
+        files += found
+    given = " + ".join(str(folder) for _, folder in folders.values() if folder is not None)
+    return Source("folder", f"folders {given}", files, [], masks_from_teeth=masks_dir is None)
 
 
 class ConcatenatedParts(io.RawIOBase):
@@ -346,10 +385,9 @@ def source_from_tg3k(tg3k_dir: Path) -> Source:
     return Source("tg3k", f"TG3K {root}", files, rejects)
 
 
-@functools.lru_cache(maxsize=32)  # an item's image and mask come from one call
-def _phantom_pngs(seed: int, age_group: str, height: int, width: int) -> tuple[bytes, bytes]:
-    image, mask = phantom.generate_panoramic(seed, height, width, age_group)
-    return _encode_png(image), _encode_png(mask)
+@functools.lru_cache(maxsize=32)  # an item's image, mask and label map come from one call
+def _phantom_pngs(seed: int, age_group: str, height: int, width: int) -> tuple[bytes, bytes, bytes]:
+    return tuple(_encode_png(a) for a in phantom.generate_panoramic_teeth(seed, height, width, age_group))
 
 
 def _phantom_file(key: tuple, which: int) -> bytes:
@@ -357,12 +395,13 @@ def _phantom_file(key: tuple, which: int) -> bytes:
 
 
 def source_from_synthetic(n: int, seed: int, height: int, width: int) -> Source:
-    """N phantom images in STS proportions, as in-memory PNG files fed through the same path."""
+    """N phantom images in STS proportions, as in-memory PNG files fed through the same path; the
+    labelled ones with their masks and per-tooth label maps."""
     version = hashlib.sha1(Path(phantom.__file__).read_bytes()).hexdigest()[:12]  # a changed phantom rebuilds
     files = []
     for item in phantom.synthetic_manifest(n, seed):
         key = (item["seed"], item["age_group"], height, width)
-        kinds = ("image", "mask") if item["label_status"] == "labeled" else ("image",)
+        kinds = ("image", "mask", "teeth") if item["label_status"] == "labeled" else ("image",)
         for i, kind in enumerate(kinds):
             files.append(Found(item["age_group"], item["label_status"], kind, item["name"],
                                SourceFile(f"phantom:{item['name']}:{kind}", functools.partial(_phantom_file, key, i),
@@ -412,6 +451,7 @@ class Entry:
     image: SourceFile
     mask: SourceFile | None
     preset_split: str
+    teeth: SourceFile | None = None  # the per-tooth label file
     pair_id: str = ""
     source: str = ""              # the Source's kind
 
@@ -421,46 +461,59 @@ def strip_mask_suffix(stem: str) -> str | None:
     return next((stem[:-len(s)] for s in MASK_SUFFIXES if lowered.endswith(s) and len(stem) > len(s)), None)
 
 
-def pair_files(files: list[Found]) -> tuple[list[Entry], list[tuple[str, str]]]:
-    """Pair images and masks by stem within each (age group, label status); everything that does
-    not pair is returned as a reject with its reason."""
-    groups = defaultdict(lambda: {"image": defaultdict(list), "mask": defaultdict(list)})
+def match_to_images(images: dict[str, list[Found]], labels: dict[str, list[Found]], what: str
+                    ) -> tuple[dict[str, Found], list[tuple[str, str]]]:
+    """Label files of one kind (`what`: mask, teeth file) matched to images by stem: exact stems first;
+    then a stem with a known suffix, if exactly one such file claims the image. Returns (image stem ->
+    label file, rejects)."""
+    rejects = [(f.file.name, f"another {what} has the same name stem {stem!r} ({same[0].file.name})")
+               for stem, same in labels.items() for f in same[1:]]
+    label_of = {stem: same[0] for stem, same in labels.items() if stem in images}
+    claims = defaultdict(list)
+    for stem, same in labels.items():
+        if stem in images:
+            continue
+        base = strip_mask_suffix(stem)
+        if base in label_of:
+            rejects.append((same[0].file.name, f"second {what} for image {base!r} (it already has {label_of[base].file.name})"))
+        elif base in images:
+            claims[base].append(same[0])
+        else:
+            rejects.append((same[0].file.name, f"{what} without an image (no image named {stem}.* beside it)"))
+    for base, claimants in claims.items():
+        if len(claimants) == 1:
+            label_of[base] = claimants[0]
+        else:
+            rejects += [(f.file.name, f"one of several {what}s for image {base!r}; keep one") for f in claimants]
+    return label_of, rejects
+
+
+def pair_files(files: list[Found], masks_from_teeth: bool = False) -> tuple[list[Entry], list[tuple[str, str]]]:
+    """Pair images with their masks and teeth files by stem within each (age group, label status);
+    everything that does not pair is returned as a reject with its reason. With `masks_from_teeth` a
+    labelled image needs a teeth file instead of a mask."""
+    groups = defaultdict(lambda: {"image": defaultdict(list), "mask": defaultdict(list), "teeth": defaultdict(list)})
     for f in files:
         groups[(f.age_group, f.label_status)][f.kind][f.stem].append(f)
     entries, rejects = [], []
     for (age, status), group in sorted(groups.items()):
-        images, masks = group["image"], group["mask"]
+        images = group["image"]
         for stem, same in images.items():
             rejects += [(f.file.name, f"another image has the same name stem {stem!r} ({same[0].file.name})") for f in same[1:]]
-        for stem, same in masks.items():
-            rejects += [(f.file.name, f"another mask has the same name stem {stem!r} ({same[0].file.name})") for f in same[1:]]
-        # Exact stems first; then masks with a known suffix, if exactly one such mask claims the image.
-        mask_of = {stem: same[0] for stem, same in masks.items() if stem in images}
-        claims = defaultdict(list)
-        for stem, same in masks.items():
-            if stem in images:
-                continue
-            base = strip_mask_suffix(stem)
-            if base in mask_of:
-                rejects.append((same[0].file.name, f"second mask for image {base!r} (it already has {mask_of[base].file.name})"))
-            elif base in images:
-                claims[base].append(same[0])
-            else:
-                rejects.append((same[0].file.name, f"mask without an image (no image named {stem}.* beside it)"))
-        for base, claimants in claims.items():
-            if len(claimants) == 1:
-                mask_of[base] = claimants[0]
-            else:
-                rejects += [(m.file.name, f"one of several masks for image {base!r}; keep one") for m in claimants]
+        mask_of, bad_masks = match_to_images(images, group["mask"], "mask")
+        teeth_of, bad_teeth = match_to_images(images, group["teeth"], "teeth file")
+        rejects += bad_masks + bad_teeth
         for stem, same in sorted(images.items()):
-            image, mask = same[0], mask_of.get(stem)
+            image, mask, teeth_file = same[0], mask_of.get(stem), teeth_of.get(stem)
             if status == "unlabeled" and mask is not None:
                 rejects.append((mask.file.name, "mask in an unlabelled folder; move the pair to Labeled"))
                 mask = None
-            if status == "labeled" and mask is None:
-                rejects.append((image.file.name, f"labelled image without a mask (no mask named {stem}.*)"))
+            if status == "labeled" and mask is None and not (masks_from_teeth and teeth_file):
+                rejects.append((image.file.name, f"labelled image without a teeth file (no file named {stem}.* in --teeth-dir)"
+                                if masks_from_teeth else f"labelled image without a mask (no mask named {stem}.*)"))
                 continue
-            entries.append(Entry(age, status, stem, image.file, mask.file if mask else None, image.preset_split))
+            entries.append(Entry(age, status, stem, image.file, mask.file if mask else None, image.preset_split,
+                                 teeth_file.file if teeth_file else None))
     return entries, rejects
 
 
@@ -495,40 +548,99 @@ def _encode_png(img: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _decode(file: SourceFile) -> np.ndarray:
+def _read(file: SourceFile) -> bytes:
     try:
-        data = file.read()
+        return file.read()
     except OSError as exc:
         raise BadInput(file.name, f"cannot read ({exc.strerror or exc})") from None
+
+
+def _decode(file: SourceFile, grayscale: bool = True) -> np.ndarray:
+    data = _read(file)
     try:
-        return decode_image(data, file.name)
+        return decode_image(data, file.name, grayscale=grayscale)
     except ToothSegError:
         raise BadInput(file.name, "cannot decode image (corrupt or not an image)") from None
 
 
-def convert_pair(entry: Entry, out_dir: Path, mask_threshold: int | None) -> list[dict]:
-    """Decode, check and write one image (and its mask, binarised at `mask_threshold`, None: the
-    default for its format); return their index rows."""
+@dataclass(frozen=True)
+class TeethOutcome:
+    """What one pair's teeth file gave, for the printed report."""
+    numbers: tuple[int, ...]        # the FDI numbers in its label map; () when it has none
+    polygons: int | None = None     # labelme files: the polygons read (0: no tooth labelled); None for label-map images
+    overlap_pixels: int = 0         # labelme: pixels inside two polygons, given to the smaller tooth
+    clipped: int = 0                # labelme: polygons partly outside the image, clipped to it
+    union_iou: float | None = None  # the teeth' union against the given mask
+
+
+def read_teeth(file: SourceFile, height: int, width: int) -> tuple[np.ndarray | None, TeethOutcome]:
+    """The label map of a teeth file at its image's size (None: a labelme file without polygons), by TEETH_RULES."""
+    suffix = Path(file.name).suffix.lower()
+    if suffix in LOSSY_EXTENSIONS:
+        raise BadInput(file.name, "a JPEG label map: its compression changes pixel values and so the FDI numbers; "
+                                  "save label maps as PNG")
+    try:
+        if suffix == LABELME_EXTENSION:
+            found = teeth.rasterise_labelme(file.name, height, width, data=_read(file))
+            label_map = found.label_map if found.polygons else None
+            return label_map, TeethOutcome(_numbers(label_map), found.polygons, found.overlap_pixels, found.clipped)
+        label_map = teeth.as_label_map(_decode(file, grayscale=False), file.name)
+    except teeth.LabelFileError as bad:
+        raise BadInput(bad.name, bad.reason) from None
+    if label_map.shape != (height, width):
+        raise BadInput(file.name, f"label map size {label_map.shape[1]}x{label_map.shape[0]} differs from its image's "
+                                  f"{width}x{height}")
+    return label_map, TeethOutcome(_numbers(label_map))
+
+
+def _numbers(label_map: np.ndarray | None) -> tuple[int, ...]:
+    return () if label_map is None else tuple(int(v) for v in np.unique(label_map) if v)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def convert_pair(entry: Entry, out_dir: Path, mask_threshold: int | None) -> tuple[list[dict], TeethOutcome | None]:
+    """Decode, check and write one image, its mask (binarised at `mask_threshold`, None: the default for
+    its format; or the union of its teeth) and its per-tooth label map; return the index rows of the
+    image and the mask, and what its teeth file gave (None without one)."""
     image = to_uint8(_decode(entry.image))
+    height, width = image.shape[:2]
     arrays = {"images": image}
+    label_map, outcome = read_teeth(entry.teeth, height, width) if entry.teeth else (None, None)
     threshold = None
     if entry.mask is not None:
         mask = _decode(entry.mask)
         if mask.shape[:2] != image.shape[:2]:
             raise BadInput(entry.mask.name, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image's "
-                                            f"{image.shape[1]}x{image.shape[0]} ({entry.image.name})")
+                                            f"{width}x{height} ({entry.image.name})")
         threshold = default_mask_threshold(entry.mask.name) if mask_threshold is None else mask_threshold
         arrays["masks"] = np.where(mask > threshold, 255, 0).astype(np.uint8)
-    rows = []
+    elif entry.teeth is not None:  # no mask files (Source.masks_from_teeth): the mask is the teeth' union
+        if label_map is None:
+            raise BadInput(entry.teeth.name, "no polygons, so no tooth is labelled and there is no mask to derive; "
+                                             "label its teeth, or give --masks-dir")
+        threshold = 0
+        arrays["masks"] = np.where(label_map > 0, 255, 0).astype(np.uint8)
+    if label_map is not None:
+        arrays["teeth"] = label_map
+        if entry.mask is not None:
+            outcome = replace(outcome, union_iou=_iou(label_map > 0, arrays["masks"] > 0))
+    written = {}
     for folder, array in arrays.items():
         data = _encode_png(array)
         rel_path = f"{entry.age_group}/{entry.label_status}/{folder}/{entry.pair_id}.png"
         atomic_write_bytes(out_dir / rel_path, data)
-        rows.append({"rel_path": rel_path, "age_group": entry.age_group, "label_status": entry.label_status,
-                     "is_mask": folder == "masks", "pair_id": entry.pair_id, "split": "", "width": array.shape[1],
-                     "height": array.shape[0], "sha1": hashlib.sha1(data).hexdigest(), "dup_group": "", "source": "",
-                     "mask_threshold": threshold if folder == "masks" else None})
-    return rows
+        written[folder] = (rel_path, hashlib.sha1(data).hexdigest())
+    teeth_path = written.pop("teeth", ("",))[0]  # no row of its own: the mask row names it
+    rows = [{"rel_path": rel_path, "age_group": entry.age_group, "label_status": entry.label_status,
+             "is_mask": folder == "masks", "pair_id": entry.pair_id, "split": "", "width": width, "height": height,
+             "sha1": sha1, "dup_group": "", "source": "", "mask_threshold": threshold if folder == "masks" else None,
+             "teeth": teeth_path if folder == "masks" else ""}
+            for folder, (rel_path, sha1) in written.items()]
+    return rows, outcome
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,7 +730,8 @@ def write_or_remove(path: Path, rows: list[dict], columns: tuple[str, ...]) -> N
         path.unlink()
 
 
-def print_statistics(rows: list[dict]) -> None:
+def print_statistics(rows: list[dict], teeth_numbers: dict[int, int]) -> None:
+    """Counts of the index's rows; `teeth_numbers`: FDI number -> how many label maps hold it."""
     def line(label, key, values):
         counts = Counter(r[key] for r in rows)
         print(f"{label}: " + " / ".join(f"{v} {counts.get(v, 0)}" for v in values))
@@ -640,6 +753,38 @@ def print_statistics(rows: list[dict]) -> None:
     print("source (images): " + " / ".join(
         f"{name} {sum(splits.values())} ({', '.join(f'{s} {splits[s]}' for s in SPLITS if splits[s])})"
         for name, splits in sorted(by_source.items())))
+    masks = [r for r in rows if r["is_mask"]]
+    with_teeth = sum(bool(r["teeth"]) for r in masks)
+    if with_teeth:
+        print(f"per-tooth label maps: {with_teeth} of {len(masks)} labelled pairs; FDI numbers (label maps holding each):")
+        for quadrant in sorted({n // 10 for n in teeth_numbers}):
+            print(f"  {quadrant}x: " + ", ".join(f"{n} {c}" for n, c in sorted(teeth_numbers.items()) if n // 10 == quadrant))
+
+
+def print_teeth_report(converted: list[tuple[Entry, TeethOutcome | None]]) -> None:
+    """The counts of TEETH_RULES' labelme rules, the labelled images left without a label map, and how
+    well the teeth agree with the given masks."""
+    outcomes = [(entry, outcome) for entry, outcome in converted if outcome is not None]
+    if not outcomes:
+        return
+    labelme = [outcome for _, outcome in outcomes if outcome.polygons is not None]
+    if labelme:
+        overlapping, clipped = [o for o in labelme if o.overlap_pixels], [o for o in labelme if o.clipped]
+        print(f"labelme: {sum(o.polygons for o in labelme)} polygons in {len(labelme)} files; "
+              f"{sum(o.overlap_pixels for o in overlapping)} pixels in {len(overlapping)} files lay inside two teeth's "
+              f"polygons and went to the smaller tooth; {sum(o.clipped for o in clipped)} polygons in {len(clipped)} files "
+              f"reached outside their image and were clipped to it")
+    unlabelled = [entry for entry, outcome in outcomes if outcome.polygons == 0]
+    if unlabelled:
+        print(f"note: {len(unlabelled)} labelme files have no polygons (no tooth labelled), so their images get no "
+              f"per-tooth label map, e.g. {unlabelled[0].teeth.name}")
+    without = [entry for entry, outcome in converted if outcome is None and entry.label_status == "labeled"]
+    if without:
+        print(f"note: {len(without)} labelled images have no teeth file, so no per-tooth label map, e.g. {without[0].image.name}")
+    ious = [outcome.union_iou for _, outcome in outcomes if outcome.union_iou is not None]
+    if ious:
+        print(f"teeth vs masks: the union of a label map's teeth agrees with the pair's mask at IoU {np.mean(ious):.3f} "
+              f"on average (min {min(ious):.3f}, {len(ious)} pairs); the masks stay the masks of the binary task")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,17 +792,22 @@ def print_statistics(rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------
 def build_parser():
     parser = make_parser("\n\n".join(__doc__.split("\n\n")[:3]))  # summary, usage and output; the rules stay in the source
+    parser.epilog = TEETH_RULES
     source = parser.add_argument_group("source (give exactly one)")
     source.add_argument("--zip-dir", type=Path, metavar="DIR", help="folder with the Zenodo parts SD-Tooth.zip.001, .002, ...")
     source.add_argument("--raw-dir", type=Path, metavar="DIR", help="an extracted STS-2D-Tooth folder, or any folder above it")
-    source.add_argument("--images-dir", type=Path, metavar="DIR", help="a flat folder of images (adult/labeled); needs --masks-dir")
+    source.add_argument("--images-dir", type=Path, metavar="DIR",
+                        help="a flat folder of images (adult/labeled); needs --masks-dir, --teeth-dir or both")
     source.add_argument("--masks-dir", type=Path, metavar="DIR", help="masks with the same file stems as --images-dir")
+    source.add_argument("--teeth-dir", type=Path, metavar="DIR",
+                        help="per-tooth labels with the same file stems as --images-dir: label maps of FDI numbers (PNG) "
+                             "or labelme .json polygons (rules below); without --masks-dir the masks are their union")
     source.add_argument("--tg3k-dir", type=Path, metavar="DIR", help="TG3K folder (thyroid-image/, thyroid-mask/, tg3k-trainval.json)")
     source.add_argument("--synthetic", type=int, metavar="N", help="N images from the built-in panoramic phantom")
     source.add_argument("--synthetic-size", default="320x640", metavar="HxW", help="phantom image size")
     pools = parser.add_argument_group("unlabelled pools (added to the source)")
     pools.add_argument("--unlabelled-dir", "--unlabeled-dir", dest="unlabelled_dirs", nargs="+", metavar="[NAME=]DIR",
-                       help="every image below DIR (skipping masks/ folders) as adult/unlabeled, split pretrain, "
+                       help="every image below DIR (skipping masks/ and teeth/ folders) as adult/unlabeled, split pretrain, "
                             f"source {POOL_KIND}NAME; NAME defaults to DIR's name, or its parent's for images/, img/ ...")
     output = parser.add_argument_group("output")
     output.add_argument("--data-root", type=Path, default=Path("./sts_tooth_data"), metavar="DIR",
@@ -683,14 +833,17 @@ def load_source(args) -> Source:
     if len(given) != 1:
         raise ToothSegError("give exactly one source: --zip-dir, --raw-dir, --images-dir/--masks-dir, --tg3k-dir or --synthetic"
                             + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else ""))
-    if (args.images_dir is None) != (args.masks_dir is None):
-        raise ToothSegError("--images-dir and --masks-dir go together; give both")
+    if args.images_dir is None and (args.masks_dir is not None or args.teeth_dir is not None):
+        raise ToothSegError("--masks-dir and --teeth-dir go with --images-dir (per-tooth labels only come from image "
+                            "folders, and the phantom has its own); give --images-dir")
+    if args.images_dir is not None and args.masks_dir is None and args.teeth_dir is None:
+        raise ToothSegError("--images-dir needs its labels: give --masks-dir, --teeth-dir or both")
     if args.zip_dir is not None:
         return source_from_zip(args.zip_dir)
     if args.raw_dir is not None:
         return source_from_raw(args.raw_dir)
     if args.images_dir is not None:
-        return source_from_folders(args.images_dir, args.masks_dir)
+        return source_from_folders(args.images_dir, args.masks_dir, args.teeth_dir)
     if args.tg3k_dir is not None:
         return source_from_tg3k(args.tg3k_dir)
     match = re.fullmatch(r"(\d+)x(\d+)", args.synthetic_size)
@@ -704,15 +857,21 @@ def fingerprint(source: Source, pools: list[Source], args) -> str:
     settings = {"version": STAMP_VERSION, "source": source.kind, "seed": args.seed, "val_ratio": args.val_ratio,
                 "test_ratio": args.test_ratio, "skip_bad": args.skip_bad, "mask_threshold": args.mask_threshold,
                 "files": sorted((f.file.name, f.file.stamp, f.preset_split) for f in source.files),
+                "teeth_dir": None if args.teeth_dir is None else os.path.abspath(args.teeth_dir),
                 "rejects": sorted(source.rejects)}
     if pools:  # only then, so that builds from before the pools stay up to date
         settings["pools"] = [(p.kind, sorted((f.file.name, f.file.stamp) for f in p.files)) for p in pools]
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def read_stamp(data_root: Path) -> dict:
+    """prepare_stamp.json: the fingerprint of the build, and the FDI numbers of its label maps."""
+    return json.loads((data_root / STAMP_NAME).read_text())
+
+
 def is_up_to_date(data_root: Path, stamp: str) -> bool:
     try:
-        recorded = json.loads((data_root / STAMP_NAME).read_text())["fingerprint"]
+        recorded = read_stamp(data_root)["fingerprint"]
         rows = read_index(data_root / INDEX_NAME)
     except (OSError, ValueError, KeyError, ToothSegError):
         return False
@@ -759,12 +918,12 @@ def prepare(source: Source, pools: list[Source], args) -> None:
         rows = read_index(data_root / INDEX_NAME)
         print(f"up to date: {data_root / INDEX_NAME} already matches this source and these settings "
               f"({len(rows)} files); nothing to do (--force rebuilds)")
-        print_statistics(rows)
+        print_statistics(rows, {int(n): c for n, c in read_stamp(data_root)["teeth_numbers"].items()})
         return
 
     entries, rejects = [], []
     for src in (source, *pools):  # pools after the source, in the order given: the first to claim an id keeps it
-        paired, bad = pair_files(src.files)
+        paired, bad = pair_files(src.files, src.masks_from_teeth)
         assign_pair_ids(paired, {e.pair_id for e in entries}, src.kind.removeprefix(POOL_KIND))
         for entry in paired:
             entry.source = src.kind
@@ -781,15 +940,15 @@ def prepare(source: Source, pools: list[Source], args) -> None:
 
     def convert(entry: Entry):
         try:
-            return entry, convert_pair(entry, staging, args.mask_threshold), None
+            return entry, *convert_pair(entry, staging, args.mask_threshold), None
         except BadInput as bad:
-            return entry, [], (bad.name, bad.reason)
+            return entry, [], None, (bad.name, bad.reason)
 
-    rows, pairs = [], []
+    rows, pairs, converted = [], [], []
     pool = ThreadPoolExecutor(args.workers)
     try:
-        for entry, entry_rows, bad in tqdm(pool.map(convert, entries), total=len(entries), unit="pair", desc="prepare",
-                                         disable=None):
+        for entry, entry_rows, teeth_outcome, bad in tqdm(pool.map(convert, entries), total=len(entries), unit="pair",
+                                                          desc="prepare", disable=None):
             if bad:
                 fail_or_keep([bad], args.skip_bad)
                 rejects.append(bad)
@@ -797,8 +956,10 @@ def prepare(source: Source, pools: list[Source], args) -> None:
             for row in entry_rows:
                 row["source"] = entry.source
             rows += entry_rows
-            pairs.append({"pair_id": entry.pair_id, "age_group": entry.age_group, "labeled": entry.mask is not None,
-                          "sha1": entry_rows[0]["sha1"], "mask_sha1": entry_rows[1]["sha1"] if entry.mask else "",
+            converted.append((entry, teeth_outcome))
+            mask_rows = [r for r in entry_rows if r["is_mask"]]  # the mask given, or the union of the teeth
+            pairs.append({"pair_id": entry.pair_id, "age_group": entry.age_group, "labeled": bool(mask_rows),
+                          "sha1": entry_rows[0]["sha1"], "mask_sha1": mask_rows[0]["sha1"] if mask_rows else "",
                           "image_rel_path": entry_rows[0]["rel_path"], "preset_split": entry.preset_split})
         if not rows:
             raise ToothSegError(f"{source.description}: no usable images (all {len(rejects)} files were rejected)")
@@ -822,7 +983,9 @@ def prepare(source: Source, pools: list[Source], args) -> None:
     write_or_remove(data_root / DUPLICATES_NAME, duplicates,
                     ("dup_group", "pair_id", "image", "label_status", "mask_sha1", "split", "conflicting_masks"))
     write_or_remove(data_root / REJECTED_NAME, [{"file": f, "reason": r} for f, r in sorted(rejects)], ("file", "reason"))
-    atomic_write_text(data_root / STAMP_NAME, json.dumps({"fingerprint": stamp, "files": len(rows)}, indent=1) + "\n")
+    teeth_numbers = Counter(n for _, outcome in converted if outcome for n in outcome.numbers)
+    atomic_write_text(data_root / STAMP_NAME, json.dumps({"fingerprint": stamp, "files": len(rows), "teeth_numbers":
+                                                          dict(sorted(teeth_numbers.items()))}, indent=1) + "\n")
 
     print(f"wrote {len(rows)} files to {processed} and {data_root / INDEX_NAME}")
     if duplicates:
@@ -835,7 +998,8 @@ def prepare(source: Source, pools: list[Source], args) -> None:
         print(f"{len(conflicts)} duplicate groups have conflicting masks (conflicting_masks=True in {DUPLICATES_NAME})")
     if rejects:
         print(f"skipped {len(rejects)} bad files; listed with reasons in {data_root / REJECTED_NAME}")
-    print_statistics(rows)
+    print_teeth_report(converted)
+    print_statistics(rows, teeth_numbers)
 
 
 if __name__ == "__main__":
