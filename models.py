@@ -358,6 +358,11 @@ class SMPModel(nn.Module):
         except (ValueError, KeyError, RuntimeError) as exc:  # e.g. an encoder this decoder does not support
             message = str(exc.args[0] if exc.args else exc).splitlines()[0]
             raise ToothSegError(f"model {self.name!r} with encoder_name {encoder_name!r}: {message}") from None
+        # smp re-creates a 1- or 2-channel first conv with the legacy torch.Tensor(), which ignores a default
+        # device (`with torch.device("meta"):`, as FLOP counting builds models); bring it to the others.
+        default_device = torch.empty(0).device
+        if any(p.device != default_device for p in net.parameters()):
+            net.to(default_device)
         self.encoder = net.encoder
         self.bottleneck = nn.Identity()
         self.decoder = net.decoder

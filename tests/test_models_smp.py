@@ -110,6 +110,18 @@ def test_encoder_choice_and_one_line_errors():
 
 
 @pytest.mark.parametrize("name", SMP_NAMES)
+def test_builds_on_the_default_device(name):
+    """Under `with torch.device("meta")` (how benchmarks/throughput.py counts FLOPs) every weight is a meta
+    tensor, smp's re-made first conv included, so a backward pass on shapes alone works."""
+    with torch.device("meta"):
+        model = build_model(name, base_channels=4)
+        image = torch.empty(1, 1, 32, 64)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    model(image).sum().backward()
+    assert model.encoder.conv1.weight.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", SMP_NAMES)
 def test_encoder_prefixes_select_exactly_the_encoder(name):
     model = built(name)
     frozen = {n for n, _ in model.named_parameters() if n.startswith(ENCODER_PREFIXES)}
