@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 # The demo: phantom data, fbf denoising, MIM and full-image pretraining, three fine-tunes
-# (from MIM, from full-image, from scratch), each evaluated on the test split.
+# (from MIM, from full-image, from scratch), each evaluated on the test split; then the per-tooth task.
 DEMO_IMAGES ?= 200
 DEMO_STUDY ?= --models unet --inits scratch mim fullimage --label-fractions 1 --seeds 0 \
 	--img-height 128 --img-width 256 --base-channels 16 --batch-size 8 --pretrain-epochs 4 --finetune-epochs 25
+# Then every tooth by its FDI number (the phantom numbers its teeth), from scratch and from the same MIM run.
+DEMO_TEETH ?= --task teeth --inits scratch mim
 
 .PHONY: install demo test clean
 install: $(STAMP)
@@ -23,6 +25,7 @@ demo: $(STAMP)
 	$(PY) prepare_sts2d.py --synthetic $(DEMO_IMAGES) --data-root $(DEMO_DIR)/data
 	$(PY) fbf.py --input-dir $(DEMO_DIR)/data/processed_2d --output-dir $(DEMO_DIR)/data/processed_2d_fbf
 	$(PY) run_study.py --images-dir $(DEMO_DIR)/data/processed_2d_fbf --out-dir $(DEMO_DIR) $(DEMO_STUDY)
+	$(PY) run_study.py --images-dir $(DEMO_DIR)/data/processed_2d_fbf --out-dir $(DEMO_DIR) $(DEMO_STUDY) $(DEMO_TEETH)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

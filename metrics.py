@@ -342,11 +342,16 @@ class CEDiceLoss(nn.Module):
             logits = logits.float()
             ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none").mean((1, 2))
             ce = (weights.float() * ce).mean() if weights is not None else ce.mean()
-            valid = (targets != IGNORE_INDEX).unsqueeze(1)
-            probs = torch.softmax(logits, 1) * valid
-            onehot = F.one_hot(targets.clamp_min(0), logits.shape[1]).permute(0, 3, 1, 2) * valid
-            dims = (0, 2, 3)
-            overlap, total = (probs * onehot).sum(dims)[1:], (probs.sum(dims) + onehot.sum(dims))[1:]
+            # Per class: overlap = the probability mass on its true pixels, by index_add rather than a one-hot
+            # (B, C, H, W) target, which costs more than the network's last layers at 33+ classes.
+            valid = targets != IGNORE_INDEX
+            truth = targets[valid]
+            probs = torch.softmax(logits, 1)
+            on_truth = probs.gather(1, targets.clamp_min(0).unsqueeze(1))[:, 0][valid]
+            classes = logits.shape[1]
+            overlap = torch.zeros(classes, device=logits.device).index_add_(0, truth, on_truth)
+            total = (probs * valid.unsqueeze(1)).sum((0, 2, 3)) + torch.bincount(truth, minlength=classes)
+            overlap, total = overlap[1:], total[1:]
             dice = (2 * overlap + self.eps) / (total + self.eps)
             return ce + self.lambda_dice * (1 - dice.mean())
 
@@ -359,11 +364,17 @@ def tooth_dice_per_image(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     """Per sample (shape [B], fp32), the mean over its true teeth of the Dice of argmax(logits) against the
     targets, class by class (as `tooth_metrics`' per-tooth Dice, at network size); an image without teeth
     scores 1 when nothing is predicted, else 0. Ignored pixels count for neither side."""
-    classes = logits.shape[1]
+    batch, classes = logits.shape[:2]
     valid = targets != IGNORE_INDEX
-    pred = F.one_hot(logits.argmax(1), classes)[..., 1:] & valid[..., None]
-    gt = F.one_hot(targets.clamp_min(0), classes)[..., 1:] & valid[..., None]
-    overlap, pred_area, gt_area = (pred & gt).sum((1, 2)).float(), pred.sum((1, 2)).float(), gt.sum((1, 2)).float()
+    pred, gt = logits.argmax(1), targets.clamp_min(0)
+    # Per sample and class, the pixel counts of truth, prediction and both, from one bincount over (sample, class).
+    sample = torch.arange(batch, device=logits.device).view(-1, 1, 1).expand_as(pred)
+
+    def counts(where: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        keys = (sample * classes + labels)[where]
+        return torch.bincount(keys, minlength=batch * classes).view(batch, classes)[:, 1:].float()
+
+    overlap, pred_area, gt_area = counts(valid & (pred == gt), gt), counts(valid, pred), counts(valid, gt)
     present = gt_area > 0
     dice = torch.where(present, 2 * overlap / (pred_area + gt_area).clamp_min(1), torch.zeros_like(overlap))
     n_teeth = present.sum(1)

@@ -220,6 +220,14 @@ class Predictor:
             return teeth_at_size(probs, image.shape[:2], self.classes, one_region)[0]
         return mask_at_size(probs, image.shape[:2], threshold, min_component)
 
+    def chart(self, image: np.ndarray, tta: bool = False, one_region: bool = False) -> tuple[np.ndarray, list[dict]]:
+        """A per-tooth model's FDI label map of an image at its own size and its tooth chart (`tooth_chart`)."""
+        if not self.classes:
+            raise ToothSegError(f"{self.path}: is a binary model; tooth charts need a per-tooth model (finetune_seg.py --task teeth)")
+        probs = self.probabilities(self.network_input(image), tta)
+        labels, confidence = teeth_at_size(probs, image.shape[:2], self.classes, one_region)
+        return labels, tooth_chart(labels, confidence)
+
     def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
         """`get_saliency_map` for an original-size uint8 image, resized back to its size. `region`
         (optional boolean mask at the image's size) picks the logits whose sum is explained."""

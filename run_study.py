@@ -14,7 +14,7 @@ scratch, so a crash loses only the cell in progress.
 
 Outputs in OUT_DIR: study.csv (one row per cell), study.md (mean ± std over seeds, bootstrap 95% CIs
 over test images, and each pretraining's paired difference to scratch), and study_dice.png
-(test Dice against label fraction, one line per method). Each method is compared with supervised
+(test Dice against label fraction, one line per method); study_teeth.* for --task teeth. Each method is compared with supervised
 scratch by a paired bootstrap over the test images.
 
 --task teeth runs the per-tooth task (finetune_seg.py --task teeth) in the same grid of models and
@@ -100,6 +100,12 @@ def cell_name(model: str, init: str, fraction: float, seed: int, semi: str = "no
     way = "" if semi == "none" else f"_{semi}"  # supervised cells keep the names of studies before --semi
     kind = "_teeth" if task == "teeth" else ""  # so a per-tooth grid never takes a binary cell for done
     return f"{model}_{init}{kind}{way}_f{fraction:g}_s{seed}"
+
+
+def output_path(args, name: str) -> Path:
+    """study.csv, study.md, study_dice.png in OUT_DIR; study_teeth.* for the per-tooth task, so one folder
+    (sharing its pretraining) can hold both grids."""
+    return args.out_dir / (name.replace("study", "study_teeth", 1) if args.task == "teeth" else name)
 
 
 def score_name(args) -> str:
@@ -232,7 +238,7 @@ def main(argv=None):
             failed.append(f"{name}: {tail(log)}")
             continue
         summary = json.loads((cell / "eval_test" / "summary.json").read_text())
-        record = {"model": model, "init": init, "semi": semi, "label_fraction": fraction, "seed": seed,
+        record = {"task": args.task, "model": model, "init": init, "semi": semi, "label_fraction": fraction, "seed": seed,
                   **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
                   **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {}),
                   "n_test": summary["n_images"], "best_epoch": summary["checkpoint_epoch"],
@@ -278,7 +284,7 @@ def write_outputs(args, records: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
-    atomic_write_text(args.out_dir / "study.csv", buf.getvalue())
+    atomic_write_text(output_path(args, "study.csv"), buf.getvalue())
 
     rng = np.random.default_rng(0)
     groups: dict[tuple, list[dict]] = {}
@@ -324,12 +330,12 @@ def write_outputs(args, records: list[dict]) -> None:
     if len(diffs) > 2:
         text += [f"Each method against supervised scratch (same label fraction; per-image {what} averaged over seeds, "
                  "paired bootstrap over test images):", "", "\n".join(diffs), ""]
-    atomic_write_text(args.out_dir / "study.md", "\n".join(text))
+    atomic_write_text(output_path(args, "study.md"), "\n".join(text))
     plot(args, groups)
     print(table)
     if len(diffs) > 2:
         print("\n".join(diffs))
-    print(f"wrote {args.out_dir / 'study.csv'}, {args.out_dir / 'study.md'} and {args.out_dir / 'study_dice.png'}")
+    print(f"wrote {output_path(args, 'study.csv')}, {output_path(args, 'study.md')} and {output_path(args, 'study_dice.png')}")
 
 
 def method_label(init: str, semi: str) -> str:
@@ -367,7 +373,7 @@ def plot(args, groups: dict) -> None:
     ax.set_ylabel(f"test {score.replace('_', ' ')} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(args.out_dir / "study_dice.png") as tmp:
+    with atomic_path(output_path(args, "study_dice.png")) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
 

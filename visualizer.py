@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -29,9 +29,9 @@ from checkpoints import open_checkpoint
 from data import GenesisConfig, MaskGenerator, MIMDataset, RestorationDataset, build_eval_transform
 from engine import autocast, checkpoint_amp, memory_format, reconstruction_visuals
 from index import read_mask
-from metrics import masked_l1_loss, segmentation_metrics
-from overlay import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, overlay_mask
-from predict import Predictor, load_predictor
+from metrics import masked_l1_loss, segmentation_metrics, tooth_metrics
+from overlay import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, overlay_mask, overlay_teeth
+from predict import Predictor, load_predictor, read_label_map
 from utils import ToothSegError, atomic_path, read_image, to_uint8
 
 PANEL_WIDTH = 3.2  # inches per image panel; the height follows the image's aspect ratio
@@ -245,6 +245,80 @@ def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-tooth models: numbered overlays beside the dental chart
+# ----------------------------------------------------------------------------------------------
+CHART_ROWS = (  # the dental chart as a dentist reads it: the patient's right on the left
+    (18, 17, 16, 15, 14, 13, 12, 11, 21, 22, 23, 24, 25, 26, 27, 28),
+    (48, 47, 46, 45, 44, 43, 42, 41, 31, 32, 33, 34, 35, 36, 37, 38),
+)
+PRIMARY_CHART_ROWS = ((55, 54, 53, 52, 51, 61, 62, 63, 64, 65), (85, 84, 83, 82, 81, 71, 72, 73, 74, 75))
+CHART_COLOURS = {"found": TRUE_POSITIVE, "extra": FALSE_POSITIVE, "missed": FALSE_NEGATIVE, "absent": (245, 245, 245)}
+
+
+def draw_tooth_chart(ax, chart: list[dict], truth: Iterable[int] | None = None) -> None:
+    """A dental chart on `ax`: one box per FDI number (primary rows only when a primary tooth occurs), with the
+    predicted teeth's mean probability. With `truth` (the true numbers), boxes are green where the number is
+    predicted and true, red where predicted only, blue where missed; without it, predicted teeth are green."""
+    predicted = {t["fdi"]: t["mean_probability"] for t in chart}
+    truth = set(predicted if truth is None else truth)
+    rows = CHART_ROWS + (PRIMARY_CHART_ROWS if any(n > 50 for n in set(predicted) | truth) else ())
+    for r, numbers in enumerate(rows):
+        offset = (16 - len(numbers)) / 2
+        for c, number in enumerate(numbers):
+            status = ("found" if number in truth else "extra") if number in predicted else \
+                "missed" if number in truth else "absent"
+            ax.add_patch(Rectangle((offset + c, -r), 0.92, 0.92, color=np.asarray(CHART_COLOURS[status]) / 255))
+            label = f"{number}\n{predicted[number]:.2f}" if number in predicted else str(number)
+            ax.text(offset + c + 0.46, -r + 0.46, label, ha="center", va="center", fontsize=6.5)
+    ax.set_xlim(0, 16)
+    ax.set_ylim(-len(rows) + 1, 1)
+    ax.set_aspect("equal")
+    ax.axis("off")
+
+
+def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: str = "cpu",
+                        save_path: str | os.PathLike | None = None):
+    """The k best and k worst images of a per-tooth eval.py run (by per-tooth Dice): each as the predicted teeth
+    coloured and numbered over the X-ray, beside its dental chart against the true teeth. Re-predicted with
+    the evaluated checkpoint and eval's TTA and --one-region-per-tooth; refuses a stale per_image.csv."""
+    per_image_csv = Path(per_image_csv)
+    try:
+        with per_image_csv.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        summary = json.loads(per_image_csv.with_name("summary.json").read_text())
+    except OSError as exc:
+        raise ToothSegError(f"{exc.filename}: cannot read ({exc.strerror}); pass the per_image.csv of an eval.py run") from None
+    if not rows or "tooth_dice" not in rows[0]:
+        raise ToothSegError(f"{per_image_csv}: not a per-tooth evaluation (no tooth_dice column); evaluate a "
+                            f"finetune_seg.py --task teeth checkpoint")
+    predictor = load_predictor(summary["checkpoint"], device)
+    ranked = sorted(rows, key=lambda r: float(r["tooth_dice"]), reverse=True)
+    k = min(k, len(ranked))
+    chosen = [("best", r) for r in ranked[:k]] + [("worst", r) for r in ranked[::-1][:k]]
+    aspect = max(int(r["height"]) / int(r["width"]) for r in rows)
+    fig = Figure(figsize=(PANEL_WIDTH * 3.2, (PANEL_WIDTH * 1.6 * aspect + 0.6) * len(chosen)), layout="constrained")
+    axes = fig.subplots(len(chosen), 2, squeeze=False, width_ratios=(1.6, 1.6))
+    for (label, record), (image_ax, chart_ax) in zip(chosen, axes):
+        image = read_gray(record["image"])
+        truth = read_label_map(record["teeth"])
+        labels, chart = predictor.chart(image, summary["tta"], bool(summary.get("one_region_per_tooth")))
+        scores = tooth_metrics(labels, truth)
+        if abs(scores["tooth_dice"] - float(record["tooth_dice"])) > 0.01:
+            raise ToothSegError(f"{per_image_csv}: per-tooth Dice of {record['pair_id']} no longer matches "
+                                f"{summary['checkpoint']} (retrained since?); re-run eval.py")
+        image_ax.imshow(overlay_teeth(image, labels))
+        image_ax.set_xticks([])
+        image_ax.set_yticks([])
+        image_ax.set_title(f"{label}: {record['pair_id']}  per-tooth Dice {scores['tooth_dice']:.3f}  "
+                           f"F1 {scores['detection_f1']:.3f}  numbering {scores['numbering_accuracy']:.3f}", fontsize=8)
+        draw_tooth_chart(chart_ax, chart, {int(n) for n in np.unique(truth)} - {0})
+    fig.suptitle(f"{summary['model']} per tooth on {summary['split']} ({summary['n_images']} images)")
+    handles = [Patch(color=np.asarray(c) / 255, label=name) for name, c in CHART_COLOURS.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    return _finish(fig, save_path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Pretraining: what the model reconstructs on its own validation images
 # ----------------------------------------------------------------------------------------------
 def plot_reconstructions(checkpoint: str | os.PathLike, n: int = 3, device: str = "cpu",
@@ -290,13 +364,17 @@ def plot_reconstructions(checkpoint: str | os.PathLike, n: int = 3, device: str 
 # ----------------------------------------------------------------------------------------------
 # Finding things in a run_study.py folder
 # ----------------------------------------------------------------------------------------------
-def study_cells(run_dir: str | os.PathLike) -> dict[str, dict]:
-    """The finished cells of a run_study.py folder: name -> its cell.json record plus "dir"."""
+def study_cells(run_dir: str | os.PathLike, task: str = "binary", required: bool = True) -> dict[str, dict]:
+    """The finished cells of a run_study.py folder for one task (binary, or teeth: run_study.py --task teeth):
+    name -> its cell.json record plus "dir". Without any, an error, or {} when not `required`."""
     run_dir = Path(run_dir)
-    found = sorted((run_dir / "cells").glob("*/cell.json"))
-    if not found:
-        raise ToothSegError(f"{run_dir}: no finished study cells (cells/*/cell.json); run run_study.py or `make demo`")
-    return {p.parent.name: {**json.loads(p.read_text()), "dir": p.parent} for p in found}
+    records = {p.parent.name: {**json.loads(p.read_text()), "dir": p.parent}
+               for p in sorted((run_dir / "cells").glob("*/cell.json"))}
+    cells = {name: r for name, r in records.items() if r.get("task", "binary") == task}
+    if not cells and required:
+        raise ToothSegError(f"{run_dir}: no finished study cells{' of the per-tooth task' if task == 'teeth' else ''} "
+                            f"(cells/*/cell.json); run run_study.py{' --task teeth' if task == 'teeth' else ''} or `make demo`")
+    return cells
 
 
 def pretraining_runs(run_dir: str | os.PathLike) -> dict[str, Path]:

@@ -59,11 +59,12 @@ def test_runs_top_to_bottom_on_a_study_folder(tiny_study, tmp_path):
     rich = outputs_of(nb, "display_data") + outputs_of(nb, "execute_result")
     markdown = "".join(out.data.get("text/markdown", "") for out in rich)
     assert "| unet | mim | none | 1 | 1 |" in markdown  # the study table itself, not just a heading
+    assert "per-tooth task" in markdown and "no per-tooth cells" not in text  # section 8 drew the tooth charts
     tables = "".join(out.data.get("text/html", "") for out in rich)
     assert all(init in tables for init in ("scratch", "mim", "fullimage"))  # study.csv as a DataFrame
     pngs = [out.data["image/png"] for out in rich if "image/png" in out.data]
-    # study_dice.png, 2 curve figures, 2 reconstructions, comparison, gallery, one sample, saliency
-    assert len(pngs) >= 9
+    # study_dice.png, 2 curve figures, 2 reconstructions, comparison, gallery, one sample, saliency, tooth charts
+    assert len(pngs) >= 10
     for png in pngs:
         image = cv2.imdecode(np.frombuffer(base64.b64decode(png), np.uint8), cv2.IMREAD_COLOR)
         assert image is not None and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 1

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import IGNORE_INDEX, CEDiceLoss, summarize_teeth, tooth_dice_per_image, tooth_metrics
+from metrics import IGNORE_INDEX, TOOTH_SUMMARY_NAMES as TOOTH_KEYS, CEDiceLoss, summarize_teeth, tooth_dice_per_image, tooth_metrics
 from predict import keep_largest_region, mirror_channels, predict_probabilities, tooth_chart
-from teeth import mirror_label_map
+from teeth import FDI_NUMBERS as FDI_ALL, mirror_label_map
 
 
 def brute_force(pred: np.ndarray, gt: np.ndarray) -> dict:
@@ -150,3 +150,127 @@ def test_tooth_chart_gives_area_box_and_probability():
     confidence = np.full(labels.shape, 0.5, np.float32)
     confidence[1, 2:6] = 0.9
     assert tooth_chart(labels, confidence) == [{"fdi": 36, "area_px": 8, "bbox": [2, 1, 5, 2], "mean_probability": 0.7}]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on the phantom, whose teeth carry FDI numbers
+# ----------------------------------------------------------------------------------------------
+TEETH_NET = ["--img-height", "64", "--img-width", "128", "--batch-size", "4", "--num-workers", "0", "--cpu",
+             "--base-channels", "8"]
+
+
+@pytest.fixture(scope="module")
+def teeth_run(phantom_data_root, tmp_path_factory):
+    import finetune_seg
+
+    out = tmp_path_factory.mktemp("teeth_run")
+    finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--task", "teeth",
+                       "--checkpoint-dir", str(out), "--epochs", "2", *TEETH_NET])
+    return out
+
+
+def test_the_checkpoint_records_mirror_closed_classes(teeth_run):
+    from checkpoints import open_checkpoint
+
+    ckpt = open_checkpoint(teeth_run)
+    classes = ckpt.tooth_classes
+    assert classes[0] == 0 and classes == sorted(classes) and len(classes) == ckpt.model.args["out_channels"]
+    assert set(mirror_channels(classes)) == set(range(len(classes)))  # closed: every class has its mirror
+    assert ckpt.task["task"] == "teeth" and 11 in classes and 21 in classes
+
+
+def test_eval_scores_per_tooth_as_the_predictor_predicts(teeth_run, tmp_path):
+    import csv
+    import json
+
+    import eval as eval_script
+    from data import read_label_map
+    from predict import load_predictor
+    from utils import read_image, to_uint8
+
+    eval_script.main(["--checkpoint", str(teeth_run), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0",
+                      "--top-k", "1"])
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    teeth = summary["teeth"]
+    assert 0 <= teeth["tooth_dice"] <= 1 and teeth["true_teeth"] > 0 and set(TOOTH_KEYS) <= set(teeth)
+    rows = list(csv.DictReader((tmp_path / "ev" / "per_image.csv").open()))
+    per_tooth = list(csv.DictReader((tmp_path / "ev" / "per_tooth.csv").open()))
+    assert sum(int(r["teeth"]) for r in per_tooth) == teeth["true_teeth"] == sum(int(r["true_teeth"]) for r in rows)
+    predictor = load_predictor(teeth_run)
+    row = rows[0]
+    labels = predictor.predict(to_uint8(read_image(row["image"])))
+    assert tooth_metrics(labels, read_label_map(row["teeth"]))["tooth_dice"] == pytest.approx(float(row["tooth_dice"]))
+    overlay = read_image(next((tmp_path / "ev" / "worst").glob("*.png")))
+    assert overlay.shape[0] == 2 * int(row["height"])  # prediction above truth
+
+
+def test_predict_mode_writes_label_maps_and_tooth_charts(teeth_run, phantom_data_root, tmp_path):
+    import json
+    import shutil
+
+    import eval as eval_script
+    from utils import read_image
+
+    folder = tmp_path / "new_xrays"
+    folder.mkdir()
+    for image in sorted((phantom_data_root / "processed_2d" / "adult" / "unlabeled" / "images").glob("*.png"))[:2]:
+        shutil.copy(image, folder / image.name)
+    eval_script.main(["--checkpoint", str(teeth_run), "--images-dir", str(folder), "--save-preds", str(tmp_path / "charts"),
+                      "--cpu", "--workers", "0"])
+    for image in folder.iterdir():
+        labels = read_image(tmp_path / "charts" / image.name)
+        chart = json.loads((tmp_path / "charts" / f"{image.stem}.json").read_text())
+        assert labels.shape == read_image(image).shape and (chart["height"], chart["width"]) == labels.shape
+        assert [t["fdi"] for t in chart["teeth"]] == sorted(int(n) for n in np.unique(labels) if n)
+        for tooth in chart["teeth"]:
+            x0, y0, x1, y1 = tooth["bbox"]
+            assert tooth["area_px"] == int((labels == tooth["fdi"]).sum()) == int((labels[y0:y1 + 1, x0:x1 + 1] == tooth["fdi"]).sum())
+            assert 0 < tooth["mean_probability"] <= 1
+
+
+def test_binary_only_flags_are_refused_for_a_per_tooth_model(teeth_run):
+    import eval as eval_script
+    from utils import ToothSegError
+
+    with pytest.raises(ToothSegError, match="is a per-tooth model; --min-component and --save-probs apply to binary"):
+        eval_script.main(["--checkpoint", str(teeth_run), "--min-component", "0.001", "--cpu"])
+
+
+def test_a_binary_checkpoint_initialises_all_but_the_head(phantom_data_root, tmp_path, capsys):
+    import finetune_seg
+
+    data = ["--images-dir", str(phantom_data_root / "processed_2d"), *TEETH_NET]
+    finetune_seg.main([*data, "--checkpoint-dir", str(tmp_path / "binary"), "--epochs", "1"])
+    capsys.readouterr()
+    finetune_seg.main([*data, "--task", "teeth", "--init-from", str(tmp_path / "binary"),
+                       "--checkpoint-dir", str(tmp_path / "teeth"), "--epochs", "1"])
+    report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("init from"))
+    assert "missing 0" in report and "mismatched 2 (head.conv.weight, head.conv.bias)" in report, report
+
+
+def phantom_size(sample) -> tuple[int, int]:
+    from utils import read_image
+
+    return read_image(sample.image).shape[:2]
+
+
+def test_training_flips_renumber_the_teeth(phantom_data_root):
+    from data import TeethDataset, build_eval_transform
+    from index import samples_from_index
+
+    sample = samples_from_index(phantom_data_root / "sts2d_index.csv", phantom_data_root / "processed_2d", ("train",))[0]
+    classes = [0] + sorted(FDI_ALL)
+    size = phantom_size(sample)  # at the image's own size: nearest-neighbour resizing is not mirror-symmetric
+    plain = TeethDataset([sample], build_eval_transform(*size), classes)[0]
+    flips = TeethDataset([sample], build_eval_transform(*size), classes, mirror=True, seed=3)
+    seen = set()
+    for epoch in range(8):
+        flips.set_epoch(epoch)
+        image, target, _ = flips[0]
+        flipped = torch.equal(image, plain[0].flip(-1))
+        assert flipped or torch.equal(image, plain[0])
+        number = np.asarray(classes)[target.numpy()]
+        expected = np.asarray(classes)[plain[1].numpy()]
+        assert (number == (mirror_label_map(expected) if flipped else expected)).all()
+        seen.add(flipped)
+    assert seen == {True, False}
