@@ -102,6 +102,9 @@ def parse_args(argv=None):
     inference = parser.add_argument_group("inference")
     inference.add_argument("--threshold", type=probability, default=0.5, metavar="P", help="probability threshold, in (0, 1)")
     inference.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
+    inference.add_argument("--tta-rotate", type=float, nargs="+", default=[], metavar="DEG",
+                           help="also average with the image rotated by each angle (degrees, e.g. -5 5; with --tta "
+                                "flipped too), each prediction rotated back")
     inference.add_argument("--min-component", type=min_component_type, metavar="F|auto",
                            help="drop predicted components (8-connected) smaller than F of the image's area, e.g. "
                                 "0.0005; auto: the best of " + ", ".join(f"{f:g}" for f in MIN_COMPONENT_GRID)
@@ -173,7 +176,7 @@ def predictions(predictors: list, samples: list, args, device, desc: str):
                          device=device, seed=0)
     by_pair = {s.pair_id: s for s in samples}
     for images, meta in tqdm(loader, desc=desc, disable=None):
-        probs = sum(p.probabilities(images, args.tta) for p in predictors) / len(predictors)
+        probs = sum(p.probabilities(images, args.tta, tuple(args.tta_rotate)) for p in predictors) / len(predictors)
         for i, pair_id in enumerate(meta["pair_id"]):
             size = (int(meta["orig_height"][i]), int(meta["orig_width"][i]))
             yield by_pair[pair_id], meta["error"][i], size, probs[i:i + 1]
@@ -379,7 +382,7 @@ def main(argv=None):
         if save_preds is not None:
             outputs.save(save_preds, sample, pred, confidence)
     if args.save_probs is not None:
-        write_manifest(args.save_probs, pseudo, [str(p.path) for p in predictors], args.tta)
+        write_manifest(args.save_probs, pseudo, [str(p.path) for p in predictors], args.tta, args.tta_rotate)
         print(f"wrote {len(pseudo)} probability maps and {args.save_probs / 'pseudo_labels.json'}")
     if skipped:
         write_csv(out_dir / "skipped.csv", skipped)
@@ -400,7 +403,7 @@ def main(argv=None):
         "by_age_group": {g: summarize([r for r in rows if r["age_group"] == g], METRIC_NAMES)
                          for g in sorted({r["age_group"] for r in rows})},
         "n_images": len(rows), "n_found": found, "n_skipped": len(skipped), "split": split,
-        "threshold": args.threshold, "tta": args.tta, "min_component": min_component,
+        "threshold": args.threshold, "tta": args.tta, "tta_rotate": args.tta_rotate, "min_component": min_component,
         "one_region_per_tooth": args.one_region_per_tooth if classes else None,
         "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch, "ensemble": [str(p.path) for p in predictors],
         "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2.functional import rotate as rotate_tensor
 
 from checkpoints import Checkpoint, open_checkpoint
-from data import build_eval_transform, read_label_map
+from data import build_eval_transform, normalize_tensor, read_label_map
 from engine import autocast, checkpoint_amp, memory_format
 from index import read_mask
 from teeth import mirror_fdi
@@ -88,23 +90,39 @@ def mirror_channels(classes: list[int]) -> list[int]:
     return [channel[mirror_fdi(number)] for number in classes]
 
 
+def rotate(batch: torch.Tensor, degrees: float, fill: float) -> torch.Tensor:
+    """(N, C, H, W) rotated by `degrees` (counter-clockwise) about the centre, bilinear, `fill` outside."""
+    return rotate_tensor(batch, degrees, interpolation=InterpolationMode.BILINEAR, fill=fill)
+
+
 @torch.inference_mode()
 def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, device,
                           window: tuple[int, int] | None = None, overlap: float = 0.5,
-                          mirror: list[int] | None = None) -> torch.Tensor:
+                          mirror: list[int] | None = None, rotations: tuple[float, ...] = ()) -> torch.Tensor:
     """Probabilities at network size: a binary model's tooth probability (sigmoid), or with `mirror` (a per-tooth
-    model's `mirror_channels`) each class's (softmax). With `tta`, averaged with the horizontally flipped
-    prediction, whose teeth are renumbered to their own side first."""
+    model's `mirror_channels`) each class's (softmax). Test-time augmentation averages them over views, in
+    probability space: with `tta`, the horizontally flipped image (whose teeth are renumbered to their own side
+    first); with `rotations` (degrees), the image rotated by each angle (and flipped and rotated with `tta`),
+    each prediction rotated back. Where a rotated view did not cover a pixel (the corners), the other views decide."""
     def probabilities(inputs: torch.Tensor) -> torch.Tensor:
         logits = network_logits(model, inputs, window, overlap)
         return torch.sigmoid(logits) if mirror is None else torch.softmax(logits, 1)
 
+    black = float(normalize_tensor(torch.tensor(0.0)))  # what lies outside the X-ray, on the network's scale
     with autocast(device, amp_dtype):
-        probs = probabilities(batch)
+        total, weight = probabilities(batch), torch.ones_like(batch[:1, :1])
         if tta:
             flipped = probabilities(batch.flip(-1)).flip(-1)
-            probs = 0.5 * (probs + (flipped if mirror is None else flipped[:, mirror]))
-    return probs
+            total, weight = total + (flipped if mirror is None else flipped[:, mirror]), weight + 1
+        for degrees in rotations:
+            seen = rotate(rotate(torch.ones_like(batch[:1, :1]), degrees, 0.0), -degrees, 0.0)
+            for flip in (False, True) if tta else (False,):
+                view = batch.flip(-1) if flip else batch
+                probs = rotate(probabilities(rotate(view, degrees, black)), -degrees, 0.0)
+                probs = probs.flip(-1) if flip else probs
+                total = total + (probs[:, mirror] if flip and mirror is not None else probs) * seen
+                weight = weight + seen
+    return total / weight
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,28 +221,29 @@ class Predictor:
         """(1, 1, h, w) normalised tensor at network size, via the eval transform."""
         return self.transform()(image=image)["image"][None]
 
-    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    def probabilities(self, batch: torch.Tensor, tta: bool = False, rotations: tuple[float, ...] = ()) -> torch.Tensor:
         """(N, 1, h, w) tooth probabilities of a batch of network inputs (in the checkpoint's windows, if any);
         (N, C, h, w) class probabilities for a per-tooth model."""
         batch = batch.to(self.device, memory_format=memory_format(self.device))
         data = self.checkpoint.data
         return predict_probabilities(self.model, batch, tta, self.amp_dtype, self.device, data.window,
-                                     data.window_overlap, self.mirror)
+                                     data.window_overlap, self.mirror, rotations)
 
     def predict(self, image: np.ndarray, threshold: float = 0.5, tta: bool = False,
-                min_component: float = 0.0, one_region: bool = False) -> np.ndarray:
+                min_component: float = 0.0, one_region: bool = False, rotations: tuple[float, ...] = ()) -> np.ndarray:
         """At the image's own size, as eval.py predicts: a boolean HxW mask (resize, threshold, --min-component),
         or for a per-tooth model an FDI label map (resize, most probable class, --one-region-per-tooth)."""
-        probs = self.probabilities(self.network_input(image), tta)
+        probs = self.probabilities(self.network_input(image), tta, rotations)
         if self.classes:
             return teeth_at_size(probs, image.shape[:2], self.classes, one_region)[0]
         return mask_at_size(probs, image.shape[:2], threshold, min_component)
 
-    def chart(self, image: np.ndarray, tta: bool = False, one_region: bool = False) -> tuple[np.ndarray, list[dict]]:
+    def chart(self, image: np.ndarray, tta: bool = False, one_region: bool = False,
+              rotations: tuple[float, ...] = ()) -> tuple[np.ndarray, list[dict]]:
         """A per-tooth model's FDI label map of an image at its own size and its tooth chart (`tooth_chart`)."""
         if not self.classes:
             raise ToothSegError(f"{self.path}: is a binary model; tooth charts need a per-tooth model (finetune_seg.py --task teeth)")
-        probs = self.probabilities(self.network_input(image), tta)
+        probs = self.probabilities(self.network_input(image), tta, rotations)
         labels, confidence = teeth_at_size(probs, image.shape[:2], self.classes, one_region)
         return labels, tooth_chart(labels, confidence)
 

@@ -41,8 +41,9 @@ class PseudoLabel:
     mean_entropy: float
 
 
-def write_manifest(folder: Path, labels: list[PseudoLabel], teachers: list[str], tta: bool) -> None:
-    manifest = {"teachers": teachers, "tta": tta, "images": {
+def write_manifest(folder: Path, labels: list[PseudoLabel], teachers: list[str], tta: bool,
+                   tta_rotate: list[float] = ()) -> None:
+    manifest = {"teachers": teachers, "tta": tta, "tta_rotate": list(tta_rotate), "images": {
         label.pair_id: {"image": str(label.image), "probs": label.probs.name, "mean_entropy": label.mean_entropy}
         for label in labels}}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))

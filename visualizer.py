@@ -232,7 +232,8 @@ def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str
         for col, record in enumerate(chosen):
             image = read_gray(record["image"])
             gt = read_mask(record["mask"]) if record.get("mask") else predictor.ground_truth(record["image"])
-            pred = predictor.predict(image, summary["threshold"], summary["tta"], min_component)
+            pred = predictor.predict(image, summary["threshold"], summary["tta"], min_component,
+                                     rotations=tuple(summary.get("tta_rotate") or ()))
             if abs(dice_score(pred, gt) - float(record["dice"])) > 0.01:
                 raise ToothSegError(f"{per_image_csv}: Dice of {record['pair_id']} no longer matches "
                                     f"{summary['checkpoint']} (retrained since?); re-run eval.py")
@@ -301,7 +302,8 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
     for (label, record), (image_ax, chart_ax) in zip(chosen, axes):
         image = read_gray(record["image"])
         truth = read_label_map(record["teeth"])
-        labels, chart = predictor.chart(image, summary["tta"], bool(summary.get("one_region_per_tooth")))
+        labels, chart = predictor.chart(image, summary["tta"], bool(summary.get("one_region_per_tooth")),
+                                        tuple(summary.get("tta_rotate") or ()))
         scores = tooth_metrics(labels, truth)
         if abs(scores["tooth_dice"] - float(record["tooth_dice"])) > 0.01:
             raise ToothSegError(f"{per_image_csv}: per-tooth Dice of {record['pair_id']} no longer matches "

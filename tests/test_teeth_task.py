@@ -274,3 +274,40 @@ def test_training_flips_renumber_the_teeth(phantom_data_root):
         assert (number == (mirror_label_map(expected) if flipped else expected)).all()
         seen.add(flipped)
     assert seen == {True, False}
+
+
+def test_rotation_tta_rotates_each_prediction_back():
+    """A model whose logits follow its input: with rotation TTA the tooth stays where it is in the image
+    (each view's prediction rotated back), and only interpolation differs; not rotating back would move it."""
+    from predict import rotate
+
+    y, x = torch.meshgrid(torch.arange(48.0), torch.arange(96.0), indexing="ij")
+    batch = torch.exp(-((y - 16) ** 2 + (x - 30) ** 2) / 40)[None, None] * 4 - 2
+
+    def model(inputs):
+        return 3 * inputs
+
+    cpu = torch.device("cpu")
+    plain = predict_probabilities(model, batch, False, None, cpu)
+    rotated = predict_probabilities(model, batch, True, None, cpu, rotations=(-15.0, 15.0))
+    assert (rotated - plain).abs().max() < 0.05
+    not_back = torch.sigmoid(model(rotate(batch, 15.0, -2.0)))
+    assert (not_back - plain).abs().max() > 0.5
+
+
+def test_rotation_and_flip_tta_keep_the_tooth_numbers():
+    classes = [0, 11, 21]
+
+    def model(inputs):  # tooth 11 on the image's left half, 21 on its right, as in a panoramic
+        logits = torch.zeros(inputs.shape[0], 3, *inputs.shape[-2:])
+        logits[:, 1, :, : inputs.shape[-1] // 2] = 5
+        logits[:, 2, :, inputs.shape[-1] // 2:] = 5
+        return logits
+
+    batch = torch.zeros(1, 1, 32, 64)
+    cpu = torch.device("cpu")
+    plain = predict_probabilities(model, batch, False, None, cpu, mirror=mirror_channels(classes)).argmax(1)
+    tta = predict_probabilities(model, batch, True, None, cpu, mirror=mirror_channels(classes),
+                                rotations=(-5.0, 5.0)).argmax(1)
+    away_from_midline = torch.cat([torch.arange(0, 24), torch.arange(40, 64)])
+    assert torch.equal(plain[..., away_from_midline], tta[..., away_from_midline])
