@@ -182,6 +182,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     model.add_argument("--model-type", choices=sorted(MODELS), default="unet", help="architecture from the models.py registry")
     model.add_argument("--base-channels", type=positive_int, default=32, metavar="C", help="channels of the first stage")
     model.add_argument("--no-bilinear", action="store_true", help="transposed convolutions instead of bilinear upsampling")
+    model.add_argument("--encoder", metavar="NAME",
+                       help="the smp models' (unetpp, fpn, manet) encoder, e.g. resnet34; default resnet18")
 
     data = parser.add_argument_group("data")
     data.add_argument("--images-dir", type=Path, default=Path("./sts_tooth_data/processed_2d"), metavar="DIR",
@@ -236,7 +238,10 @@ def parse_training_args(parser: argparse.ArgumentParser, argv=None) -> argparse.
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
-    return {"base_channels": args.base_channels, "bilinear": not args.no_bilinear}
+    """Constructor arguments from the model flags; `encoder_name` only when --encoder is given (the own U-Nets
+    have no encoder choice, and reject it in one line)."""
+    encoder = {"encoder_name": args.encoder} if args.encoder else {}
+    return {"base_channels": args.base_channels, "bilinear": not args.no_bilinear, **encoder}
 
 
 def data_spec(args: argparse.Namespace, *, modality: str = "xray", split: SplitSpec | None = None,

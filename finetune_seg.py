@@ -150,6 +150,8 @@ def resolve_model(args, out_channels: int = 1) -> ModelSpec:
         kwargs["base_channels"] = args.base_channels
     if args.no_bilinear is not None:
         kwargs["bilinear"] = not args.no_bilinear
+    if args.encoder is not None:
+        kwargs["encoder_name"] = args.encoder
     return ModelSpec(name, kwargs)
 
 

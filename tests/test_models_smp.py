@@ -199,3 +199,13 @@ def test_fullimage_pretraining_builds_an_smp_model(phantom_pairs, tmp_path):
     ckpt = open_checkpoint(tmp_path / "fi" / "best.pth", ("fullimage",))
     assert ckpt.model.name == "unetpp" and type(ckpt.build_model()).__name__ == "SMPUnetPlusPlus"
     assert all(k.startswith(("encoder.", "decoder.", "head.")) for k in ckpt.state.weights)
+
+
+def test_encoder_flag_reaches_the_model_spec(tmp_path):
+    import finetune_seg
+    from engine import model_kwargs
+
+    args = finetune_seg.parse_args(["--images-dir", str(tmp_path), "--model-type", "fpn", "--encoder", "resnet34"])
+    assert finetune_seg.resolve_model(args).args["encoder_name"] == "resnet34"
+    assert model_kwargs(args)["encoder_name"] == "resnet34"
+    assert "encoder_name" not in model_kwargs(finetune_seg.parse_args(["--images-dir", str(tmp_path)]))
