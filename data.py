@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from index import Sample, read_mask
 from metrics import IGNORE_INDEX
-from teeth import check_label_map, mirror_label_map
+from teeth import mirror_label_map, read_label_map
 from utils import ToothSegError, read_image, to_uint8
 
 
@@ -199,13 +199,6 @@ class SegmentationDataset(_ImageDataset):
         target = out["mask"].unsqueeze(0).float() / (255.0 if soft else 1.0)
         picture = strong_photometric(out["image"], rng) if soft and self.noise else out["image"]
         return picture, target, {**self._meta(index, image), "weight": self.soft_weight if soft else 1.0}
-
-
-def read_label_map(path) -> np.ndarray:
-    """A per-tooth label map (FDI numbers, 0 background), checked to hold nothing else."""
-    labels = read_image(path)
-    check_label_map(labels, str(path))
-    return labels
 
 
 class TeethDataset(_ImageDataset):

@@ -63,8 +63,9 @@ from index import find_index, read_mask, samples_from_folders, unlabelled_pool
 from metrics import (ASSD_DEFINITION, METRIC_NAMES, TOOTH_SUMMARY_NAMES, overlap_metrics, segmentation_metrics, summarize,
                      summarize_teeth, tooth_metrics)
 from overlay import overlay_mask, overlay_teeth
-from predict import clean_mask, load_predictor, mask_at_size, prob_at_size, read_label_map, teeth_at_size, tooth_chart
+from predict import clean_mask, load_predictor, mask_at_size, prob_at_size, teeth_at_size, tooth_chart
 from semi import PseudoLabel, mean_entropy, write_manifest
+from teeth import read_label_map
 from utils import (ToothSegError, atomic_write_text, check_output_dir, make_parser, non_negative_int, positive_int,
                    probability, read_image, run_cli, to_uint8, write_png)
 

@@ -38,7 +38,7 @@ import torch
 
 from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
 from data import (SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset, build_eval_transform,
-                  build_train_transform, denormalize, modality_of, read_label_map)
+                  build_train_transform, denormalize, modality_of)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
@@ -47,7 +47,7 @@ from models import ENCODER_PREFIXES, SIZE_MULTIPLE
 from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
 from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
-from teeth import mirror_closed
+from teeth import mirror_closed, read_label_map
 from utils import ToothSegError, make_parser, non_negative_int, positive_int, probability, run_cli, set_seed
 
 

@@ -20,10 +20,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import rotate as rotate_tensor
 
 from checkpoints import Checkpoint, open_checkpoint
-from data import build_eval_transform, normalize_tensor, read_label_map
+from data import build_eval_transform, normalize_tensor
 from engine import autocast, checkpoint_amp, memory_format
 from index import read_mask
-from teeth import mirror_fdi
+from teeth import mirror_fdi, read_label_map
 from utils import ToothSegError
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils import ToothSegError
+from utils import ToothSegError, read_image
 
 PERMANENT = tuple(10 * q + i for q in (1, 2, 3, 4) for i in range(1, 9))
 PRIMARY = tuple(10 * q + i for q in (5, 6, 7, 8) for i in range(1, 6))
@@ -86,6 +86,13 @@ def check_label_map(label_map: np.ndarray, name: str) -> None:
     if wrong:
         raise LabelFileError(name, f"pixel values {wrong[:5]} are not FDI tooth numbers (11..48, 51..85) or 0; "
                                    f"a per-tooth label map holds each pixel's FDI number")
+
+
+def read_label_map(path) -> np.ndarray:
+    """A label map that prepare_sts2d.py wrote (8-bit grey PNG), checked to hold only FDI numbers and 0."""
+    labels = read_image(path)
+    check_label_map(labels, str(path))
+    return labels
 
 
 def as_label_map(image: np.ndarray, name: str) -> np.ndarray:

@@ -31,7 +31,8 @@ from engine import autocast, checkpoint_amp, memory_format, reconstruction_visua
 from index import read_mask
 from metrics import masked_l1_loss, segmentation_metrics, tooth_metrics
 from overlay import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, overlay_mask, overlay_teeth
-from predict import Predictor, load_predictor, read_label_map
+from predict import Predictor, load_predictor
+from teeth import read_label_map
 from utils import ToothSegError, atomic_path, read_image, to_uint8
 
 PANEL_WIDTH = 3.2  # inches per image panel; the height follows the image's aspect ratio

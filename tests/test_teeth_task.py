@@ -184,7 +184,7 @@ def test_eval_scores_per_tooth_as_the_predictor_predicts(teeth_run, tmp_path):
     import json
 
     import eval as eval_script
-    from data import read_label_map
+    from teeth import read_label_map
     from predict import load_predictor
     from utils import read_image, to_uint8
 
