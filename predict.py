@@ -91,8 +91,10 @@ def mirror_channels(classes: list[int]) -> list[int]:
 
 
 def rotate(batch: torch.Tensor, degrees: float, fill: float) -> torch.Tensor:
-    """(N, C, H, W) rotated by `degrees` (counter-clockwise) about the centre, bilinear, `fill` outside."""
-    return rotate_tensor(batch, degrees, interpolation=InterpolationMode.BILINEAR, fill=fill)
+    """(N, C, H, W) rotated by `degrees` (counter-clockwise) about the centre, bilinear, `fill` outside; in
+    float32 even under autocast, where a bf16 sampling grid misplaces pixels (it halved a model's tooth area)."""
+    with torch.autocast(device_type=batch.device.type, enabled=False):
+        return rotate_tensor(batch.float(), degrees, interpolation=InterpolationMode.BILINEAR, fill=fill)
 
 
 @torch.inference_mode()

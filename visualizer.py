@@ -278,11 +278,12 @@ def draw_tooth_chart(ax, chart: list[dict], truth: Iterable[int] | None = None) 
     ax.axis("off")
 
 
-def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: str = "cpu",
+def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: str = "cpu", xray: bool = True,
                         save_path: str | os.PathLike | None = None):
     """The k best and k worst images of a per-tooth eval.py run (by per-tooth Dice): each as the predicted teeth
-    coloured and numbered over the X-ray, beside its dental chart against the true teeth. Re-predicted with
-    the evaluated checkpoint and eval's TTA and --one-region-per-tooth; refuses a stale per_image.csv."""
+    coloured and numbered over the X-ray (on black with `xray=False`, for a figure that must not carry the
+    images), beside its dental chart against the true teeth. Re-predicted with the evaluated checkpoint and
+    eval's TTA and --one-region-per-tooth; refuses a stale per_image.csv."""
     per_image_csv = Path(per_image_csv)
     try:
         with per_image_csv.open(newline="") as f:
@@ -309,7 +310,7 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
         if abs(scores["tooth_dice"] - float(record["tooth_dice"])) > 0.01:
             raise ToothSegError(f"{per_image_csv}: per-tooth Dice of {record['pair_id']} no longer matches "
                                 f"{summary['checkpoint']} (retrained since?); re-run eval.py")
-        image_ax.imshow(overlay_teeth(image, labels))
+        image_ax.imshow(overlay_teeth(image, labels) if xray else overlay_teeth(np.zeros_like(image), labels, alpha=1.0))
         image_ax.set_xticks([])
         image_ax.set_yticks([])
         image_ax.set_title(f"{label}: {record['pair_id']}  per-tooth Dice {scores['tooth_dice']:.3f}  "

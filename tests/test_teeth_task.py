@@ -276,7 +276,8 @@ def test_training_flips_renumber_the_teeth(phantom_data_root):
     assert seen == {True, False}
 
 
-def test_rotation_tta_rotates_each_prediction_back():
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_rotation_tta_rotates_each_prediction_back(amp_dtype):
     """A model whose logits follow its input: with rotation TTA the tooth stays where it is in the image
     (each view's prediction rotated back), and only interpolation differs; not rotating back would move it."""
     from predict import rotate
@@ -289,7 +290,7 @@ def test_rotation_tta_rotates_each_prediction_back():
 
     cpu = torch.device("cpu")
     plain = predict_probabilities(model, batch, False, None, cpu)
-    rotated = predict_probabilities(model, batch, True, None, cpu, rotations=(-15.0, 15.0))
+    rotated = predict_probabilities(model, batch, True, amp_dtype, cpu, rotations=(-15.0, 15.0))
     assert (rotated - plain).abs().max() < 0.05
     not_back = torch.sigmoid(model(rotate(batch, 15.0, -2.0)))
     assert (not_back - plain).abs().max() > 0.5
