@@ -342,7 +342,7 @@ def main(argv=None):
         if not samples:
             raise ToothSegError(f"{where}: none of the {labelled} images of split {split!r} has a per-tooth label map; "
                                 f"prepare the data with prepare_sts2d.py --teeth-dir")
-        where += f", {len(samples)} of them with per-tooth labels" if len(samples) < labelled else ""
+        where += f" ({len(samples)} of the split's {labelled} have per-tooth labels)" if len(samples) < labelled else ""
     out_dir = args.out_dir or ckpt.path.parent / f"eval_{split}"
     save_preds = args.save_preds or (out_dir / "preds" if predict and args.save_probs is None else None)
     what = f"{len(samples)} images from {where}" if predict else \

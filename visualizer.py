@@ -254,21 +254,24 @@ CHART_ROWS = (  # the dental chart as a dentist reads it: the patient's right on
     (48, 47, 46, 45, 44, 43, 42, 41, 31, 32, 33, 34, 35, 36, 37, 38),
 )
 PRIMARY_CHART_ROWS = ((55, 54, 53, 52, 51, 61, 62, 63, 64, 65), (85, 84, 83, 82, 81, 71, 72, 73, 74, 75))
-CHART_COLOURS = {"found": TRUE_POSITIVE, "extra": FALSE_POSITIVE, "missed": FALSE_NEGATIVE, "absent": (245, 245, 245)}
+CHART_COLOURS = {"found": TRUE_POSITIVE, "misplaced or extra": FALSE_POSITIVE, "missed": FALSE_NEGATIVE,
+                 "absent": (245, 245, 245)}
 
 
-def draw_tooth_chart(ax, chart: list[dict], truth: Iterable[int] | None = None) -> None:
+def draw_tooth_chart(ax, chart: list[dict], dice_by_fdi: dict[int, float] | None = None) -> None:
     """A dental chart on `ax`: one box per FDI number (primary rows only when a primary tooth occurs), with the
-    predicted teeth's mean probability. With `truth` (the true numbers), boxes are green where the number is
-    predicted and true, red where predicted only, blue where missed; without it, predicted teeth are green."""
+    predicted teeth's mean probability. With `dice_by_fdi` (metrics.tooth_metrics' Dice of each true tooth), a
+    true tooth is green where its number was predicted on it (Dice >= 0.5), red where its number went elsewhere,
+    blue where it was not predicted; a predicted number with no such tooth is red. Without it, predicted teeth
+    are green."""
     predicted = {t["fdi"]: t["mean_probability"] for t in chart}
-    truth = set(predicted if truth is None else truth)
-    rows = CHART_ROWS + (PRIMARY_CHART_ROWS if any(n > 50 for n in set(predicted) | truth) else ())
+    dice = {n: 1.0 for n in predicted} if dice_by_fdi is None else dice_by_fdi
+    rows = CHART_ROWS + (PRIMARY_CHART_ROWS if any(n > 50 for n in set(predicted) | set(dice)) else ())
     for r, numbers in enumerate(rows):
         offset = (16 - len(numbers)) / 2
         for c, number in enumerate(numbers):
-            status = ("found" if number in truth else "extra") if number in predicted else \
-                "missed" if number in truth else "absent"
+            status = ("found" if dice[number] >= 0.5 else "misplaced or extra" if number in predicted else "missed") \
+                if number in dice else "misplaced or extra" if number in predicted else "absent"
             ax.add_patch(Rectangle((offset + c, -r), 0.92, 0.92, color=np.asarray(CHART_COLOURS[status]) / 255))
             label = f"{number}\n{predicted[number]:.2f}" if number in predicted else str(number)
             ax.text(offset + c + 0.46, -r + 0.46, label, ha="center", va="center", fontsize=6.5)
@@ -299,8 +302,8 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
     k = min(k, len(ranked))
     chosen = [("best", r) for r in ranked[:k]] + [("worst", r) for r in ranked[::-1][:k]]
     aspect = max(int(r["height"]) / int(r["width"]) for r in rows)
-    fig = Figure(figsize=(PANEL_WIDTH * 3.2, (PANEL_WIDTH * 1.6 * aspect + 0.6) * len(chosen)), layout="constrained")
-    axes = fig.subplots(len(chosen), 2, squeeze=False, width_ratios=(1.6, 1.6))
+    fig = Figure(figsize=(PANEL_WIDTH * 3, (PANEL_WIDTH * 1.2 * aspect + 0.5) * len(chosen)), layout="constrained")
+    axes = fig.subplots(len(chosen), 2, squeeze=False, width_ratios=(1.2, 1.8))
     for (label, record), (image_ax, chart_ax) in zip(chosen, axes):
         image = read_gray(record["image"])
         truth = read_label_map(record["teeth"])
@@ -315,7 +318,7 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
         image_ax.set_yticks([])
         image_ax.set_title(f"{label}: {record['pair_id']}  per-tooth Dice {scores['tooth_dice']:.3f}  "
                            f"F1 {scores['detection_f1']:.3f}  numbering {scores['numbering_accuracy']:.3f}", fontsize=8)
-        draw_tooth_chart(chart_ax, chart, {int(n) for n in np.unique(truth)} - {0})
+        draw_tooth_chart(chart_ax, chart, scores["dice_by_fdi"])
     fig.suptitle(f"{summary['model']} per tooth on {summary['split']} ({summary['n_images']} images)")
     handles = [Patch(color=np.asarray(c) / 255, label=name) for name, c in CHART_COLOURS.items()]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
