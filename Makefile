@@ -10,8 +10,8 @@ DEMO_DIR ?= runs/demo
 DEMO_IMAGES ?= 200
 DEMO_STUDY ?= --models unet --inits scratch mim fullimage --label-fractions 1 --seeds 0 \
 	--img-height 128 --img-width 256 --base-channels 16 --batch-size 8 --pretrain-epochs 4 --finetune-epochs 25
-# Then every tooth by its FDI number (the phantom numbers its teeth), from scratch and from the same MIM run.
-DEMO_TEETH ?= --task teeth --inits scratch mim
+# Then every tooth by its FDI number (the phantom numbers its teeth), from scratch and from the binary scratch cell.
+DEMO_TEETH ?= --task teeth --inits scratch binary
 
 .PHONY: install demo test clean
 install: $(STAMP)

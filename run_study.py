@@ -19,7 +19,9 @@ scratch by a paired bootstrap over the test images.
 
 --task teeth runs the per-tooth task (finetune_seg.py --task teeth) in the same grid of models and
 initialisations, on the pairs with per-tooth label maps, and tabulates per-tooth Dice, detection F1 and
-numbering accuracy.
+numbering accuracy. Its --inits may include binary: start from the binary scratch cell of the same model,
+label fraction and seed (run the binary grid in the same --out-dir first); on real X-rays that is what made
+the per-tooth task learn within a CPU budget.
 
 Example (the README's real-data run):
   python run_study.py --images-dir ./ufba/processed_2d --out-dir runs/study_ufba --models unet \\
@@ -45,7 +47,7 @@ from models import MODELS
 from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, run_cli
 
 HERE = Path(__file__).resolve().parent
-INITS = ("scratch", "mim", "fullimage")
+INITS = ("scratch", "mim", "fullimage", "binary")  # binary: a per-tooth cell starts from its binary twin
 SEMI = ("none", "pseudo", "online")
 PRETRAIN_SCRIPTS = {"mim": "mim_pretrain.py", "fullimage": "fullimage_pretrain.py"}
 
@@ -54,7 +56,9 @@ def parse_args(argv=None):
     parser = make_parser(__doc__)
     grid = parser.add_argument_group("grid")
     grid.add_argument("--models", nargs="+", default=["unet"], metavar="NAME", help=", ".join(sorted(MODELS)))
-    grid.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS, metavar="INIT", help="scratch, mim, fullimage")
+    grid.add_argument("--inits", nargs="+", default=["scratch", "mim", "fullimage"], choices=INITS, metavar="INIT",
+                      help="scratch, mim, fullimage, or with --task teeth binary (from the binary scratch cell of the same "
+                           "model, labels and seed in this --out-dir)")
     grid.add_argument("--semi", nargs="+", default=["none"], choices=SEMI, metavar="WAY",
                       help="none, pseudo (offline teacher -> student; needs none, its teacher), online (mean teacher)")
     grid.add_argument("--task", choices=("binary", "teeth"), default="binary",
@@ -88,6 +92,8 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown --models {', '.join(unknown)}; valid: {', '.join(sorted(MODELS))}")
+    if "binary" in args.inits and args.task != "teeth":
+        parser.error("--inits binary starts a per-tooth cell from its binary twin: use it with --task teeth")
     if args.task == "teeth" and args.semi != ["none"]:
         parser.error("--task teeth runs supervised cells only (--semi none); pseudo-labels and the online method are binary")
     if "pseudo" in args.semi and "none" not in args.semi:
@@ -193,7 +199,7 @@ def main(argv=None):
     # Pretraining, once per model and method.
     pretrained: dict[tuple[str, str], Path] = {}
     for model in args.models:
-        for init in (i for i in args.inits if i != "scratch"):
+        for init in (i for i in args.inits if i in PRETRAIN_SCRIPTS):
             cmd, folder = pretrain_command(args, model, init)
             pretrained[model, init] = folder
             done = folder / "done.json"
@@ -213,7 +219,9 @@ def main(argv=None):
     for model, init, semi, fraction, seed in grid(args):
         name = cell_name(model, init, fraction, seed, semi, args.task)
         cell = args.out_dir / "cells" / name
-        source = pretrained.get((model, init))
+        # A binary-initialised per-tooth cell starts from the binary grid's scratch cell, run before in this folder.
+        binary_twin = args.out_dir / "cells" / cell_name(model, "scratch", fraction, seed) if init == "binary" else None
+        source = binary_twin or pretrained.get((model, init))
         commands = cell_commands(args, model, init, semi, fraction, seed, source)
         if args.dry_run:
             print("\n".join(shlex.join(c) for c in commands))
@@ -222,7 +230,11 @@ def main(argv=None):
             skipped += 1
             print(f"skip {name}: done")
             continue
-        if source is not None and not (source / "done.json").exists():
+        if binary_twin is not None and not (binary_twin / "cell.json").exists():
+            failed.append(f"{name}: its binary twin {binary_twin.name} is not finished; run the binary grid "
+                          f"(without --task teeth) in {args.out_dir} first")
+            continue
+        if source is not None and binary_twin is None and not (source / "done.json").exists():
             failed.append(f"{name}: its {init} pretraining failed")
             continue
         teacher = args.out_dir / "cells" / cell_name(model, init, fraction, seed)

@@ -40,14 +40,14 @@ TINY_STUDY_FLAGS = ["--models", "unet", "--inits", "scratch", "mim", "fullimage"
 def tiny_study(phantom_data_root, tmp_path_factory) -> Path:
     """The demo chain in miniature, through the real CLIs: run_study.py on the phantom data root with
     MIM and full-image pretraining and three fine-tunes (scratch, mim, fullimage), each evaluated on
-    the test split, then the per-tooth grid from scratch in the same folder. Returns the run folder
+    the test split, then the per-tooth grid (from scratch, and from the binary scratch cell) in the same folder. Returns the run folder
     (cells/, pretrain/, study.csv, study.md, study_dice.png, study_teeth.*). Read-only for the tests that share it."""
     import run_study
 
     out = tmp_path_factory.mktemp("tiny_study")
     run_study.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--out-dir", str(out), *TINY_STUDY_FLAGS])
     run_study.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--out-dir", str(out), *TINY_STUDY_FLAGS,
-                    "--task", "teeth", "--inits", "scratch"])
+                    "--task", "teeth", "--inits", "scratch", "binary"])
     return out
 
 

@@ -107,3 +107,19 @@ def test_unknown_models_are_refused_before_any_work(tmp_path, capsys):
         run_study.main(["--images-dir", str(tmp_path), "--out-dir", str(tmp_path / "study"), "--models", "unet", "unet3plus"])
     assert stopped.value.code == 2 and "unknown --models unet3plus; valid: " in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
+
+
+def test_a_binary_initialised_per_tooth_cell_starts_from_its_binary_twin(tiny_study):
+    from checkpoints import open_checkpoint
+
+    cell = open_checkpoint(tiny_study / "cells" / "unet_binary_teeth_f1_s0")
+    assert cell.tooth_classes and cell.task["init_from"].endswith("cells/unet_scratch_f1_s0")
+    assert "| unet | binary | none | 1 | 1 |" in (tiny_study / "study_teeth.md").read_text()
+
+
+def test_binary_init_needs_the_per_tooth_task(tmp_path, capsys):
+    import run_study
+
+    with pytest.raises(SystemExit):
+        run_study.main(["--images-dir", str(tmp_path), "--inits", "binary"])
+    assert "--inits binary starts a per-tooth cell from its binary twin" in capsys.readouterr().err
