@@ -6,12 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 # The demo: phantom data, fbf denoising, MIM and full-image pretraining, three fine-tunes
-# (from MIM, from full-image, from scratch), each evaluated on the test split; then the per-tooth task.
+# (from MIM, from full-image, from scratch), each evaluated on the test split.
 DEMO_IMAGES ?= 200
 DEMO_STUDY ?= --models unet --inits scratch mim fullimage --label-fractions 1 --seeds 0 \
 	--img-height 128 --img-width 256 --base-channels 16 --batch-size 8 --pretrain-epochs 4 --finetune-epochs 25
-# Then every tooth by its FDI number (the phantom numbers its teeth), from scratch and from the binary scratch cell.
-DEMO_TEETH ?= --task teeth --inits scratch binary
 
 .PHONY: install demo test clean
 install: $(STAMP)
@@ -25,7 +23,6 @@ demo: $(STAMP)
 	$(PY) prepare_sts2d.py --synthetic $(DEMO_IMAGES) --data-root $(DEMO_DIR)/data
 	$(PY) fbf.py --input-dir $(DEMO_DIR)/data/processed_2d --output-dir $(DEMO_DIR)/data/processed_2d_fbf
 	$(PY) run_study.py --images-dir $(DEMO_DIR)/data/processed_2d_fbf --out-dir $(DEMO_DIR) $(DEMO_STUDY)
-	$(PY) run_study.py --images-dir $(DEMO_DIR)/data/processed_2d_fbf --out-dir $(DEMO_DIR) $(DEMO_STUDY) $(DEMO_TEETH)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
