@@ -24,6 +24,14 @@ from utils import ToothSegError, read_image, to_uint8
 NORM_MEAN, NORM_STD = 0.5, 0.25
 
 
+def check_same_size(labels: np.ndarray, size: tuple[int, int], path, what: str = "mask") -> np.ndarray:
+    """A mask or label map must have its image's (H, W): one pixel of it per pixel of the image."""
+    if labels.shape != tuple(size):
+        raise ToothSegError(f"{path}: {what} size {labels.shape[::-1]} differs from its image {tuple(size)[::-1]}; "
+                            f"fix the pair or re-run prepare_sts2d.py")
+    return labels
+
+
 def build_train_transform(height: int, width: int, modality: str = "xray", normalize: bool = True,
                           window: tuple[int, int] | None = None, flip: bool = True) -> A.Compose:
     """The seeds' panoramic recipe; `modality="ultrasound"` gives the TG3K variant (speckle, larger affine).
@@ -187,10 +195,7 @@ class SegmentationDataset(_ImageDataset):
 
     def _mask(self, index: int, image: np.ndarray) -> np.ndarray:
         mask = self._masks[index] if self._masks is not None else self._read_target(index)
-        if mask.shape != image.shape:
-            raise ToothSegError(f"{self.samples[index].mask}: mask size {mask.shape[::-1]} differs from its image "
-                                f"{image.shape[::-1]}; fix the pair or re-run prepare_sts2d.py")
-        return mask
+        return check_same_size(mask, image.shape, self.samples[index].mask)
 
     def __getitem__(self, index: int):
         rng, image = self._rng(index), self._image(index)
@@ -226,9 +231,7 @@ class TeethDataset(_ImageDataset):
     def __getitem__(self, index: int):
         rng, image = self._rng(index), self._image(index)
         labels = self._labels[index] if self._labels is not None else self._read_labels(index)
-        if labels.shape != image.shape:
-            raise ToothSegError(f"{self.samples[index].teeth}: label map size {labels.shape[::-1]} differs from its "
-                                f"image {image.shape[::-1]}; re-run prepare_sts2d.py")
+        check_same_size(labels, image.shape, self.samples[index].teeth, "label map")
         if self.mirror and rng.random() < 0.5:
             image, labels = np.ascontiguousarray(image[:, ::-1]), mirror_label_map(labels)
         out = self._augment(rng, image=image, mask=labels)

@@ -57,7 +57,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data import InferenceDataset
+from data import InferenceDataset, check_same_size
 from engine import DistEnv, make_loader, setup_runtime
 from index import find_index, read_mask, samples_from_folders, unlabelled_pool
 from metrics import (ASSD_DEFINITION, METRIC_NAMES, TOOTH_SUMMARY_NAMES, overlap_metrics, segmentation_metrics, summarize,
@@ -185,11 +185,7 @@ def predictions(predictors: list, samples: list, args, device, desc: str):
 
 def ground_truth(sample, size: tuple[int, int]) -> np.ndarray:
     """The sample's mask, which must have its image's size."""
-    gt = read_mask(sample.mask)
-    if gt.shape != size:
-        raise ToothSegError(f"{sample.mask}: mask size {gt.shape[::-1]} differs from its image {size[::-1]}; "
-                            f"fix the pair")
-    return gt
+    return check_same_size(read_mask(sample.mask), size, sample.mask)
 
 
 class BinaryOutputs:
@@ -241,11 +237,7 @@ class TeethOutputs(BinaryOutputs):
         return teeth_at_size(probs, size, self.classes, self.one_region)
 
     def truth(self, sample, size):
-        labels = read_label_map(sample.teeth)
-        if labels.shape != size:
-            raise ToothSegError(f"{sample.teeth}: label map size {labels.shape[::-1]} differs from its image "
-                                f"{size[::-1]}; re-run prepare_sts2d.py")
-        return labels
+        return check_same_size(read_label_map(sample.teeth), size, sample.teeth, "label map")
 
     def score(self, sample, pred, gt):
         teeth = tooth_metrics(pred, gt)

@@ -111,19 +111,18 @@ def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, devi
         return torch.sigmoid(logits) if mirror is None else torch.softmax(logits, 1)
 
     black = float(normalize_tensor(torch.tensor(0.0)))  # what lies outside the X-ray, on the network's scale
+    total = weight = 0
     with autocast(device, amp_dtype):
-        total, weight = probabilities(batch), torch.ones_like(batch[:1, :1])
-        if tta:
-            flipped = probabilities(batch.flip(-1)).flip(-1)
-            total, weight = total + (flipped if mirror is None else flipped[:, mirror]), weight + 1
-        for degrees in rotations:
-            seen = rotate(rotate(torch.ones_like(batch[:1, :1]), degrees, 0.0), -degrees, 0.0)
+        for degrees in (0.0, *rotations):
+            # The pixels a rotated view covers once rotated back (all of them unrotated).
+            seen = rotate(rotate(torch.ones_like(batch[:1, :1]), degrees, 0.0), -degrees, 0.0) if degrees else 1
             for flip in (False, True) if tta else (False,):
                 view = batch.flip(-1) if flip else batch
-                probs = rotate(probabilities(rotate(view, degrees, black)), -degrees, 0.0)
-                probs = probs.flip(-1) if flip else probs
-                total = total + (probs[:, mirror] if flip and mirror is not None else probs) * seen
-                weight = weight + seen
+                probs = probabilities(rotate(view, degrees, black) if degrees else view)
+                probs = rotate(probs, -degrees, 0.0) if degrees else probs
+                if flip:
+                    probs = probs.flip(-1) if mirror is None else probs.flip(-1)[:, mirror]
+                total, weight = total + probs * seen, weight + seen
     return total / weight
 
 

@@ -210,20 +210,25 @@ def compare_models(models: dict[str, Predictor | str | os.PathLike], images: Ite
     return _finish(fig, save_path)
 
 
-def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str = "cpu",
-                       save_path: str | os.PathLike | None = None):
-    """The k best (top row) and k worst (bottom row) images of an eval.py run, by Dice, as overlays
-    re-predicted with the evaluated checkpoint and eval's threshold, TTA and --min-component (from summary.json)."""
+def read_eval_run(per_image_csv: str | os.PathLike) -> tuple[list[dict], dict]:
+    """The rows of an eval.py run's per_image.csv and the summary.json beside it."""
     per_image_csv = Path(per_image_csv)
-    summary_path = per_image_csv.with_name("summary.json")
     try:
         with per_image_csv.open(newline="") as f:
             rows = list(csv.DictReader(f))
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(per_image_csv.with_name("summary.json").read_text())
     except OSError as exc:
         raise ToothSegError(f"{exc.filename}: cannot read ({exc.strerror}); pass the per_image.csv of an eval.py run") from None
     if not rows:
         raise ToothSegError(f"{per_image_csv}: no rows; re-run eval.py")
+    return rows, summary
+
+
+def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str = "cpu",
+                       save_path: str | os.PathLike | None = None):
+    """The k best (top row) and k worst (bottom row) images of an eval.py run, by Dice, as overlays
+    re-predicted with the evaluated checkpoint and eval's threshold, TTA and --min-component (from summary.json)."""
+    rows, summary = read_eval_run(per_image_csv)
     predictor = load_predictor(summary["checkpoint"], device)
     min_component = (summary.get("min_component") or {}).get("fraction", 0.0)  # older summaries have none
     ranked = sorted(rows, key=lambda r: float(r["dice"]), reverse=True)
@@ -258,6 +263,14 @@ CHART_COLOURS = {"found": TRUE_POSITIVE, "misplaced or extra": FALSE_POSITIVE, "
                  "absent": (245, 245, 245)}
 
 
+def chart_status(number: int, predicted: dict, dice: dict) -> str:
+    """A chart box's colour key: a true tooth is found (its number predicted on it, Dice >= 0.5), misplaced
+    (its number predicted elsewhere) or missed; a predicted number without its tooth is extra."""
+    if number in dice:
+        return "found" if dice[number] >= 0.5 else "misplaced or extra" if number in predicted else "missed"
+    return "misplaced or extra" if number in predicted else "absent"
+
+
 def draw_tooth_chart(ax, chart: list[dict], dice_by_fdi: dict[int, float] | None = None) -> None:
     """A dental chart on `ax`: one box per FDI number (primary rows only when a primary tooth occurs), with the
     predicted teeth's mean probability. With `dice_by_fdi` (metrics.tooth_metrics' Dice of each true tooth), a
@@ -270,8 +283,7 @@ def draw_tooth_chart(ax, chart: list[dict], dice_by_fdi: dict[int, float] | None
     for r, numbers in enumerate(rows):
         offset = (16 - len(numbers)) / 2
         for c, number in enumerate(numbers):
-            status = ("found" if dice[number] >= 0.5 else "misplaced or extra" if number in predicted else "missed") \
-                if number in dice else "misplaced or extra" if number in predicted else "absent"
+            status = chart_status(number, predicted, dice)
             ax.add_patch(Rectangle((offset + c, -r), 0.92, 0.92, color=np.asarray(CHART_COLOURS[status]) / 255))
             label = f"{number}\n{predicted[number]:.2f}" if number in predicted else str(number)
             ax.text(offset + c + 0.46, -r + 0.46, label, ha="center", va="center", fontsize=6.5)
@@ -287,14 +299,8 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
     coloured and numbered over the X-ray (on black with `xray=False`, for a figure that must not carry the
     images), beside its dental chart against the true teeth. Re-predicted with the evaluated checkpoint and
     eval's TTA and --one-region-per-tooth; refuses a stale per_image.csv."""
-    per_image_csv = Path(per_image_csv)
-    try:
-        with per_image_csv.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        summary = json.loads(per_image_csv.with_name("summary.json").read_text())
-    except OSError as exc:
-        raise ToothSegError(f"{exc.filename}: cannot read ({exc.strerror}); pass the per_image.csv of an eval.py run") from None
-    if not rows or "tooth_dice" not in rows[0]:
+    rows, summary = read_eval_run(per_image_csv)
+    if "tooth_dice" not in rows[0]:
         raise ToothSegError(f"{per_image_csv}: not a per-tooth evaluation (no tooth_dice column); evaluate a "
                             f"finetune_seg.py --task teeth checkpoint")
     predictor = load_predictor(summary["checkpoint"], device)
