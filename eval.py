@@ -112,6 +112,9 @@ def parse_args(argv=None):
                                 + " by mean Dice on the checkpoint's validation split; default: keep every component")
     inference.add_argument("--one-region-per-tooth", action="store_true",
                            help="per-tooth models: keep each tooth number on its largest region only")
+    inference.add_argument("--arch-order", action="store_true",
+                           help="per-tooth models: also renumber each jaw's permanent teeth so their numbers run in "
+                                "order along the arch (the most probable such numbering)")
     inference.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per forward pass")
     inference.add_argument("--workers", "--num-workers", dest="workers", type=non_negative_int, default=2, metavar="N",
                            help="DataLoader worker processes")
@@ -231,10 +234,10 @@ class TeethOutputs(BinaryOutputs):
     rank_by = "tooth_dice"
 
     def __init__(self, args, classes: list[int]):
-        self.classes, self.one_region = classes, args.one_region_per_tooth
+        self.classes, self.one_region, self.arch_order = classes, args.one_region_per_tooth, args.arch_order
 
     def predict(self, probs, size):
-        return teeth_at_size(probs, size, self.classes, self.one_region)
+        return teeth_at_size(probs, size, self.classes, self.one_region, self.arch_order)
 
     def truth(self, sample, size):
         return check_same_size(read_label_map(sample.teeth), size, sample.teeth, "label map")
@@ -321,9 +324,9 @@ def main(argv=None):
     if classes and (args.min_component is not None or args.save_probs is not None):
         raise ToothSegError(f"{ckpt.path}: is a per-tooth model; --min-component and --save-probs apply to binary "
                             f"models (use --one-region-per-tooth to clean per-tooth predictions)")
-    if args.one_region_per_tooth and not classes:
-        raise ToothSegError(f"{ckpt.path}: is a binary model; --one-region-per-tooth applies to per-tooth models "
-                            f"(use --min-component)")
+    if (args.one_region_per_tooth or args.arch_order) and not classes:
+        flag = "--arch-order" if args.arch_order else "--one-region-per-tooth"
+        raise ToothSegError(f"{ckpt.path}: is a binary model; {flag} applies to per-tooth models (use --min-component)")
 
     # Data: a labelled split or folder, or predict mode for a folder without masks (or the unlabelled pool).
     samples, split, where, found = choose_samples(args, ckpt)
@@ -398,6 +401,7 @@ def main(argv=None):
         "n_images": len(rows), "n_found": found, "n_skipped": len(skipped), "split": split,
         "threshold": args.threshold, "tta": args.tta, "tta_rotate": args.tta_rotate, "min_component": min_component,
         "one_region_per_tooth": args.one_region_per_tooth if classes else None,
+        "arch_order": args.arch_order if classes else None,
         "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch, "ensemble": [str(p.path) for p in predictors],
         "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
         "window": list(ckpt.data.window) if ckpt.data.window else None, "window_overlap": ckpt.data.window_overlap,

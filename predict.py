@@ -23,7 +23,7 @@ from checkpoints import Checkpoint, open_checkpoint
 from data import build_eval_transform, normalize_tensor
 from engine import autocast, checkpoint_amp, memory_format
 from index import read_mask
-from teeth import mirror_fdi, read_label_map
+from teeth import ARCH_ROWS, mirror_fdi, read_label_map
 from utils import ToothSegError
 
 
@@ -166,22 +166,90 @@ def keep_largest_region(label_map: np.ndarray) -> np.ndarray:
     region, so a second blob with its number is a stray (eval.py --one-region-per-tooth)."""
     out = label_map.copy()
     for number in np.unique(label_map[label_map > 0]):
-        parts, count = ndimage.label(label_map == number, structure=np.ones((3, 3), bool))
-        if count > 1:
-            largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
-            out[(parts > 0) & (parts != largest)] = 0
+        parts, areas = region_areas(label_map == number)
+        if areas.size > 1:
+            out[(parts > 0) & (parts != 1 + int(np.argmax(areas)))] = 0
     return out
 
 
+def ordered_assignment(score: np.ndarray) -> list[int]:
+    """For an (n, m) score table with n <= m, the strictly increasing columns k_0 < ... < k_(n-1), one per
+    row, of the largest total score (a dynamic programme over rows, as in sequence alignment)."""
+    rows, columns = score.shape
+    best, back = score[0].astype(float), np.zeros((rows, columns), int)
+    for i in range(1, rows):
+        # prior[k]: the best total of rows < i with row i-1 in a column before k, and which column that was
+        prior, where = np.full(columns, -np.inf), np.zeros(columns, int)
+        for k in range(1, columns):
+            take = best[k - 1] > prior[k - 1]
+            prior[k], where[k] = (best[k - 1], k - 1) if take else (prior[k - 1], where[k - 1])
+        best, back[i] = score[i] + prior, where
+    chosen = [int(np.argmax(best))]
+    for i in range(rows - 1, 0, -1):
+        chosen.append(int(back[i, chosen[-1]]))
+    return chosen[::-1]
+
+
+def order_along_arch(label_map: np.ndarray, probs: np.ndarray, classes: list[int]) -> np.ndarray:
+    """The label map with each jaw's permanent teeth renumbered so that their numbers run in arch order across
+    the image (teeth.ARCH_ROWS), by the most probable such numbering. A tooth is a region (8-connected) of one
+    number that is its number's largest or at least a quarter of a typical tooth (the median of the numbers'
+    largest regions); smaller regions are strays and dropped, as with keep_largest_region. A jaw's teeth are
+    taken by the x of their centres, and each gets a distinct number of its jaw, in order, maximising the sum
+    over teeth of area x log(mean probability of the number over the tooth). So neighbours numbered in the
+    wrong order, or two teeth given one number, are renumbered where the probabilities allow; a jaw whose teeth
+    are all shifted by one position stays shifted. Primary teeth keep their numbers (in a mixed dentition they
+    sit above or below permanent teeth, not beside them) and their largest regions. `probs` is (C, H, W) at the
+    map's size."""
+    channel = {number: i for i, number in enumerate(classes)}
+    out = label_map.copy()
+    # Per permanent number: its regions' map and their areas (region k has area areas[k - 1]).
+    regions = {n: region_areas(label_map == n) for row in ARCH_ROWS for n in row if n in channel}
+    largest = [areas.max() for _, areas in regions.values() if areas.size]
+    typical = float(np.median(largest)) if largest else 0.0
+    for row in ARCH_ROWS:
+        numbers = [n for n in row if n in channel]  # the numbers of this jaw the model can give
+        teeth = []
+        for number in numbers:
+            parts, areas = regions[number]
+            if areas.size:
+                out[parts > 0] = 0
+                kept = np.flatnonzero((areas == areas.max()) | (areas >= typical / 4))
+                teeth += [parts == k + 1 for k in kept]
+        teeth = sorted(teeth, key=np.sum, reverse=True)[:len(numbers)]  # more teeth than numbers: the largest
+        if not teeth:
+            continue
+        teeth.sort(key=lambda mask: np.nonzero(mask)[1].mean())
+        columns = [channel[n] for n in numbers]
+        score = np.stack([mask.sum() * np.log(np.maximum(probs[:, mask][columns].mean(1), 1e-6)) for mask in teeth])
+        for mask, k in zip(teeth, ordered_assignment(score)):
+            out[mask] = numbers[k]
+    return keep_largest_region(out)
+
+
+def region_areas(where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-connected regions of a boolean map: the map of their labels (1..K, 0 outside) and their K areas."""
+    parts, count = ndimage.label(where, structure=np.ones((3, 3), bool))
+    return parts, np.bincount(parts.ravel(), minlength=count + 1)[1:]
+
+
 def teeth_at_size(probs: torch.Tensor, size: tuple[int, int], classes: list[int],
-                  one_region: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  one_region: bool = False, arch_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A per-tooth model's (1, C, h, w) class probabilities resized (bilinear) to the image's own (H, W), then
-    (FDI label map, uint8; the probability of each pixel's chosen class, float32): each pixel takes its most
-    probable class, and with `one_region` each tooth keeps only its largest region."""
+    (FDI label map, uint8; each pixel's probability of its label, float32): each pixel takes its most
+    probable class; with `one_region` each tooth keeps only its largest region, and with `arch_order` the
+    teeth are also renumbered to run in order along each jaw (order_along_arch)."""
     resized = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)[0]
-    confidence, chosen = resized.max(0)
+    chosen = resized.argmax(0)
     label_map = np.asarray(classes, np.uint8)[chosen.cpu().numpy()]
-    return keep_largest_region(label_map) if one_region else label_map, confidence.cpu().numpy()
+    if arch_order:
+        label_map = order_along_arch(label_map, resized.cpu().numpy(), classes)
+    elif one_region:
+        label_map = keep_largest_region(label_map)
+    channel_of = np.zeros(256, np.int64)
+    channel_of[list(classes)] = np.arange(len(classes))
+    labels = torch.from_numpy(channel_of[label_map]).to(resized.device)
+    return label_map, resized.gather(0, labels[None])[0].cpu().numpy()
 
 
 def tooth_chart(label_map: np.ndarray, confidence: np.ndarray) -> list[dict]:
@@ -231,21 +299,23 @@ class Predictor:
                                      data.window_overlap, self.mirror, rotations)
 
     def predict(self, image: np.ndarray, threshold: float = 0.5, tta: bool = False,
-                min_component: float = 0.0, one_region: bool = False, rotations: tuple[float, ...] = ()) -> np.ndarray:
+                min_component: float = 0.0, one_region: bool = False, rotations: tuple[float, ...] = (),
+                arch_order: bool = False) -> np.ndarray:
         """At the image's own size, as eval.py predicts: a boolean HxW mask (resize, threshold, --min-component),
-        or for a per-tooth model an FDI label map (resize, most probable class, --one-region-per-tooth)."""
+        or for a per-tooth model an FDI label map (resize, most probable class, --one-region-per-tooth,
+        --arch-order)."""
         probs = self.probabilities(self.network_input(image), tta, rotations)
         if self.classes:
-            return teeth_at_size(probs, image.shape[:2], self.classes, one_region)[0]
+            return teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order)[0]
         return mask_at_size(probs, image.shape[:2], threshold, min_component)
 
     def chart(self, image: np.ndarray, tta: bool = False, one_region: bool = False,
-              rotations: tuple[float, ...] = ()) -> tuple[np.ndarray, list[dict]]:
+              rotations: tuple[float, ...] = (), arch_order: bool = False) -> tuple[np.ndarray, list[dict]]:
         """A per-tooth model's FDI label map of an image at its own size and its tooth chart (`tooth_chart`)."""
         if not self.classes:
             raise ToothSegError(f"{self.path}: is a binary model; tooth charts need a per-tooth model (finetune_seg.py --task teeth)")
         probs = self.probabilities(self.network_input(image), tta, rotations)
-        labels, confidence = teeth_at_size(probs, image.shape[:2], self.classes, one_region)
+        labels, confidence = teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order)
         return labels, tooth_chart(labels, confidence)
 
     def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:

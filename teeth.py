@@ -44,6 +44,9 @@ MIRROR_QUADRANT = {1: 2, 2: 1, 3: 4, 4: 3, 5: 6, 6: 5, 7: 8, 8: 7}
 # upper arch to the upper left one (J), then from the lower left second molar (K) back to the lower right one (T).
 UNIVERSAL_PRIMARY = dict(zip("ABCDEFGHIJKLMNOPQRST", (55, 54, 53, 52, 51, 61, 62, 63, 64, 65,
                                                       75, 74, 73, 72, 71, 81, 82, 83, 84, 85)))
+# Each jaw's permanent teeth in the order a panoramic image shows them, from its left edge to its right
+# (the patient's right first): along the arch a tooth's neighbours are fixed, so numbers must run in this order.
+ARCH_ROWS = (tuple(range(18, 10, -1)) + tuple(range(21, 29)), tuple(range(48, 40, -1)) + tuple(range(31, 39)))
 LABEL_NUMBER = re.compile(r"(\d+)(?:\s|-|$)")  # the number that starts "14 - 1st Premolar"
 MAX_COORDINATE = 1e7  # far beyond any image, yet safe for the int32 points cv2.fillPoly takes
 

@@ -314,7 +314,7 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
         image = read_gray(record["image"])
         truth = read_label_map(record["teeth"])
         labels, chart = predictor.chart(image, summary["tta"], bool(summary.get("one_region_per_tooth")),
-                                        tuple(summary.get("tta_rotate") or ()))
+                                        tuple(summary.get("tta_rotate") or ()), bool(summary.get("arch_order")))
         scores = tooth_metrics(labels, truth)
         if abs(scores["tooth_dice"] - float(record["tooth_dice"])) > 0.01:
             raise ToothSegError(f"{per_image_csv}: per-tooth Dice of {record['pair_id']} no longer matches "

@@ -327,3 +327,11 @@ def test_min_component_auto_chooses_on_the_validation_split(finetuned, tmp_path,
     best = max(choice["val_dice"].values())
     assert choice["fraction"] == next(f for f in eval_script.MIN_COMPONENT_GRID if choice["val_dice"][f"{f:g}"] == best)
     assert f"--min-component auto: {choice['fraction']:g}, " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--one-region-per-tooth", "--arch-order"])
+def test_per_tooth_cleaning_is_refused_for_a_binary_model(finetuned, flag):
+    from utils import ToothSegError
+
+    with pytest.raises(ToothSegError, match=f"is a binary model; {flag} applies to per-tooth models"):
+        eval_script.main(["--checkpoint", str(finetuned), flag, "--cpu"])

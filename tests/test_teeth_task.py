@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from metrics import IGNORE_INDEX, TOOTH_SUMMARY_NAMES as TOOTH_KEYS, CEDiceLoss, summarize_teeth, tooth_dice_per_image, tooth_metrics
-from predict import keep_largest_region, mirror_channels, predict_probabilities, tooth_chart
-from teeth import FDI_NUMBERS as FDI_ALL, mirror_label_map
+from predict import (keep_largest_region, mirror_channels, order_along_arch, ordered_assignment, predict_probabilities,
+                     teeth_at_size, tooth_chart)
+from teeth import FDI_NUMBERS as FDI_ALL, mirror_closed, mirror_label_map
 
 
 def brute_force(pred: np.ndarray, gt: np.ndarray) -> dict:
@@ -144,6 +145,64 @@ def test_keep_largest_region_only_removes_strays():
     assert ((kept == labels) | (kept == 0)).all()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_ordered_assignment_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    rows = int(rng.integers(1, 5))
+    score = rng.normal(size=(rows, int(rng.integers(rows, 7))))
+    best = max(itertools.combinations(range(score.shape[1]), rows), key=lambda ks: score[range(rows), list(ks)].sum())
+    assert ordered_assignment(score) == list(best)
+
+
+def arch_probabilities(label_map: np.ndarray, classes: list[int], second: dict[int, int]) -> np.ndarray:
+    """(C, H, W) probabilities: 0.5 on each pixel's label; where second[label] is given, 0.4 on that number."""
+    probs = np.full((len(classes),) + label_map.shape, 0.1 / len(classes), np.float32)
+    for number in np.unique(label_map):
+        where = label_map == number
+        probs[classes.index(int(number)), where] = 0.5
+        if int(number) in second:
+            probs[classes.index(second[int(number)]), where] = 0.4
+    return probs
+
+
+def test_arch_order_renumbers_teeth_out_of_order():
+    classes = [0] + mirror_closed([14, 15, 16, 17, 46, 55])
+    labels = np.zeros((12, 20), np.uint8)
+    labels[1:5, 1:4], labels[1:5, 5:8], labels[1:5, 9:12] = 16, 14, 15  # left to right: 16, then 15 and 14 swapped
+    labels[7:11, 1:4], labels[7:11, 5:8] = 46, 55  # a lower tooth and a primary tooth, alone in their rows
+    labels[0, 19] = 14  # a stray
+    probs = arch_probabilities(labels, classes, second={14: 15, 15: 14})
+    ordered = order_along_arch(labels, probs, classes)
+    assert (ordered[1:5, 5:8] == 15).all() and (ordered[1:5, 9:12] == 14).all() and (ordered[1:5, 1:4] == 16).all()
+    assert (ordered[7:11, 1:4] == 46).all() and (ordered[7:11, 5:8] == 55).all() and ordered[0, 19] == 0
+
+
+def test_arch_order_keeps_teeth_in_order_and_follows_the_probabilities():
+    classes = [0] + mirror_closed([14, 15, 16, 17])
+    labels = np.zeros((6, 20), np.uint8)
+    labels[1:5, 1:4], labels[1:5, 5:8], labels[1:5, 9:12] = 16, 15, 14
+    probs = arch_probabilities(labels, classes, second={16: 17, 15: 16, 14: 15})
+    assert (order_along_arch(labels, probs, classes) == labels).all()
+    # Two teeth given one number: the right one is renumbered where its probability points, not dropped.
+    swapped = labels.copy()
+    swapped[1:5, 9:12] = 16
+    probs = arch_probabilities(labels, classes, second={})
+    probs[classes.index(16), 1:5, 9:12], probs[classes.index(14), 1:5, 9:12] = 0.5, 0.3
+    assert (order_along_arch(swapped, probs, classes) == labels).all()
+
+
+def test_teeth_at_size_gives_the_probability_of_each_final_label():
+    classes = [0] + mirror_closed([14, 15])
+    labels = np.zeros((4, 12), np.uint8)
+    labels[:, 1:4], labels[:, 6:9] = 14, 15  # 15 left of 14 in the upper row: out of order
+    probs = torch.from_numpy(arch_probabilities(labels, classes, second={14: 15, 15: 14}))[None]
+    ordered, confidence = teeth_at_size(probs, labels.shape, classes, arch_order=True)
+    assert (ordered[:, 1:4] == 15).all() and (ordered[:, 6:9] == 14).all()
+    assert np.allclose(confidence[:, 1:4], 0.4) and np.allclose(confidence[:, 0], probs[0, 0, :, 0])
+    plain, confidence = teeth_at_size(probs, labels.shape, classes)
+    assert (plain == labels).all() and np.allclose(confidence[:, 1:4], 0.5)
+
+
 def test_tooth_chart_gives_area_box_and_probability():
     labels = np.zeros((6, 10), np.uint8)
     labels[1:3, 2:6] = 36
@@ -226,6 +285,23 @@ def test_predict_mode_writes_label_maps_and_tooth_charts(teeth_run, phantom_data
             x0, y0, x1, y1 = tooth["bbox"]
             assert tooth["area_px"] == int((labels == tooth["fdi"]).sum()) == int((labels[y0:y1 + 1, x0:x1 + 1] == tooth["fdi"]).sum())
             assert 0 < tooth["mean_probability"] <= 1
+
+
+def test_eval_with_arch_order_scores_what_the_predictor_predicts(teeth_run, tmp_path):
+    import csv
+    import json
+
+    import eval as eval_script
+    from predict import load_predictor
+    from teeth import read_label_map
+    from utils import read_image, to_uint8
+
+    eval_script.main(["--checkpoint", str(teeth_run), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0",
+                      "--top-k", "0", "--arch-order"])
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["arch_order"] is True
+    row = next(csv.DictReader((tmp_path / "ev" / "per_image.csv").open()))
+    labels = load_predictor(teeth_run).predict(to_uint8(read_image(row["image"])), arch_order=True)
+    assert tooth_metrics(labels, read_label_map(row["teeth"]))["tooth_dice"] == pytest.approx(float(row["tooth_dice"]))
 
 
 def test_binary_only_flags_are_refused_for_a_per_tooth_model(teeth_run):
