@@ -193,14 +193,14 @@ def ordered_assignment(score: np.ndarray) -> list[int]:
 def order_along_arch(label_map: np.ndarray, probs: np.ndarray, classes: list[int]) -> np.ndarray:
     """The label map with each jaw's permanent teeth renumbered so that their numbers run in arch order across
     the image (teeth.ARCH_ROWS), by the most probable such numbering. A tooth is a region (8-connected) of one
-    number that is its number's largest or at least a quarter of a typical tooth (the median of the numbers'
-    largest regions); smaller regions are strays and dropped, as with keep_largest_region. A jaw's teeth are
+    number of at least half a typical tooth (the median of the numbers' largest regions). A jaw's teeth are
     taken by the x of their centres, and each gets a distinct number of its jaw, in order, maximising the sum
     over teeth of area x log(mean probability of the number over the tooth). So neighbours numbered in the
     wrong order, or two teeth given one number, are renumbered where the probabilities allow; a jaw whose teeth
-    are all shifted by one position stays shifted. Primary teeth keep their numbers (in a mixed dentition they
-    sit above or below permanent teeth, not beside them) and their largest regions. `probs` is (C, H, W) at the
-    map's size."""
+    are all shifted by one position stays shifted. Smaller regions keep their numbers and do not constrain the
+    order (a stray weighs nothing against a tooth). Then each number keeps its largest region only
+    (keep_largest_region). Primary teeth keep their numbers: in a mixed dentition they sit above or below
+    permanent teeth, not beside them. `probs` is (C, H, W) at the map's size."""
     channel = {number: i for i, number in enumerate(classes)}
     out = label_map.copy()
     # Per permanent number: its regions' map and their areas (region k has area areas[k - 1]).
@@ -212,10 +212,7 @@ def order_along_arch(label_map: np.ndarray, probs: np.ndarray, classes: list[int
         teeth = []
         for number in numbers:
             parts, areas = regions[number]
-            if areas.size:
-                out[parts > 0] = 0
-                kept = np.flatnonzero((areas == areas.max()) | (areas >= typical / 4))
-                teeth += [parts == k + 1 for k in kept]
+            teeth += [parts == k + 1 for k in np.flatnonzero(areas >= typical / 2)]
         teeth = sorted(teeth, key=np.sum, reverse=True)[:len(numbers)]  # more teeth than numbers: the largest
         if not teeth:
             continue
