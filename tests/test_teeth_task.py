@@ -183,6 +183,11 @@ def test_arch_order_keeps_teeth_in_order_and_follows_the_probabilities():
     labels[1:5, 1:4], labels[1:5, 5:8], labels[1:5, 9:12] = 16, 15, 14
     probs = arch_probabilities(labels, classes, second={16: 17, 15: 16, 14: 15})
     assert (order_along_arch(labels, probs, classes) == labels).all()
+    # A stray, the only region of its number, out of order: it neither moves the teeth nor is itself a tooth.
+    strayed = labels.copy()
+    strayed[5, 18] = 17
+    probs = arch_probabilities(strayed, classes, second={16: 17, 15: 16, 14: 15})
+    assert (order_along_arch(strayed, probs, classes) == strayed).all()
     # Two teeth given one number: the right one is renumbered where its probability points, not dropped.
     swapped = labels.copy()
     swapped[1:5, 9:12] = 16
