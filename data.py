@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from index import Sample, read_mask
 from metrics import IGNORE_INDEX
-from teeth import mirror_label_map, read_label_map
+from teeth import class_lookup, mirror_label_map, read_label_map
 from utils import ToothSegError, read_image, to_uint8
 
 
@@ -220,8 +220,7 @@ class TeethDataset(_ImageDataset):
             raise ToothSegError(f"{missing[0]}: has no per-tooth label map; add them with prepare_sts2d.py --teeth-dir")
         super().__init__(samples, transform, **kwargs)
         self.mirror = mirror
-        self.lookup = np.full(256, IGNORE_INDEX, np.int64)
-        self.lookup[list(classes)] = np.arange(len(classes))
+        self.lookup = class_lookup(classes, IGNORE_INDEX)
         self._labels = SharedImages([self._read_labels(i) for i in range(len(self.samples))]) \
             if self._images is not None else None
 

@@ -23,7 +23,7 @@ from checkpoints import Checkpoint, open_checkpoint
 from data import build_eval_transform, normalize_tensor
 from engine import autocast, checkpoint_amp, memory_format
 from index import read_mask
-from teeth import ARCH_ROWS, mirror_fdi, read_label_map
+from teeth import ARCH_ROWS, class_lookup, mirror_fdi, read_label_map
 from utils import ToothSegError
 
 
@@ -243,9 +243,7 @@ def teeth_at_size(probs: torch.Tensor, size: tuple[int, int], classes: list[int]
         label_map = order_along_arch(label_map, resized.cpu().numpy(), classes)
     elif one_region:
         label_map = keep_largest_region(label_map)
-    channel_of = np.zeros(256, np.int64)
-    channel_of[list(classes)] = np.arange(len(classes))
-    labels = torch.from_numpy(channel_of[label_map]).to(resized.device)
+    labels = torch.from_numpy(class_lookup(classes, 0)[label_map]).to(resized.device)  # every label is a class
     return label_map, resized.gather(0, labels[None])[0].cpu().numpy()
 
 

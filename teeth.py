@@ -72,6 +72,14 @@ for _number in FDI_NUMBERS:
 del _number
 
 
+def class_lookup(classes: list[int], missing: int) -> np.ndarray:
+    """A table over all 8-bit values from an FDI number to its class index in `classes` (a per-tooth model's
+    channels), `missing` for a number without a class, so a whole label map is converted with one indexing."""
+    lookup = np.full(256, missing, np.int64)
+    lookup[list(classes)] = np.arange(len(classes))
+    return lookup
+
+
 def mirror_label_map(label_map: np.ndarray) -> np.ndarray:
     """A label map flipped left-right, with each tooth renumbered to its mirror quadrant."""
     return MIRROR_LUT[np.ascontiguousarray(label_map[:, ::-1])]
