@@ -32,27 +32,32 @@ def check_same_size(labels: np.ndarray, size: tuple[int, int], path, what: str =
     return labels
 
 
+AUGMENTATIONS = ("standard", "strong")
+
+
 def build_train_transform(height: int, width: int, modality: str = "xray", normalize: bool = True,
-                          window: tuple[int, int] | None = None, flip: bool = True) -> A.Compose:
+                          window: tuple[int, int] | None = None, flip: bool = True,
+                          augment: str = "standard") -> A.Compose:
     """The seeds' panoramic recipe; `modality="ultrasound"` gives the TG3K variant (speckle, larger affine).
+    `augment="strong"` gives X-rays that affine too (scale ±10 %, shift ±5 %, rotation ±10° instead of ±5°),
+    for small labelled sets; ultrasound always has it.
     With `window` (H, W), training sees a random crop of that size, taken after the geometric augmentation.
     `flip=False` leaves the horizontal flip to the dataset (TeethDataset, which must renumber the teeth)."""
+    if augment not in AUGMENTATIONS:
+        raise ToothSegError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     flips = [A.HorizontalFlip(p=0.5)] if flip else []
+    # Label maps keep their values: albumentations resamples masks with nearest-neighbour interpolation.
+    affine = A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5)
     if modality == "xray":
-        geometric = [
-            *flips,
-            A.Rotate(limit=5, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
-        ]
+        rotate = A.Rotate(limit=5, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5)
+        geometric = [*flips, affine if augment == "strong" else rotate]
         photometric = [
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
             A.OneOf([A.GaussNoise(std_range=(0.01, 0.03)), A.GaussianBlur(blur_limit=(3, 5))], p=0.3),
         ]
     elif modality == "ultrasound":
-        geometric = [
-            *flips,
-            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
-                     border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
-        ]
+        geometric = [*flips, affine]
         photometric = [
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
             A.OneOf([A.MultiplicativeNoise(multiplier=(0.85, 1.15), elementwise=True),

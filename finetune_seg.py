@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
-from data import (SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset, build_eval_transform,
-                  build_train_transform, denormalize, modality_of)
+from data import (AUGMENTATIONS, SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset,
+                  build_eval_transform, build_train_transform, denormalize, modality_of)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
@@ -86,6 +86,9 @@ def parse_args(argv=None):
     data.add_argument("--task", choices=TASKS, default="binary",
                       help="binary: one tooth mask; teeth: every tooth by its FDI number (needs per-tooth label maps, "
                            "prepare_sts2d.py --teeth-dir), one class per number in the training labels and its mirror")
+    data.add_argument("--augment", choices=AUGMENTATIONS, default="standard",
+                      help="standard: flips, rotations of ±5°, brightness, contrast, noise and blur; strong: also scale "
+                           "±10 %%, shift ±5 %% and rotations of ±10° (ultrasound always has these)")
     optim.add_argument("--lambda-dice", type=float, metavar="L",
                        help="loss = BCE + L * soft Dice (binary, default 0.2), or cross-entropy + L * soft Dice over the "
                             "tooth classes (teeth, default 1.0, as nnU-Net)")
@@ -276,7 +279,8 @@ def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: st
     classes = tooth_classes(args, train_samples)
     if not classes:
         raise ToothSegError(f"{args.resume}: is a binary model; resume it without --task teeth")
-    transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window, flip=False)
+    transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window, flip=False,
+                                      augment=args.augment)
     train_set = TeethDataset(train_samples, transform, classes, mirror=True, seed=args.seed, cache=args.cache_images)
     val_set = TeethDataset(splits["val"], build_eval_transform(args.img_height, args.img_width), classes,
                            seed=args.seed, fixed=True, cache=args.cache_images)
@@ -303,7 +307,8 @@ def main(argv=None):
         raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; "
                             f"rebuild the index with a larger --val-ratio")
     modality = modality_of(train_samples)
-    train_transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window)
+    train_transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window,
+                                            augment=args.augment)
     pool = unlabelled_pool(args.images_dir, index, splits["train"], (s.pair_id for s in train_samples))
     if (args.semi or args.pseudo_labels is not None) and not pool:
         raise ToothSegError(f"{index or args.images_dir}: no unlabelled images to learn from; add some with "
@@ -342,7 +347,7 @@ def main(argv=None):
 
     # Loop: best by validation Dice, optional early stopping and encoder freezing.
     split = SplitSpec(str(index) if index else None, args.val_ratio, args.test_ratio, args.split_seed)
-    settings = {"task": args.task, "classes": classes, "lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
+    settings = {"task": args.task, "classes": classes, "augment": args.augment, "lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
                 "labelled_pairs": sorted(s.pair_id for s in train_samples), "init_from": args.init_from,
                 "freeze_encoder_epochs": args.freeze_encoder_epochs, "pseudo_labels": pseudo_record,
                 "semi": {"method": "mean teacher, weak-to-strong consistency", "unlabelled": len(pool),

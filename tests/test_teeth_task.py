@@ -229,7 +229,7 @@ def teeth_run(phantom_data_root, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("teeth_run")
     finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--task", "teeth",
-                       "--checkpoint-dir", str(out), "--epochs", "2", *TEETH_NET])
+                       "--checkpoint-dir", str(out), "--epochs", "2", "--augment", "strong", *TEETH_NET])
     return out
 
 
@@ -241,6 +241,7 @@ def test_the_checkpoint_records_mirror_closed_classes(teeth_run):
     assert classes[0] == 0 and classes == sorted(classes) and len(classes) == ckpt.model.args["out_channels"]
     assert set(mirror_channels(classes)) == set(range(len(classes)))  # closed: every class has its mirror
     assert ckpt.task["task"] == "teeth" and 11 in classes and 21 in classes
+    assert ckpt.task["augment"] == "strong"
 
 
 def test_eval_scores_per_tooth_as_the_predictor_predicts(teeth_run, tmp_path):
@@ -355,6 +356,49 @@ def test_training_flips_renumber_the_teeth(phantom_data_root):
         assert (number == (mirror_label_map(expected) if flipped else expected)).all()
         seen.add(flipped)
     assert seen == {True, False}
+
+
+def _centred_label_map() -> np.ndarray:
+    labels = np.zeros((64, 128), np.uint8)
+    labels[24:40, 40:60], labels[24:40, 68:88] = 11, 21  # two teeth, symmetric about the centre
+    return labels
+
+
+@pytest.mark.parametrize("augment", ["standard", "strong"])
+def test_augmentation_keeps_tooth_numbers(augment):
+    from data import build_train_transform
+
+    transform = build_train_transform(64, 128, flip=False, augment=augment)
+    image, labels = np.full((64, 128), 128, np.uint8), _centred_label_map()
+    for seed in range(20):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=labels)["mask"].numpy()
+        assert set(np.unique(out)) <= {0, 11, 21}  # nearest-neighbour: no blended numbers
+
+
+def test_strong_augmentation_shifts_and_scales_what_standard_only_rotates():
+    from data import build_train_transform
+
+    image, labels = np.full((64, 128), 128, np.uint8), _centred_label_map()
+
+    def centroid_shifts(augment):
+        transform = build_train_transform(64, 128, flip=False, augment=augment)
+        shifts = []
+        for seed in range(30):
+            transform.set_random_seed(seed)
+            ys, xs = np.nonzero(transform(image=image, mask=labels)["mask"].numpy())
+            shifts.append(np.hypot(ys.mean() - 31.5, xs.mean() - 63.5))
+        return max(shifts)
+
+    assert centroid_shifts("standard") < 0.6 < 1.5 < centroid_shifts("strong")  # rotation about the centre
+
+
+def test_unknown_augmentation_lists_the_valid_ones():
+    from data import build_train_transform
+    from utils import ToothSegError
+
+    with pytest.raises(ToothSegError, match="valid: standard, strong"):
+        build_train_transform(64, 128, augment="heavy")
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
