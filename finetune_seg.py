@@ -347,8 +347,9 @@ def main(argv=None):
 
     # Loop: best by validation Dice, optional early stopping and encoder freezing.
     split = SplitSpec(str(index) if index else None, args.val_ratio, args.test_ratio, args.split_seed)
-    settings = {"task": args.task, "classes": classes, "augment": args.augment, "lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
-                "labelled_pairs": sorted(s.pair_id for s in train_samples), "init_from": args.init_from,
+    settings = {"task": args.task, "classes": classes, "lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
+                "labelled_pairs": sorted(s.pair_id for s in train_samples), "augment": args.augment,
+                "init_from": args.init_from,
                 "freeze_encoder_epochs": args.freeze_encoder_epochs, "pseudo_labels": pseudo_record,
                 "semi": {"method": "mean teacher, weak-to-strong consistency", "unlabelled": len(pool),
                          "ema_decay": args.ema_decay, "confidence": args.confidence, "weight": args.unlabelled_weight,
