@@ -376,7 +376,7 @@ def test_augmentation_keeps_tooth_numbers(augment):
         assert set(np.unique(out)) <= {0, 11, 21}  # nearest-neighbour: no blended numbers
 
 
-def test_strong_augmentation_shifts_and_scales_what_standard_only_rotates():
+def test_strong_augmentation_moves_teeth_that_standard_only_rotates_in_place():
     from data import build_train_transform
 
     image, labels = np.full((64, 128), 128, np.uint8), _centred_label_map()
@@ -390,7 +390,7 @@ def test_strong_augmentation_shifts_and_scales_what_standard_only_rotates():
             shifts.append(np.hypot(ys.mean() - 31.5, xs.mean() - 63.5))
         return max(shifts)
 
-    assert centroid_shifts("standard") < 0.6 < 1.5 < centroid_shifts("strong")  # rotation about the centre
+    assert centroid_shifts("standard") < 0.6 < 1.5 < centroid_shifts("strong")  # a centred pair rotates in place
 
 
 def test_unknown_augmentation_lists_the_valid_ones():
