@@ -115,6 +115,9 @@ def parse_args(argv=None):
     inference.add_argument("--arch-order", action="store_true",
                            help="per-tooth models: also renumber each jaw's permanent teeth so their numbers run in "
                                 "order along the arch (the most probable such numbering)")
+    inference.add_argument("--join-strays", action="store_true",
+                           help="per-tooth models, with --one-region-per-tooth or --arch-order: a stray region joins "
+                                "the tooth it borders most instead of becoming background")
     inference.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per forward pass")
     inference.add_argument("--workers", "--num-workers", dest="workers", type=non_negative_int, default=2, metavar="N",
                            help="DataLoader worker processes")
@@ -235,9 +238,10 @@ class TeethOutputs(BinaryOutputs):
 
     def __init__(self, args, classes: list[int]):
         self.classes, self.one_region, self.arch_order = classes, args.one_region_per_tooth, args.arch_order
+        self.join_strays = args.join_strays
 
     def predict(self, probs, size):
-        return teeth_at_size(probs, size, self.classes, self.one_region, self.arch_order)
+        return teeth_at_size(probs, size, self.classes, self.one_region, self.arch_order, self.join_strays)
 
     def truth(self, sample, size):
         return check_same_size(read_label_map(sample.teeth), size, sample.teeth, "label map")
@@ -327,6 +331,9 @@ def main(argv=None):
     if (args.one_region_per_tooth or args.arch_order) and not classes:
         flag = "--arch-order" if args.arch_order else "--one-region-per-tooth"
         raise ToothSegError(f"{ckpt.path}: is a binary model; {flag} applies to per-tooth models (use --min-component)")
+    if args.join_strays and not (args.one_region_per_tooth or args.arch_order):
+        raise ToothSegError("--join-strays says what becomes of the strays that --one-region-per-tooth or --arch-order "
+                            "removes; add one of them")
 
     # Data: a labelled split or folder, or predict mode for a folder without masks (or the unlabelled pool).
     samples, split, where, found = choose_samples(args, ckpt)
@@ -402,6 +409,7 @@ def main(argv=None):
         "threshold": args.threshold, "tta": args.tta, "tta_rotate": args.tta_rotate, "min_component": min_component,
         "one_region_per_tooth": args.one_region_per_tooth if classes else None,
         "arch_order": args.arch_order if classes else None,
+        "join_strays": args.join_strays if classes else None,
         "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch, "ensemble": [str(p.path) for p in predictors],
         "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
         "window": list(ckpt.data.window) if ckpt.data.window else None, "window_overlap": ckpt.data.window_overlap,

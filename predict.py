@@ -161,14 +161,29 @@ def mask_at_size(probs: torch.Tensor, size: tuple[int, int], threshold: float,
     return clean_mask(prob_at_size(probs, size) > threshold, min_component)
 
 
-def keep_largest_region(label_map: np.ndarray) -> np.ndarray:
-    """Each tooth number kept on its largest 8-connected region only, the rest set to background: a tooth is one
-    region, so a second blob with its number is a stray (eval.py --one-region-per-tooth)."""
-    out = label_map.copy()
+def keep_largest_region(label_map: np.ndarray, join_strays: bool = False) -> np.ndarray:
+    """Each tooth number kept on its largest 8-connected region only: a tooth is one region, so a second blob
+    with its number is a stray (eval.py --one-region-per-tooth). Strays become background, or with `join_strays`
+    (eval.py --join-strays) each connected group of strays takes the number of the kept tooth it borders most,
+    since a fragment inside or beside a tooth is more often that tooth misnumbered than background; a group
+    that touches no kept tooth still becomes background."""
+    strays = np.zeros(label_map.shape, bool)
     for number in np.unique(label_map[label_map > 0]):
         parts, areas = region_areas(label_map == number)
         if areas.size > 1:
-            out[(parts > 0) & (parts != 1 + int(np.argmax(areas)))] = 0
+            strays |= (parts > 0) & (parts != 1 + int(np.argmax(areas)))
+    out = np.where(strays, 0, label_map).astype(label_map.dtype)
+    if join_strays:
+        kept, groups = out.copy(), region_areas(strays)[0]
+        for label, group in enumerate(ndimage.find_objects(groups), start=1):
+            # the group's bounding box grown by one pixel holds its 8-connected border
+            box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in group)
+            member = groups[box] == label
+            border = ndimage.binary_dilation(member, np.ones((3, 3), bool)) & ~member
+            numbers = kept[box][border]
+            numbers = numbers[numbers > 0]
+            if numbers.size:
+                out[box][member] = np.bincount(numbers).argmax()
     return out
 
 
@@ -190,7 +205,8 @@ def ordered_assignment(score: np.ndarray) -> list[int]:
     return chosen[::-1]
 
 
-def order_along_arch(label_map: np.ndarray, probs: np.ndarray, classes: list[int]) -> np.ndarray:
+def order_along_arch(label_map: np.ndarray, probs: np.ndarray, classes: list[int],
+                     join_strays: bool = False) -> np.ndarray:
     """The label map with each jaw's permanent teeth renumbered so that their numbers run in arch order across
     the image (teeth.ARCH_ROWS), by the most probable such numbering. A tooth is a region (8-connected) of one
     number of at least half a typical tooth (the median of the numbers' largest regions). A jaw's teeth are
@@ -199,8 +215,8 @@ def order_along_arch(label_map: np.ndarray, probs: np.ndarray, classes: list[int
     wrong order, or two teeth given one number, are renumbered where the probabilities allow; a jaw whose teeth
     are all shifted by one position stays shifted. Smaller regions keep their numbers and do not constrain the
     order (a stray weighs nothing against a tooth). Then each number keeps its largest region only
-    (keep_largest_region). Primary teeth keep their numbers: in a mixed dentition they sit above or below
-    permanent teeth, not beside them. `probs` is (C, H, W) at the map's size."""
+    (keep_largest_region, with `join_strays` as there). Primary teeth keep their numbers: in a mixed dentition
+    they sit above or below permanent teeth, not beside them. `probs` is (C, H, W) at the map's size."""
     channel = {number: i for i, number in enumerate(classes)}
     out = label_map.copy()
     # Per permanent number: its regions' map and their areas (region k has area areas[k - 1]).
@@ -221,7 +237,7 @@ def order_along_arch(label_map: np.ndarray, probs: np.ndarray, classes: list[int
         score = np.stack([mask.sum() * np.log(np.maximum(probs[:, mask][columns].mean(1), 1e-6)) for mask in teeth])
         for mask, k in zip(teeth, ordered_assignment(score)):
             out[mask] = numbers[k]
-    return keep_largest_region(out)
+    return keep_largest_region(out, join_strays)
 
 
 def region_areas(where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,18 +247,20 @@ def region_areas(where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def teeth_at_size(probs: torch.Tensor, size: tuple[int, int], classes: list[int],
-                  one_region: bool = False, arch_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  one_region: bool = False, arch_order: bool = False,
+                  join_strays: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A per-tooth model's (1, C, h, w) class probabilities resized (bilinear) to the image's own (H, W), then
     (FDI label map, uint8; each pixel's probability of its label, float32): each pixel takes its most
     probable class; with `one_region` each tooth keeps only its largest region, and with `arch_order` the
-    teeth are also renumbered to run in order along each jaw (order_along_arch)."""
+    teeth are also renumbered to run in order along each jaw (order_along_arch); `join_strays` as in
+    keep_largest_region."""
     resized = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)[0]
     chosen = resized.argmax(0)
     label_map = np.asarray(classes, np.uint8)[chosen.cpu().numpy()]
     if arch_order:
-        label_map = order_along_arch(label_map, resized.cpu().numpy(), classes)
+        label_map = order_along_arch(label_map, resized.cpu().numpy(), classes, join_strays)
     elif one_region:
-        label_map = keep_largest_region(label_map)
+        label_map = keep_largest_region(label_map, join_strays)
     labels = torch.from_numpy(class_lookup(classes, 0)[label_map]).to(resized.device)  # every label is a class
     return label_map, resized.gather(0, labels[None])[0].cpu().numpy()
 
@@ -295,22 +313,23 @@ class Predictor:
 
     def predict(self, image: np.ndarray, threshold: float = 0.5, tta: bool = False,
                 min_component: float = 0.0, one_region: bool = False, rotations: tuple[float, ...] = (),
-                arch_order: bool = False) -> np.ndarray:
+                arch_order: bool = False, join_strays: bool = False) -> np.ndarray:
         """At the image's own size, as eval.py predicts: a boolean HxW mask (resize, threshold, --min-component),
         or for a per-tooth model an FDI label map (resize, most probable class, --one-region-per-tooth,
-        --arch-order)."""
+        --arch-order, --join-strays)."""
         probs = self.probabilities(self.network_input(image), tta, rotations)
         if self.classes:
-            return teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order)[0]
+            return teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order, join_strays)[0]
         return mask_at_size(probs, image.shape[:2], threshold, min_component)
 
     def chart(self, image: np.ndarray, tta: bool = False, one_region: bool = False,
-              rotations: tuple[float, ...] = (), arch_order: bool = False) -> tuple[np.ndarray, list[dict]]:
+              rotations: tuple[float, ...] = (), arch_order: bool = False,
+              join_strays: bool = False) -> tuple[np.ndarray, list[dict]]:
         """A per-tooth model's FDI label map of an image at its own size and its tooth chart (`tooth_chart`)."""
         if not self.classes:
             raise ToothSegError(f"{self.path}: is a binary model; tooth charts need a per-tooth model (finetune_seg.py --task teeth)")
         probs = self.probabilities(self.network_input(image), tta, rotations)
-        labels, confidence = teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order)
+        labels, confidence = teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order, join_strays)
         return labels, tooth_chart(labels, confidence)
 
     def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:

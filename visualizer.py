@@ -298,7 +298,7 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
     """The k best and k worst images of a per-tooth eval.py run (by per-tooth Dice): each as the predicted teeth
     coloured and numbered over the X-ray (on black with `xray=False`, for a figure that must not carry the
     images), beside its dental chart against the true teeth. Re-predicted with the evaluated checkpoint and
-    eval's TTA and --one-region-per-tooth; refuses a stale per_image.csv."""
+    eval's TTA, --one-region-per-tooth, --arch-order and --join-strays; refuses a stale per_image.csv."""
     rows, summary = read_eval_run(per_image_csv)
     if "tooth_dice" not in rows[0]:
         raise ToothSegError(f"{per_image_csv}: not a per-tooth evaluation (no tooth_dice column); evaluate a "
@@ -314,7 +314,8 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
         image = read_gray(record["image"])
         truth = read_label_map(record["teeth"])
         labels, chart = predictor.chart(image, summary["tta"], bool(summary.get("one_region_per_tooth")),
-                                        tuple(summary.get("tta_rotate") or ()), bool(summary.get("arch_order")))
+                                        tuple(summary.get("tta_rotate") or ()), bool(summary.get("arch_order")),
+                                        bool(summary.get("join_strays")))
         scores = tooth_metrics(labels, truth)
         if abs(scores["tooth_dice"] - float(record["tooth_dice"])) > 0.01:
             raise ToothSegError(f"{per_image_csv}: per-tooth Dice of {record['pair_id']} no longer matches "

@@ -145,6 +145,20 @@ def test_keep_largest_region_only_removes_strays():
     assert ((kept == labels) | (kept == 0)).all()
 
 
+def test_join_strays_gives_each_stray_the_tooth_it_borders_most():
+    labels = np.zeros((8, 14), np.uint8)
+    labels[0:4, 0:4], labels[0:4, 4:6] = 11, 12  # tooth 11, and tooth 12 beside it
+    labels[1:3, 1:3] = 21  # a fragment numbered 21 inside tooth 11 (21's tooth is larger, at the right)
+    labels[0:5, 9:14] = 21
+    labels[3, 6] = 21  # a fragment touching tooth 12 only
+    labels[7, 0] = 12  # a stray that touches no tooth
+    dropped, joined = keep_largest_region(labels), keep_largest_region(labels, join_strays=True)
+    assert (dropped[1:3, 1:3] == 0).all() and dropped[3, 6] == 0 and dropped[7, 0] == 0
+    assert (joined[1:3, 1:3] == 11).all() and joined[3, 6] == 12 and joined[7, 0] == 0
+    assert ((joined == labels) | (dropped != labels)).all()  # only the strays change
+    assert (keep_largest_region(joined) == joined).all()  # every number is one region again
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_ordered_assignment_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
@@ -293,7 +307,10 @@ def test_predict_mode_writes_label_maps_and_tooth_charts(teeth_run, phantom_data
             assert 0 < tooth["mean_probability"] <= 1
 
 
-def test_eval_with_arch_order_scores_what_the_predictor_predicts(teeth_run, tmp_path):
+@pytest.mark.parametrize("flags, options", [(["--arch-order"], {"arch_order": True}),
+                                            (["--one-region-per-tooth", "--join-strays"],
+                                             {"one_region": True, "join_strays": True})])
+def test_eval_with_cleaning_scores_what_the_predictor_predicts(teeth_run, tmp_path, flags, options):
     import csv
     import json
 
@@ -303,11 +320,20 @@ def test_eval_with_arch_order_scores_what_the_predictor_predicts(teeth_run, tmp_
     from utils import read_image, to_uint8
 
     eval_script.main(["--checkpoint", str(teeth_run), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0",
-                      "--top-k", "0", "--arch-order"])
-    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["arch_order"] is True
+                      "--top-k", "0", *flags])
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["arch_order"] is ("--arch-order" in flags) and summary["join_strays"] is ("--join-strays" in flags)
     row = next(csv.DictReader((tmp_path / "ev" / "per_image.csv").open()))
-    labels = load_predictor(teeth_run).predict(to_uint8(read_image(row["image"])), arch_order=True)
+    labels = load_predictor(teeth_run).predict(to_uint8(read_image(row["image"])), **options)
     assert tooth_metrics(labels, read_label_map(row["teeth"]))["tooth_dice"] == pytest.approx(float(row["tooth_dice"]))
+
+
+def test_join_strays_alone_is_refused(teeth_run):
+    import eval as eval_script
+    from utils import ToothSegError
+
+    with pytest.raises(ToothSegError, match="--join-strays says what becomes of the strays"):
+        eval_script.main(["--checkpoint", str(teeth_run), "--join-strays", "--cpu"])
 
 
 def test_binary_only_flags_are_refused_for_a_per_tooth_model(teeth_run):
