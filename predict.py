@@ -172,15 +172,18 @@ def keep_largest_region(label_map: np.ndarray, join_strays: bool = False) -> np.
         parts, areas = region_areas(label_map == number)
         if areas.size > 1:
             strays |= (parts > 0) & (parts != 1 + int(np.argmax(areas)))
-    out = np.where(strays, 0, label_map).astype(label_map.dtype)
+    out = label_map.copy()
+    out[strays] = 0
     if join_strays:
-        kept, groups = out.copy(), region_areas(strays)[0]
+        groups = region_areas(strays)[0]
         for label, group in enumerate(ndimage.find_objects(groups), start=1):
-            # the group's bounding box grown by one pixel holds its 8-connected border
+            # the group's bounding box grown by one pixel holds its 8-connected border; a group is a whole
+            # connected component of strays, so its border holds only kept teeth and background, which no
+            # other group's joining rewrites
             box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in group)
             member = groups[box] == label
             border = ndimage.binary_dilation(member, np.ones((3, 3), bool)) & ~member
-            numbers = kept[box][border]
+            numbers = out[box][border]
             numbers = numbers[numbers > 0]
             if numbers.size:
                 out[box][member] = np.bincount(numbers).argmax()
