@@ -159,9 +159,17 @@ class _ImageDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
 
-    def _rng(self, index: int) -> np.random.Generator:
+    def _rng(self, draw: int) -> np.random.Generator:
         epoch = 0 if self.fixed else int(self._epoch)
-        return np.random.default_rng([self.seed, epoch, index])
+        return np.random.default_rng([self.seed, epoch, draw])
+
+    def __getitem__(self, index: int):
+        return self.draw(index, index)
+
+    def draw(self, index: int, draw: int):
+        """Item `index` with the randomness of this epoch's draw number `draw` (EpochMix draws one image
+        several times an epoch, each time augmented anew)."""
+        return self._item(index, self._rng(draw))
 
     def _image(self, index: int) -> np.ndarray:
         return self._images[index] if self._images is not None else to_uint8(read_image(self.samples[index].image))
@@ -202,8 +210,8 @@ class SegmentationDataset(_ImageDataset):
         mask = self._masks[index] if self._masks is not None else self._read_target(index)
         return check_same_size(mask, image.shape, self.samples[index].mask)
 
-    def __getitem__(self, index: int):
-        rng, image = self._rng(index), self._image(index)
+    def _item(self, index: int, rng: np.random.Generator):
+        image = self._image(index)
         out = self._augment(rng, image=image, mask=self._mask(index, image))
         soft = self.samples[index].pair_id in self.soft
         target = out["mask"].unsqueeze(0).float() / (255.0 if soft else 1.0)
@@ -232,8 +240,8 @@ class TeethDataset(_ImageDataset):
     def _read_labels(self, index: int) -> np.ndarray:
         return read_label_map(self.samples[index].teeth)
 
-    def __getitem__(self, index: int):
-        rng, image = self._rng(index), self._image(index)
+    def _item(self, index: int, rng: np.random.Generator):
+        image = self._image(index)
         labels = self._labels[index] if self._labels is not None else self._read_labels(index)
         check_same_size(labels, image.shape, self.samples[index].teeth, "label map")
         if self.mirror and rng.random() < 0.5:
@@ -251,14 +259,14 @@ class InferenceDataset(_ImageDataset):
         super().__init__(samples, transform, **kwargs)
         self.skip_bad = skip_bad
 
-    def __getitem__(self, index: int):
+    def _item(self, index: int, rng: np.random.Generator):
         try:
             image, error = self._image(index), ""
         except ToothSegError as exc:
             if not self.skip_bad:
                 raise
             image, error = np.zeros((1, 1), np.uint8), str(exc)
-        return self._augment(self._rng(index), image=image)["image"], {**self._meta(index, image), "error": error}
+        return self._augment(rng, image=image)["image"], {**self._meta(index, image), "error": error}
 
 
 class UnlabelledDataset(_ImageDataset):
@@ -266,35 +274,63 @@ class UnlabelledDataset(_ImageDataset):
     augmentation, the strong view the same pixels after `strong_photometric`, so a teacher's label of
     the weak view lines up with the student's strong view pixel for pixel."""
 
-    def __getitem__(self, index: int):
-        rng, image = self._rng(index), self._image(index)
+    def _item(self, index: int, rng: np.random.Generator):
+        image = self._image(index)
         weak = self._augment(rng, image=image)["image"]
         return weak, strong_photometric(weak, rng), self._meta(index, image)
 
 
-class SemiDataset(Dataset):
-    """Pairs every item with one labelled and one unlabelled sample, for the online method: an epoch covers
-    the larger of the two sets once, and the smaller one is drawn from (seed, epoch, index), so the pairs
-    are the same with any number of workers or processes and after a resume."""
+class EpochMix(Dataset):
+    """An epoch of `length` draws from one or more datasets in fixed shares, whatever their sizes (nnU-Net's
+    fixed number of iterations per epoch; labelled pairs beside many more pseudo-labelled images). Draws
+    [0, n_0) come from the first part, the next n_1 from the second, and so on; the loader shuffles them, so a
+    batch mixes the parts in about those shares. Within a part each epoch takes the next n_k items round-robin,
+    so over the epochs every item is drawn equally often (within one), and an item drawn twice in one epoch is
+    augmented anew each time. One part at its own length is that dataset unchanged. Everything follows from
+    (seed, epoch, draw), so workers, processes and a resumed run see the same epoch."""
 
-    def __init__(self, labelled: SegmentationDataset, unlabelled: UnlabelledDataset, seed: int = 0):
-        self.labelled, self.unlabelled, self.seed = labelled, unlabelled, seed
+    def __init__(self, parts: list[_ImageDataset], shares: list[float], length: int):
+        if len(parts) != len(shares) or min(shares) < 0 or sum(shares) <= 0 or length < 1:
+            raise ToothSegError(f"an epoch needs a positive length and one non-negative share per part, got {length} "
+                                f"draws and shares {shares}")
+        bounds = np.round(np.cumsum(shares) / sum(shares) * length).astype(int)
+        self.parts, self.starts = parts, [0, *bounds.tolist()]
+        self.counts = np.diff(self.starts).tolist()
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
-        return max(len(self.labelled), len(self.unlabelled))
+        return self.starts[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def __getitem__(self, index: int):
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        part, count = self.parts[k], self.counts[k]
+        return part.draw((int(self._epoch) * count + index - self.starts[k]) % len(part), index)
+
+
+class SemiDataset(Dataset):
+    """Pairs draw i of the labelled set with draw i of the unlabelled one, for the online method. An epoch is
+    `length` draws of each (default: the larger set once), each set cycled round-robin by EpochMix, so the pairs
+    are the same with any number of workers or processes and after a resume."""
+
+    def __init__(self, labelled: SegmentationDataset, unlabelled: UnlabelledDataset, length: int | None = None):
+        length = length or max(len(labelled), len(unlabelled))
+        self.labelled, self.unlabelled = EpochMix([labelled], [1], length), EpochMix([unlabelled], [1], length)
+
+    def __len__(self) -> int:
+        return len(self.labelled)
 
     def set_epoch(self, epoch: int) -> None:
         self.labelled.set_epoch(epoch)
         self.unlabelled.set_epoch(epoch)
 
-    def _pick(self, index: int, part: Dataset, salt: int) -> int:
-        if index < len(part):
-            return index
-        return int(np.random.default_rng([self.seed, int(self.labelled._epoch), index, salt]).integers(len(part)))
-
     def __getitem__(self, index: int):
-        image, target, meta = self.labelled[self._pick(index, self.labelled, 0)]
-        weak, strong, _ = self.unlabelled[self._pick(index, self.unlabelled, 1)]
+        image, target, meta = self.labelled[index]
+        weak, strong, _ = self.unlabelled[index]
         return image, target, meta, weak, strong
 
 
@@ -305,8 +341,7 @@ class MIMDataset(_ImageDataset):
         super().__init__(samples, transform, **kwargs)
         self.masker = masker
 
-    def __getitem__(self, index: int):
-        rng = self._rng(index)
+    def _item(self, index: int, rng: np.random.Generator):
         image = self._image(index)
         target = self._augment(rng, image=image)["image"]
         mask = torch.from_numpy(self.masker(rng, *target.shape[-2:])).unsqueeze(0)
@@ -321,8 +356,7 @@ class RestorationDataset(_ImageDataset):
         super().__init__(samples, transform, **kwargs)
         self.genesis = genesis
 
-    def __getitem__(self, index: int):
-        rng = self._rng(index)
+    def _item(self, index: int, rng: np.random.Generator):
         image = self._image(index)
         target = self._augment(rng, image=image)["image"][0].numpy()
         perturbed, target = models_genesis(target, rng, self.genesis)

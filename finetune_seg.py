@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
-from data import (AUGMENTATIONS, SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset,
+from data import (AUGMENTATIONS, EpochMix, SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset,
                   build_eval_transform, build_train_transform, denormalize, modality_of)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
@@ -78,6 +78,11 @@ def parse_args(argv=None):
     data.add_argument("--label-fraction", type=float, default=1.0, metavar="F",
                       help="train on this share of the labelled training pairs (chosen by --seed; nested across fractions)")
     data.add_argument("--train-subset-size", type=int, metavar="N", help="then keep at most N training pairs")
+    data.add_argument("--steps-per-epoch", type=positive_int, metavar="N",
+                      help="an epoch is N optimiser steps drawn from the training set, whatever its size (each image "
+                           "equally often, augmented anew each time), as nnU-Net's 250 iterations per epoch: the budget, "
+                           "--epochs x N steps, is then the same at every label fraction and with pseudo-labels or "
+                           "--semi; default: one pass over the training set")
     data.add_argument("--window", type=positive_int, nargs=2, metavar=("H", "W"),
                       help="train on random H x W crops of the input, and predict (validation, eval.py) with "
                            "overlapping H x W windows; multiples of 16, within the input; default: the whole input")
@@ -102,6 +107,10 @@ def parse_args(argv=None):
     unlabelled.add_argument("--pseudo-weight", type=float, default=1.0, metavar="W", help="loss weight of a pseudo-labelled image")
     unlabelled.add_argument("--pseudo-keep", type=float, default=1.0, metavar="F",
                             help="keep this share of the pseudo-labels, the most confident (lowest mean entropy)")
+    unlabelled.add_argument("--labelled-share", type=probability, metavar="F",
+                            help="--pseudo-labels: this share of the training draws are the truly labelled pairs, the "
+                                 "rest pseudo-labelled images (0.5: half of each batch, as --semi); default: in "
+                                 "proportion to their numbers")
     unlabelled.add_argument("--student-noise", action=argparse.BooleanOptionalAction, default=True,
                             help="strongly perturb the inputs of pseudo-labelled images (noisy student)")
     unlabelled.add_argument("--semi", action="store_true",
@@ -116,6 +125,8 @@ def parse_args(argv=None):
     args = parse_training_args(parser, argv)
     if args.semi and args.pseudo_labels is not None:
         parser.error("choose one way of using the unlabelled images: --pseudo-labels or --semi")
+    if args.labelled_share is not None and args.pseudo_labels is None:
+        parser.error("--labelled-share balances true labels against pseudo-labels; add --pseudo-labels DIR")
     if args.task == "teeth" and (args.semi or args.pseudo_labels is not None):
         parser.error("--task teeth learns from labelled images only; drop --semi/--pseudo-labels (or use them with --task binary)")
     if args.lambda_dice is None:
@@ -259,6 +270,7 @@ def pseudo_labelled_samples(args, splits: dict, pool: list[Sample]) -> tuple[lis
     kept = most_confident(usable, args.pseudo_keep)
     record = {"dir": str(args.pseudo_labels), "teachers": teachers, "kept": len(kept), "usable": len(usable),
               "keep": args.pseudo_keep, "weight": args.pseudo_weight, "student_noise": args.student_noise,
+              "labelled_share": args.labelled_share,
               "max_mean_entropy": max(label.mean_entropy for label in kept)}
     return [Sample(label.image, label.probs, label.pair_id, source="pseudo") for label in kept], record
 
@@ -272,6 +284,11 @@ def tooth_classes(args, train_samples: list[Sample]) -> list[int]:
     for sample in train_samples:
         numbers.update(int(n) for n in np.unique(read_label_map(sample.teeth)))
     return [0] + mirror_closed(numbers - {0})
+
+
+def epoch_draws(args, dist, natural: int) -> int:
+    """Items per epoch (all processes together): --steps-per-epoch batches on each process, else `natural`."""
+    return args.steps_per_epoch * args.batch_size * dist.world_size if args.steps_per_epoch else natural
 
 
 def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: str):
@@ -317,16 +334,23 @@ def main(argv=None):
         if args.pseudo_labels is not None else ([], None)
     classes = None
     if teeth:
-        train_set, val_set, classes = teeth_datasets(args, splits, train_samples, modality)
+        labelled, val_set, classes = teeth_datasets(args, splits, train_samples, modality)
     else:
-        train_set = SegmentationDataset(train_samples + pseudo, train_transform, soft={s.pair_id for s in pseudo},
-                                        soft_weight=args.pseudo_weight, noise=args.student_noise, seed=args.seed,
-                                        cache=args.cache_images)
+        labelled = SegmentationDataset(train_samples, train_transform, seed=args.seed, cache=args.cache_images)
         val_set = SegmentationDataset(splits["val"], build_eval_transform(args.img_height, args.img_width),
                                       seed=args.seed, fixed=True, cache=args.cache_images)
-    if args.semi:
-        train_set = SemiDataset(train_set, UnlabelledDataset(pool, train_transform, seed=args.seed, cache=args.cache_images),
-                                seed=args.seed)
+    if args.semi:  # a labelled and an unlabelled item per draw
+        unlabelled = UnlabelledDataset(pool, train_transform, seed=args.seed, cache=args.cache_images)
+        train_set = SemiDataset(labelled, unlabelled, epoch_draws(args, dist, max(len(labelled), len(unlabelled))))
+    elif pseudo:  # soft targets, their own loss weight, and (noisy student) strongly perturbed inputs
+        pseudo_set = SegmentationDataset(pseudo, train_transform, soft={s.pair_id for s in pseudo},
+                                         soft_weight=args.pseudo_weight, noise=args.student_noise, seed=args.seed,
+                                         cache=args.cache_images)
+        share = len(labelled) / (len(labelled) + len(pseudo)) if args.labelled_share is None else args.labelled_share
+        train_set = EpochMix([labelled, pseudo_set], [share, 1 - share],
+                             epoch_draws(args, dist, len(labelled) + len(pseudo)))
+    else:
+        train_set = EpochMix([labelled], [1], epoch_draws(args, dist, len(labelled)))
     train_loader, val_loader = make_loaders(train_set, val_set, args, dist, device)
 
     # Model: architecture from the flags or the checkpoint, then the pretrained weights.
@@ -338,7 +362,7 @@ def main(argv=None):
             f", per tooth: {len(classes) - 1} FDI numbers" if teeth else ""
         crops = f", {args.window[0]}x{args.window[1]} crops of the input" if args.window else ""
         print(f"fine-tuning {spec.name} {spec.args} on {len(train_samples)} labelled pairs{extra} ({modality}{crops}), "
-              f"validating on {len(val_set)}; device {device}")
+              f"{len(train_loader)} steps an epoch, validating on {len(val_set)}; device {device}")
     if args.init_from is not None and args.resume is None:
         report = load_pretrained(model, args.init_from)
         if dist.is_main:
@@ -349,7 +373,7 @@ def main(argv=None):
     split = SplitSpec(str(index) if index else None, args.val_ratio, args.test_ratio, args.split_seed)
     settings = {"task": args.task, "classes": classes, "lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
                 "labelled_pairs": sorted(s.pair_id for s in train_samples), "augment": args.augment,
-                "init_from": args.init_from,
+                "init_from": args.init_from, "steps_per_epoch": len(train_loader),
                 "freeze_encoder_epochs": args.freeze_encoder_epochs, "pseudo_labels": pseudo_record,
                 "semi": {"method": "mean teacher, weak-to-strong consistency", "unlabelled": len(pool),
                          "ema_decay": args.ema_decay, "confidence": args.confidence, "weight": args.unlabelled_weight,

@@ -74,6 +74,10 @@ def parse_args(argv=None):
     train = parser.add_argument_group("training budget")
     train.add_argument("--pretrain-epochs", type=int, default=30, metavar="N", help="epochs of each pretraining")
     train.add_argument("--finetune-epochs", type=int, default=40, metavar="N", help="epochs of each fine-tune")
+    train.add_argument("--steps-per-epoch", type=int, metavar="N",
+                       help="each fine-tune's epoch is N steps whatever its training set's size (finetune_seg.py "
+                            "--steps-per-epoch), so every label fraction and method gets the same budget; default: one "
+                            "pass over the training set")
     train.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size of every stage")
     train.add_argument("--base-channels", type=int, default=32, metavar="C", help="model width")
     train.add_argument("--pretrain-seed", type=int, default=0, metavar="S", help="seed of the pretraining runs")
@@ -142,10 +146,11 @@ def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed:
                   pretrained: Path | None) -> list[list[str]]:
     cells = args.out_dir / "cells"
     cell = cells / cell_name(model, init, fraction, seed, semi, args.task)
+    budget = ["--steps-per-epoch", str(args.steps_per_epoch)] if args.steps_per_epoch else []
     finetune = script("finetune_seg.py") + ["--task", args.task,
         "--images-dir", str(args.images_dir), "--checkpoint-dir", str(cell), "--model-type", model,
         "--base-channels", str(args.base_channels), "--epochs", str(args.finetune_epochs), "--seed", str(seed),
-        "--label-fraction", f"{fraction:g}", *common_flags(args), *shlex.split(args.finetune_args)]
+        "--label-fraction", f"{fraction:g}", *common_flags(args), *budget, *shlex.split(args.finetune_args)]
     if args.masks_dir is not None:
         finetune += ["--masks-dir", str(args.masks_dir)]
     if pretrained is not None:
@@ -337,7 +342,9 @@ def write_outputs(args, records: list[dict]) -> None:
     table = "\n".join(lines)
     text = ["# Study: unlabelled images and pretraining" + (", per-tooth task" if teeth else ""), "", f"Images: `{args.images_dir}`, input "
             f"{args.img_height}x{args.img_width}, base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, "
-            f"fine-tuning {args.finetune_epochs} epochs (pseudo/online extra flags: `{args.semi_args or 'none'}`), "
+            f"fine-tuning {args.finetune_epochs} epochs"
+            f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''} (pseudo/online extra flags: "
+            f"`{args.semi_args or 'none'}`), "
             f"batch {args.batch_size}.", "", table, ""]
     if len(diffs) > 2:
         text += [f"Each method against supervised scratch (same label fraction; per-image {what} averaged over seeds, "

@@ -74,12 +74,16 @@ def test_a_student_trains_on_the_most_confident_pseudo_labels_and_records_them(p
                                                                               tmp_path, capsys):
     finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir", str(tmp_path), *NET,
                        "--epochs", "1", "--label-fraction", "0.5", "--pseudo-labels", str(pseudo_labels),
-                       "--pseudo-keep", "0.5", "--pseudo-weight", "0.7"])
+                       "--pseudo-keep", "0.5", "--pseudo-weight", "0.7", "--labelled-share", "0.5",
+                       "--steps-per-epoch", "3"])
     labels, teachers = read_pseudo_labels(pseudo_labels)
-    recorded = open_checkpoint(tmp_path).task["pseudo_labels"]
+    student = open_checkpoint(tmp_path)
+    recorded = student.task["pseudo_labels"]
     kept = most_confident(labels, 0.5)
     assert recorded["dir"] == str(pseudo_labels) and recorded["teachers"] == teachers
     assert recorded["kept"] == len(kept) == round(len(labels) / 2) and recorded["weight"] == 0.7
+    assert recorded["labelled_share"] == 0.5
+    assert student.task["steps_per_epoch"] == student.state.global_step == 3  # an epoch of 3 batches, not one pass
     assert recorded["max_mean_entropy"] == max(label.mean_entropy for label in kept)
     assert max(label.mean_entropy for label in kept) <= min(label.mean_entropy for label in labels if label not in kept)
     assert f"+ {len(kept)} pseudo-labelled of {len(labels)} unlabelled" in capsys.readouterr().out
