@@ -12,7 +12,8 @@ label fraction leaves out. Every cell evaluates on the test split (eval.py). The
 a cell is done when OUT_DIR/cells/NAME/cell.json exists; failed or interrupted cells are redone from
 scratch, so a crash loses only the cell in progress.
 
-Outputs in OUT_DIR: study.csv (one row per cell), study.md (mean ± std over seeds, bootstrap 95% CIs
+Outputs in OUT_DIR, over every finished cell of the task in the folder (so a study can run in parts, say
+the pseudo and online cells for scratch only, and still be tabulated as one): study.csv (one row per cell), study.md (mean ± std over seeds, bootstrap 95% CIs
 over test images, and each pretraining's paired difference to scratch), and study_dice.png
 (test Dice against label fraction, one line per method); study_teeth.* for --task teeth. Each method is compared with supervised
 scratch by a paired bootstrap over the test images.
@@ -266,7 +267,7 @@ def main(argv=None):
     if args.dry_run:
         return
 
-    # Tables and plot over every finished cell of this grid.
+    # Tables and plot over every finished cell of this task in the folder (earlier runs of other axes too).
     records = collect(args)
     if records:
         write_outputs(args, records)
@@ -276,10 +277,11 @@ def main(argv=None):
 
 
 def collect(args) -> list[dict]:
-    """The records of this grid's finished cells."""
-    paths = (args.out_dir / "cells" / cell_name(model, init, fraction, seed, semi, args.task) / "cell.json"
-             for model, init, semi, fraction, seed in grid(args))
-    return [{"semi": "none", **json.loads(p.read_text())} for p in paths if p.exists()]  # older cells: supervised
+    """The records of every finished cell of this task in OUT_DIR, this grid's and earlier runs' alike, so a
+    study run in parts (say, the semi-supervised cells for scratch only) is tabulated as one."""
+    records = [{"task": "binary", "semi": "none", **json.loads(p.read_text())}  # older cells: binary, supervised
+               for p in sorted((args.out_dir / "cells").glob("*/cell.json"))]
+    return [r for r in records if r["task"] == args.task]
 
 
 def per_image_dice(args, record: dict) -> dict[str, float]:
@@ -370,18 +372,19 @@ def plot(args, groups: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     score = score_name(args)
+    methods = sorted({key[:3] for key in groups}, key=lambda k: (k[0], INITS.index(k[1]), SEMI.index(k[2])))
     series = [(model, method_label(init, semi), sorted((f, [r[score] for r in g]) for (m, i, w, f), g in groups.items()
                                                        if (m, i, w) == (model, init, semi)))
-              for model in args.models for init in args.inits for semi in args.semi]
-    series = [(m, i, points) for m, i, points in series if points]
-    label = (lambda m, i: f"{m} · {i}") if len(args.models) > 1 else (lambda m, i: i)
-    if len(args.label_fractions) == 1:  # one fraction: compare the methods side by side
+              for model, init, semi in methods]
+    fractions = sorted({key[3] for key in groups})
+    label = (lambda m, i: f"{m} · {i}") if len({m for m, _, _ in methods}) > 1 else (lambda m, i: i)
+    if len(fractions) == 1:  # one fraction: compare the methods side by side
         for k, (model, init, [(_, dice)]) in enumerate(series):
             ax.bar(k, np.mean(dice), yerr=np.std(dice), capsize=4, color=f"C{k}")
             ax.text(k, np.mean(dice) / 2, f"{np.mean(dice):.3f}", ha="center", color="white", fontweight="bold")
         ax.set_xticks(range(len(series)), [label(m, i) for m, i, _ in series])
         ax.set_ylim(0, 1)
-        ax.set_title(f"test {score.replace('_', ' ')} with {args.label_fractions[0]:.0%} of the training labels")
+        ax.set_title(f"test {score.replace('_', ' ')} with {fractions[0]:.0%} of the training labels")
     else:
         for model, init, points in series:
             ax.errorbar([f for f, _ in points], [np.mean(d) for _, d in points], yerr=[np.std(d) for _, d in points],

@@ -191,18 +191,24 @@ def test_both_ways_run_under_torchrun(phantom_data_root, pseudo_labels, tmp_path
 def test_study_runs_pseudo_and_online_cells(phantom_data_root, tmp_path):
     import run_study
 
-    run_study.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--out-dir", str(tmp_path), "--models", "unet",
-                    "--inits", "scratch", "--semi", "online", "pseudo", "none", "--label-fractions", "0.5", "--seeds", "0",
-                    "--img-height", "32", "--img-width", "64", "--base-channels", "4", "--batch-size", "4",
-                    "--finetune-epochs", "1", "--workers", "0", "--cpu", "--bootstrap", "100"])
+    flags = ["--images-dir", str(phantom_data_root / "processed_2d"), "--out-dir", str(tmp_path), "--models", "unet",
+             "--inits", "scratch", "--label-fractions", "0.5", "--seeds", "0", "--img-height", "32", "--img-width", "64",
+             "--base-channels", "4", "--batch-size", "4", "--finetune-epochs", "1", "--steps-per-epoch", "2",
+             "--workers", "0", "--cpu", "--bootstrap", "100"]
+    run_study.main([*flags, "--semi", "none"])
+    (tmp_path / "study.md").unlink()
+    run_study.main([*flags, "--semi", "online", "pseudo", "none"])  # the second part of the study
     cells = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*/cell.json")}
     assert sorted(cells) == ["unet_scratch_f0.5_s0", "unet_scratch_online_f0.5_s0", "unet_scratch_pseudo_f0.5_s0"]
     # One log per cell, named in full (a fraction's dot is not a suffix to replace).
     assert sorted(p.name for p in (tmp_path / "cells").glob("*.log")) == [f"{name}.log" for name in sorted(cells)]
     student = open_checkpoint(tmp_path / "cells" / "unet_scratch_pseudo_f0.5_s0")
     assert student.task["pseudo_labels"]["teachers"] == [str(tmp_path / "cells" / "unet_scratch_f0.5_s0" / "best.pth")]
+    assert all(open_checkpoint(tmp_path / "cells" / name).state.global_step == 2 for name in cells)  # --steps-per-epoch
     table = (tmp_path / "study.md").read_text()
     assert "| unet | 0.5 | scratch + pseudo |" in table and "| unet | 0.5 | scratch + online |" in table
+    run_study.main([*flags, "--semi", "none"])  # the tables cover every finished cell of the folder
+    assert (tmp_path / "study.md").read_text() == table
     result = subprocess.run([sys.executable, "run_study.py", "--images-dir", "x", "--semi", "pseudo"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "add none to --semi" in result.stderr
