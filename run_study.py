@@ -45,7 +45,7 @@ import numpy as np
 
 from metrics import METRIC_NAMES, TOOTH_SUMMARY_NAMES
 from models import MODELS
-from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, run_cli
+from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, positive_int, run_cli
 
 HERE = Path(__file__).resolve().parent
 INITS = ("scratch", "mim", "fullimage", "binary")  # binary: a per-tooth cell starts from its binary twin
@@ -84,6 +84,8 @@ def parse_args(argv=None):
     train.add_argument("--pretrain-seed", type=int, default=0, metavar="S", help="seed of the pretraining runs")
     train.add_argument("--pretrain-args", default="", metavar="'FLAGS'", help="extra flags for both pretraining scripts")
     train.add_argument("--finetune-args", default="", metavar="'FLAGS'", help="extra flags for finetune_seg.py")
+    train.add_argument("--pseudo-rounds", type=positive_int, default=1, metavar="N",
+                       help="pseudo cells: N rounds of teacher -> student, each round's student the next round's teacher")
     train.add_argument("--semi-args", default="", metavar="'FLAGS'",
                        help="extra flags for the pseudo and online fine-tunes, after --finetune-args (e.g. '--epochs 10')")
     train.add_argument("--workers", type=int, default=2, metavar="N", help="DataLoader workers of every stage")
@@ -148,27 +150,35 @@ def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed:
     cells = args.out_dir / "cells"
     cell = cells / cell_name(model, init, fraction, seed, semi, args.task)
     budget = ["--steps-per-epoch", str(args.steps_per_epoch)] if args.steps_per_epoch else []
-    finetune = script("finetune_seg.py") + ["--task", args.task,
-        "--images-dir", str(args.images_dir), "--checkpoint-dir", str(cell), "--model-type", model,
-        "--base-channels", str(args.base_channels), "--epochs", str(args.finetune_epochs), "--seed", str(seed),
-        "--label-fraction", f"{fraction:g}", *common_flags(args), *budget, *shlex.split(args.finetune_args)]
-    if args.masks_dir is not None:
-        finetune += ["--masks-dir", str(args.masks_dir)]
-    if pretrained is not None:
-        finetune += ["--init-from", str(pretrained)]
     cpu = ["--cpu"] if args.cpu else []
+
+    def finetune(folder: Path) -> list[str]:
+        return script("finetune_seg.py") + [
+            "--task", args.task, "--images-dir", str(args.images_dir), "--checkpoint-dir", str(folder),
+            "--model-type", model, "--base-channels", str(args.base_channels), "--epochs", str(args.finetune_epochs),
+            "--seed", str(seed), "--label-fraction", f"{fraction:g}", *common_flags(args), *budget,
+            *shlex.split(args.finetune_args),
+            *(["--masks-dir", str(args.masks_dir)] if args.masks_dir is not None else []),
+            *(["--init-from", str(pretrained)] if pretrained is not None else [])]
+
     evaluate = script("eval.py") + ["--checkpoint", str(cell), "--split", "test",
                                      "--out-dir", str(cell / "eval_test"), "--workers", str(args.workers), *cpu]
     if semi == "none":
-        return [finetune, evaluate]
+        return [finetune(cell), evaluate]
     if semi == "online":
-        return [finetune + ["--semi", *shlex.split(args.semi_args)], evaluate]
-    teacher = cells / cell_name(model, init, fraction, seed)
-    # Flip TTA for the labels, as the STS 2023 winners did; the student gets --semi-args (e.g. --pseudo-keep).
-    label = script("eval.py") + ["--checkpoint", str(teacher), "--split", "unlabelled", "--tta", "--save-probs",
-                                  str(cell / "pseudo_labels"), "--out-dir", str(cell / "teacher"),
-                                  "--workers", str(args.workers), *cpu]
-    return [label, finetune + ["--pseudo-labels", str(cell / "pseudo_labels"), *shlex.split(args.semi_args)], evaluate]
+        return [finetune(cell) + ["--semi", *shlex.split(args.semi_args)], evaluate]
+    # Offline rounds: the supervised twin labels the pool (flip TTA, as the STS 2023 winners did), a student
+    # learns from labels + pseudo-labels (with --semi-args, e.g. --pseudo-keep), and each further round's teacher
+    # is the last round's student. Earlier rounds' students live in CELL/roundR, the last one is the cell.
+    commands, teacher = [], cells / cell_name(model, init, fraction, seed)
+    for round_number in range(1, args.pseudo_rounds + 1):
+        student = cell if round_number == args.pseudo_rounds else cell / f"round{round_number}"
+        commands += [script("eval.py") + ["--checkpoint", str(teacher), "--split", "unlabelled", "--tta", "--save-probs",
+                                          str(student / "pseudo_labels"), "--out-dir", str(student / "teacher"),
+                                          "--workers", str(args.workers), *cpu],
+                     finetune(student) + ["--pseudo-labels", str(student / "pseudo_labels"), *shlex.split(args.semi_args)]]
+        teacher = student
+    return commands + [evaluate]
 
 
 def grid(args):
@@ -345,7 +355,8 @@ def write_outputs(args, records: list[dict]) -> None:
     text = ["# Study: unlabelled images and pretraining" + (", per-tooth task" if teeth else ""), "", f"Images: `{args.images_dir}`, input "
             f"{args.img_height}x{args.img_width}, base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, "
             f"fine-tuning {args.finetune_epochs} epochs"
-            f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''} (pseudo/online extra flags: "
+            f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''}, {args.pseudo_rounds} round(s) of "
+            f"pseudo-labels (pseudo/online extra flags: "
             f"`{args.semi_args or 'none'}`), "
             f"batch {args.batch_size}.", "", table, ""]
     if len(diffs) > 2:
