@@ -70,6 +70,9 @@ def parse_args(argv=None):
     data = parser.add_argument_group("data")
     data.add_argument("--images-dir", type=Path, required=True, metavar="DIR", help="processed_2d (with its index) or images")
     data.add_argument("--masks-dir", type=Path, metavar="DIR", help="only for folders without an index")
+    data.add_argument("--external-test", type=Path, metavar="DIR",
+                      help="also score every cell on the test split of another prepared data set (a processed_2d with "
+                           "its sts2d_index.csv, say another clinic's X-rays): CELL/eval_external and a table in study.md")
     data.add_argument("--img-height", type=int, default=160, metavar="H", help="network input height")
     data.add_argument("--img-width", type=int, default=320, metavar="W", help="network input width")
     train = parser.add_argument_group("training budget")
@@ -181,6 +184,18 @@ def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed:
     return commands + [evaluate]
 
 
+def external_command(args, cell: Path) -> list[str]:
+    return script("eval.py") + ["--checkpoint", str(cell), "--images-dir", str(args.external_test), "--split", "test",
+                                "--out-dir", str(cell / "eval_external"), "--workers", str(args.workers),
+                                *(["--cpu"] if args.cpu else [])]
+
+
+def external_done(args, cell: Path) -> bool:
+    """Scored on this --external-test set (a summary of another set is redone)."""
+    summary = cell / "eval_external" / "summary.json"
+    return summary.exists() and json.loads(summary.read_text())["images_dir"] == str(args.external_test)
+
+
 def grid(args):
     """Every (model, init, semi, label fraction, seed) cell, in run order: a pseudo cell after its teacher."""
     for model, init, fraction, seed in itertools.product(args.models, args.inits, args.label_fractions, args.seeds):
@@ -240,7 +255,7 @@ def main(argv=None):
         source = binary_twin or pretrained.get((model, init))
         commands = cell_commands(args, model, init, semi, fraction, seed, source)
         if args.dry_run:
-            print("\n".join(shlex.join(c) for c in commands))
+            print("\n".join(shlex.join(c) for c in commands + ([external_command(args, cell)] if args.external_test else [])))
             continue
         if (cell / "cell.json").exists():
             skipped += 1
@@ -277,8 +292,16 @@ def main(argv=None):
     if args.dry_run:
         return
 
-    # Tables and plot over every finished cell of this task in the folder (earlier runs of other axes too).
+    # Every finished cell of the folder (earlier runs' too) is scored once on the external test set.
     records = collect(args)
+    for record in records if args.external_test is not None else []:
+        cell = cell_dir(args, record)
+        if not external_done(args, cell):
+            print(f"external test {cell.name} ...", flush=True)
+            if not run_logged(external_command(args, cell), log_path(cell)):
+                failed.append(f"{cell.name} on {args.external_test}: {tail(log_path(cell))}")
+
+    # Tables and plot over every finished cell of this task in the folder (earlier runs of other axes too).
     if records:
         write_outputs(args, records)
     print(f"cells run {ran}, skipped (done) {skipped}, failed {len(failed)}; {time.time() - started:.0f} s")
@@ -294,10 +317,13 @@ def collect(args) -> list[dict]:
     return [r for r in records if r["task"] == args.task]
 
 
-def per_image_dice(args, record: dict) -> dict[str, float]:
-    path = args.out_dir / "cells" / cell_name(record["model"], record["init"], record["label_fraction"],
-                                              record["seed"], record["semi"], args.task) / "eval_test" / "per_image.csv"
-    with path.open(newline="") as f:
+def cell_dir(args, record: dict) -> Path:
+    return args.out_dir / "cells" / cell_name(record["model"], record["init"], record["label_fraction"], record["seed"],
+                                              record["semi"], args.task)
+
+
+def per_image_dice(args, record: dict, scored: str = "eval_test") -> dict[str, float]:
+    with (cell_dir(args, record) / scored / "per_image.csv").open(newline="") as f:
         return {row["pair_id"]: float(row[score_name(args)]) for row in csv.DictReader(f)}
 
 
@@ -307,22 +333,23 @@ def bootstrap_ci(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def write_outputs(args, records: list[dict]) -> None:
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    atomic_write_text(output_path(args, "study.csv"), buf.getvalue())
-
-    rng = np.random.default_rng(0)
+def group_cells(records: list[dict]) -> dict[tuple, list[dict]]:
+    """The seeds of each (model, init, semi, label fraction)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["model"], r["init"], r["semi"], r["label_fraction"]), []).append(r)
+    return groups
+
+
+def score_tables(args, records: list[dict], scored: str = "eval_test") -> tuple[list[str], list[str]]:
+    """The methods' table and their paired differences to supervised scratch, over the cells' scores in
+    CELL/`scored` (eval_test, or eval_external for --external-test)."""
+    rng = np.random.default_rng(0)
+    groups = group_cells(records)
 
     def image_means(group: list[dict]) -> dict[str, float]:
         """Each test image's Dice averaged over seeds."""
-        per_seed = [per_image_dice(args, r) for r in group]
+        per_seed = [per_image_dice(args, r, scored) for r in group]
         common = set.intersection(*(set(p) for p in per_seed))
         return {k: float(np.mean([p[k] for p in per_seed])) for k in sorted(common)}
 
@@ -351,22 +378,49 @@ def write_outputs(args, records: list[dict]) -> None:
             verdict = "helps" if dlo > 0 else "hurts" if dhi < 0 else "no clear difference"
             diffs.append(f"| {model} | {fraction:g} | {method_label(init, semi)} | {delta.mean():+.4f} | "
                          f"[{dlo:+.4f}, {dhi:+.4f}] | {verdict} |")
-    table = "\n".join(lines)
+    return lines, diffs if len(diffs) > 2 else []
+
+
+def external_records(args, records: list[dict]) -> list[dict]:
+    """The cells' mean metrics on the --external-test set (from CELL/eval_external/summary.json); a cell whose
+    external evaluation failed is left out (and listed among the failures)."""
+    scored = []
+    for r in (r for r in records if external_done(args, cell_dir(args, r))):
+        summary = json.loads((cell_dir(args, r) / "eval_external" / "summary.json").read_text())
+        scored.append({**r, **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
+                       **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {})})
+    return scored
+
+
+def write_outputs(args, records: list[dict]) -> None:
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(output_path(args, "study.csv"), buf.getvalue())
+
+    teeth = args.task == "teeth"
+    what = "per-tooth Dice" if teeth else "Dice"
+    paired = (f"Each method against supervised scratch (same label fraction; per-image {what} averaged over seeds, "
+              "paired bootstrap over test images):")
+    lines, diffs = score_tables(args, records)
     text = ["# Study: unlabelled images and pretraining" + (", per-tooth task" if teeth else ""), "", f"Images: `{args.images_dir}`, input "
             f"{args.img_height}x{args.img_width}, base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, "
             f"fine-tuning {args.finetune_epochs} epochs"
             f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''}, {args.pseudo_rounds} round(s) of "
             f"pseudo-labels (pseudo/online extra flags: "
             f"`{args.semi_args or 'none'}`), "
-            f"batch {args.batch_size}.", "", table, ""]
-    if len(diffs) > 2:
-        text += [f"Each method against supervised scratch (same label fraction; per-image {what} averaged over seeds, "
-                 "paired bootstrap over test images):", "", "\n".join(diffs), ""]
+            f"batch {args.batch_size}.", "", *lines, ""]
+    text += [paired, "", *diffs, ""] if diffs else []
+    external = external_records(args, records) if args.external_test is not None else []
+    if external:
+        external, external_diffs = score_tables(args, external, "eval_external")
+        text += [f"## On the external test set `{args.external_test}` (its test split, never trained on)", "", *external, ""]
+        text += [paired, "", *external_diffs, ""] if external_diffs else []
     atomic_write_text(output_path(args, "study.md"), "\n".join(text))
-    plot(args, groups)
-    print(table)
-    if len(diffs) > 2:
-        print("\n".join(diffs))
+    plot(args, group_cells(records))
+    print("\n".join(text[4:]))
     print(f"wrote {output_path(args, 'study.csv')}, {output_path(args, 'study.md')} and {output_path(args, 'study_dice.png')}")
 
 

@@ -213,6 +213,18 @@ def test_study_runs_pseudo_and_online_cells(phantom_data_root, tmp_path):
     run_study.main([*flags, "--semi", "none"])  # the tables cover every finished cell of the folder
     rows = lambda text: [line for line in text.splitlines() if line.startswith("|")]  # noqa: E731
     assert rows((tmp_path / "study.md").read_text()) == rows(table)
+
+    # Another clinic's test split: every finished cell is scored on it once, and study.md gets its own tables.
+    import prepare_sts2d
+    other = tmp_path / "other_clinic"
+    prepare_sts2d.main(["--synthetic", "12", "--seed", "99", "--data-root", str(other)])
+    run_study.main([*flags, "--semi", "none", "--external-test", str(other / "processed_2d")])
+    for name in cells:
+        summary = json.loads((tmp_path / "cells" / name / "eval_external" / "summary.json").read_text())
+        assert summary["images_dir"] == str(other / "processed_2d") and summary["split"] == "test"
+    external = (tmp_path / "study.md").read_text().split("## On the external test set")[1]
+    assert rows(table)[:2] == rows(external)[:2] and "| unet | 0.5 | scratch + pseudo |" in external
+    assert rows(external) != rows(table)  # other images, other scores
     result = subprocess.run([sys.executable, "run_study.py", "--images-dir", "x", "--semi", "pseudo"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "add none to --semi" in result.stderr
