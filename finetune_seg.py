@@ -109,8 +109,8 @@ def parse_args(argv=None):
                             help="keep this share of the pseudo-labels, the most confident (lowest mean entropy)")
     unlabelled.add_argument("--labelled-share", type=probability, metavar="F",
                             help="--pseudo-labels: this share of the training draws are the truly labelled pairs, the "
-                                 "rest pseudo-labelled images (0.5: half of each batch, as --semi); default: in "
-                                 "proportion to their numbers")
+                                 "rest pseudo-labelled images; default 0.5, half of each batch as --semi has (in "
+                                 "proportion to their numbers, 26 UFBA labels would be 3 %% of a 772-image pool's draws)")
     unlabelled.add_argument("--student-noise", action=argparse.BooleanOptionalAction, default=True,
                             help="strongly perturb the inputs of pseudo-labelled images (noisy student)")
     unlabelled.add_argument("--semi", action="store_true",
@@ -270,7 +270,7 @@ def pseudo_labelled_samples(args, splits: dict, pool: list[Sample]) -> tuple[lis
     kept = most_confident(usable, args.pseudo_keep)
     record = {"dir": str(args.pseudo_labels), "teachers": teachers, "kept": len(kept), "usable": len(usable),
               "keep": args.pseudo_keep, "weight": args.pseudo_weight, "student_noise": args.student_noise,
-              "labelled_share": args.labelled_share,
+              "labelled_share": 0.5 if args.labelled_share is None else args.labelled_share,
               "max_mean_entropy": max(label.mean_entropy for label in kept)}
     return [Sample(label.image, label.probs, label.pair_id, source="pseudo") for label in kept], record
 
@@ -346,7 +346,7 @@ def main(argv=None):
         pseudo_set = SegmentationDataset(pseudo, train_transform, soft={s.pair_id for s in pseudo},
                                          soft_weight=args.pseudo_weight, noise=args.student_noise, seed=args.seed,
                                          cache=args.cache_images)
-        share = len(labelled) / (len(labelled) + len(pseudo)) if args.labelled_share is None else args.labelled_share
+        share = 0.5 if args.labelled_share is None else args.labelled_share
         train_set = EpochMix([labelled, pseudo_set], [share, 1 - share],
                              epoch_draws(args, dist, len(labelled) + len(pseudo)))
     else:
