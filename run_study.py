@@ -413,13 +413,16 @@ def write_outputs(args, records: list[dict]) -> None:
             f"`{args.semi_args or 'none'}`), "
             f"batch {args.batch_size}.", "", *lines, ""]
     text += [paired, "", *diffs, ""] if diffs else []
+    panels = [(f"test split of {args.images_dir.parent.name}", group_cells(records))]
     external = external_records(args, records) if args.external_test is not None else []
     if external:
-        external, external_diffs = score_tables(args, external, "eval_external")
-        text += [f"## On the external test set `{args.external_test}` (its test split, never trained on)", "", *external, ""]
+        external_lines, external_diffs = score_tables(args, external, "eval_external")
+        text += [f"## On the external test set `{args.external_test}` (its test split, never trained on)", "",
+                 *external_lines, ""]
         text += [paired, "", *external_diffs, ""] if external_diffs else []
+        panels.append((f"test split of {args.external_test.parent.name} (external)", group_cells(external)))
     atomic_write_text(output_path(args, "study.md"), "\n".join(text))
-    plot(args, group_cells(records))
+    plot(args, panels)
     print("\n".join(text[4:]))
     print(f"wrote {output_path(args, 'study.csv')}, {output_path(args, 'study.md')} and {output_path(args, 'study_dice.png')}")
 
@@ -429,13 +432,24 @@ def method_label(init: str, semi: str) -> str:
     return init if semi == "none" else f"{init} + {semi}"
 
 
-def plot(args, groups: dict) -> None:
+def plot(args, panels: list[tuple[str, dict]]) -> None:
+    """study_dice.png: one panel per scored set (the study's test split, and the --external-test one if any)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, (title, groups) in zip(axes[0], panels):
+        plot_panel(args, ax, title, groups)
+    fig.tight_layout()
+    with atomic_path(output_path(args, "study_dice.png")) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def plot_panel(args, ax, title: str, groups: dict) -> None:
+    """Score against label fraction, one line per method; bars side by side when there is one fraction."""
     score = score_name(args)
     methods = sorted({key[:3] for key in groups}, key=lambda k: (k[0], INITS.index(k[1]), SEMI.index(k[2])))
     series = [(model, method_label(init, semi), sorted((f, [r[score] for r in g]) for (m, i, w, f), g in groups.items()
@@ -449,7 +463,7 @@ def plot(args, groups: dict) -> None:
             ax.text(k, np.mean(dice) / 2, f"{np.mean(dice):.3f}", ha="center", color="white", fontweight="bold")
         ax.set_xticks(range(len(series)), [label(m, i) for m, i, _ in series])
         ax.set_ylim(0, 1)
-        ax.set_title(f"test {score.replace('_', ' ')} with {fractions[0]:.0%} of the training labels")
+        title = f"{title}, {fractions[0]:.0%} of the training labels"
     else:
         for model, init, points in series:
             ax.errorbar([f for f, _ in points], [np.mean(d) for _, d in points], yerr=[np.std(d) for _, d in points],
@@ -457,12 +471,9 @@ def plot(args, groups: dict) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("fraction of labelled training images")
         ax.legend()
+    ax.set_title(title)
     ax.set_ylabel(f"test {score.replace('_', ' ')} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(output_path(args, "study_dice.png")) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

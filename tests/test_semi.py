@@ -214,8 +214,10 @@ def test_study_runs_pseudo_and_online_cells(phantom_data_root, tmp_path):
     rows = lambda text: [line for line in text.splitlines() if line.startswith("|")]  # noqa: E731
     assert rows((tmp_path / "study.md").read_text()) == rows(table)
 
-    # Another clinic's test split: every finished cell is scored on it once, and study.md gets its own tables.
+    # Another clinic's test split: every finished cell is scored on it once, and study.md and the plot get their own
+    # tables and panel.
     import prepare_sts2d
+    one_panel = read_image(tmp_path / "study_dice.png").shape
     other = tmp_path / "other_clinic"
     prepare_sts2d.main(["--synthetic", "12", "--seed", "99", "--data-root", str(other)])
     run_study.main([*flags, "--semi", "none", "--external-test", str(other / "processed_2d")])
@@ -225,6 +227,7 @@ def test_study_runs_pseudo_and_online_cells(phantom_data_root, tmp_path):
     external = (tmp_path / "study.md").read_text().split("## On the external test set")[1]
     assert rows(table)[:2] == rows(external)[:2] and "| unet | 0.5 | scratch + pseudo |" in external
     assert rows(external) != rows(table)  # other images, other scores
+    assert read_image(tmp_path / "study_dice.png").shape == (one_panel[0], 2 * one_panel[1])
     result = subprocess.run([sys.executable, "run_study.py", "--images-dir", "x", "--semi", "pseudo"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "add none to --semi" in result.stderr
