@@ -8,7 +8,8 @@ A checkpoint (format 2) is a dict of plain types and tensors, so it loads with t
     data        input size, normalisation, modality, ground-truth mask threshold, the images/masks/index
                 it trained on, where its labelled splits came from (`split`) or its pretraining hold-out
                 share (`holdout`), the seed of its sample randomness, and the sliding window it trained
-                on crops of and predicts with (`window`, `window_overlap`; absent in older files: none)
+                on crops of and predicts with (`window`, `window_overlap`; absent in older files: none), and the
+                grey levels each image is standardised to (`intensity_landmarks`; absent or None: raw intensities)
     precision   {"amp": the --amp setting, "dtype": the autocast dtype it trained in, or "float32"}
     task        plain dicts: the MIM masking, the Models Genesis perturbations, or the segmentation loss and labels;
                 a per-tooth model has task "teeth" and `classes`, the FDI number of each output channel (0 first)
@@ -93,6 +94,7 @@ class DataSpec:
     seed: int = 0                      # augmentation, MIM masks and Genesis perturbations
     window: tuple[int, int] | None = None  # trained on (H, W) crops, predicts in such windows; None: whole input
     window_overlap: float = 0.5        # share of a window that its neighbours overlap when predicting
+    intensity_landmarks: tuple[float, ...] | None = None  # data.standardize_intensity's reference; None: raw images
 
     def labelled_splits(self, images_dir: str | os.PathLike | None = None, masks_dir: str | os.PathLike | None = None,
                         index: str | os.PathLike | None = None) -> dict:
@@ -177,8 +179,9 @@ class Checkpoint:
         data = dict(raw["data"])
         data["input_size"] = tuple(data["input_size"])
         data["split"] = SplitSpec(**data.get("split") or {})
-        if data.get("window") is not None:
-            data["window"] = tuple(data["window"])
+        for name in ("window", "intensity_landmarks"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
         return cls(kind=raw["kind"], model=ModelSpec(**raw["model"]), data=DataSpec(**data),
                    precision=Precision(**raw.get("precision") or {}), task=raw.get("task") or {},
                    metrics=raw.get("metrics") or {}, epoch=raw.get("epoch", 0), state=TrainingState(**raw["state"]),

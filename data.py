@@ -3,6 +3,7 @@ of the data. The index, sample discovery, splits and mask reading live in the to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import albumentations as A
 import cv2
@@ -32,17 +33,59 @@ def check_same_size(labels: np.ndarray, size: tuple[int, int], path, what: str =
     return labels
 
 
+# Histogram standardisation (Nyul & Udupa 1999; TorchIO's HistogramStandardization), with a landmark at every
+# 1/256 of the pixels: X-ray units and clinics differ in exposure and contrast curve, so a model trained on one clinic's
+# grey levels meets another's shifted. Each image's grey levels are moved so that its quantiles fall on the
+# training images' mean quantiles, a monotone map that keeps which tissue is brighter than which.
+LANDMARK_QUANTILES = np.linspace(0.0, 1.0, 257)
+
+
+def intensity_landmarks(samples: Iterable[Sample]) -> tuple[float, ...]:
+    """The reference the images are standardised to: the mean over `samples` of each image's grey level at
+    each of LANDMARK_QUANTILES (the quantiles' barycentre, which keeps the shape of a typical histogram)."""
+    rows = [np.quantile(to_uint8(read_image(s.image)), LANDMARK_QUANTILES)
+            for s in tqdm(samples, desc="intensity landmarks", leave=False, disable=None)]
+    if not rows:
+        raise ToothSegError("no training images to take intensity landmarks from; check --images-dir")
+    return tuple(round(float(v), 3) for v in np.mean(rows, axis=0))
+
+
+def standardize_intensity(image: np.ndarray, landmarks: Iterable[float]) -> np.ndarray:
+    """A uint8 image with its histogram matched to `landmarks` (grey levels at LANDMARK_QUANTILES): each grey
+    level moves to the landmarks' value at its share of darker pixels (the middle of its own histogram bin)."""
+    counts = np.bincount(image.ravel(), minlength=256)
+    share = (np.cumsum(counts) - counts / 2) / image.size
+    lookup = np.interp(share, LANDMARK_QUANTILES, np.asarray(landmarks, np.float64))
+    return np.round(lookup).clip(0, 255).astype(np.uint8)[image]
+
+
+class StandardizeIntensity(A.ImageOnlyTransform):
+    """`standardize_intensity` as the first step of a transform, at the image's own size."""
+
+    def __init__(self, landmarks: Iterable[float], p: float = 1.0):
+        super().__init__(p=p)
+        self.landmarks = tuple(landmarks)
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        return standardize_intensity(img, self.landmarks)
+
+
+def _standardize(landmarks: Iterable[float] | None) -> list:
+    return [StandardizeIntensity(landmarks)] if landmarks is not None else []
+
+
 AUGMENTATIONS = ("standard", "strong")
 
 
 def build_train_transform(height: int, width: int, modality: str = "xray", normalize: bool = True,
                           window: tuple[int, int] | None = None, flip: bool = True,
-                          augment: str = "standard") -> A.Compose:
+                          augment: str = "standard", landmarks: Iterable[float] | None = None) -> A.Compose:
     """The seeds' panoramic recipe; `modality="ultrasound"` gives the TG3K variant (speckle, larger affine).
     `augment="strong"` gives X-rays that affine too (scale ±10 %, shift ±5 %, rotation ±10° instead of ±5°),
     for small labelled sets; ultrasound always has it.
     With `window` (H, W), training sees a random crop of that size, taken after the geometric augmentation.
-    `flip=False` leaves the horizontal flip to the dataset (TeethDataset, which must renumber the teeth)."""
+    `flip=False` leaves the horizontal flip to the dataset (TeethDataset, which must renumber the teeth).
+    With `landmarks`, each image is first standardised to them (`standardize_intensity`)."""
     if augment not in AUGMENTATIONS:
         raise ToothSegError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     flips = [A.HorizontalFlip(p=0.5)] if flip else []
@@ -69,11 +112,13 @@ def build_train_transform(height: int, width: int, modality: str = "xray", norma
     # image, so training should see spine, ramus and edges as often as they occur there, which is where stray
     # false-positive blobs come from. It needs no mask either, so the unlabelled views of --semi crop alike.
     crop = [A.RandomCrop(*window)] if window is not None else []
-    return A.Compose([A.Resize(height, width), *geometric, *crop, *photometric] + _to_tensor(normalize))
+    return A.Compose([*_standardize(landmarks), A.Resize(height, width), *geometric, *crop, *photometric]
+                     + _to_tensor(normalize))
 
 
-def build_eval_transform(height: int, width: int, normalize: bool = True) -> A.Compose:
-    return A.Compose([A.Resize(height, width)] + _to_tensor(normalize))
+def build_eval_transform(height: int, width: int, normalize: bool = True,
+                         landmarks: Iterable[float] | None = None) -> A.Compose:
+    return A.Compose([*_standardize(landmarks), A.Resize(height, width)] + _to_tensor(normalize))
 
 
 def _to_tensor(normalize: bool) -> list:

@@ -163,7 +163,8 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
 
 
 def load_ensemble(paths: list[Path], device) -> list:
-    """Predictors of one or more checkpoints; an ensemble must share the input size to average at it."""
+    """Predictors of one or more checkpoints; an ensemble must share the input size to average at it, and the
+    intensity standardisation, since its members see one transformed image."""
     predictors = [load_predictor(path, device) for path in paths]
     sizes = {p.checkpoint.data.input_size for p in predictors}
     if len(sizes) > 1:
@@ -172,6 +173,9 @@ def load_ensemble(paths: list[Path], device) -> list:
     if len({str(p.classes) for p in predictors}) > 1:
         raise ToothSegError(f"{paths[0]}: the checkpoints predict different classes (binary, or other tooth numbers); "
                             f"average only models of one task and class list")
+    if len({p.checkpoint.data.intensity_landmarks for p in predictors}) > 1:
+        raise ToothSegError(f"{paths[0]}: the checkpoints standardise intensities differently (finetune_seg.py "
+                            f"--standardize-intensity, or its training images); average only models that share it")
     return predictors
 
 

@@ -38,7 +38,7 @@ import torch
 
 from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
 from data import (AUGMENTATIONS, EpochMix, SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset,
-                  build_eval_transform, build_train_transform, denormalize, modality_of)
+                  build_eval_transform, build_train_transform, denormalize, intensity_landmarks, modality_of)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
@@ -94,6 +94,10 @@ def parse_args(argv=None):
     data.add_argument("--augment", choices=AUGMENTATIONS, default="standard",
                       help="standard: flips, rotations of ±5°, brightness, contrast, noise and blur; strong: also scale "
                            "±10 %%, shift ±5 %% and rotations of ±10° (ultrasound always has these)")
+    data.add_argument("--standardize-intensity", action="store_true",
+                      help="match each image's histogram to the training images' mean one (histogram standardisation, "
+                           "recorded in the checkpoint, so eval.py and the notebook do the same): another clinic's "
+                           "exposure and contrast curve then look like the training clinic's")
     optim.add_argument("--lambda-dice", type=float, metavar="L",
                        help="loss = BCE + L * soft Dice (binary, default 0.2), or cross-entropy + L * soft Dice over the "
                             "tooth classes (teeth, default 1.0, as nnU-Net)")
@@ -291,16 +295,16 @@ def epoch_draws(args, dist, natural: int) -> int:
     return args.steps_per_epoch * args.batch_size * dist.world_size if args.steps_per_epoch else natural
 
 
-def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: str):
+def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: str, landmarks):
     """The per-tooth task's training and validation sets, and its classes."""
     classes = tooth_classes(args, train_samples)
     if not classes:
         raise ToothSegError(f"{args.resume}: is a binary model; resume it without --task teeth")
     transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window, flip=False,
-                                      augment=args.augment)
+                                      augment=args.augment, landmarks=landmarks)
     train_set = TeethDataset(train_samples, transform, classes, mirror=True, seed=args.seed, cache=args.cache_images)
-    val_set = TeethDataset(splits["val"], build_eval_transform(args.img_height, args.img_width), classes,
-                           seed=args.seed, fixed=True, cache=args.cache_images)
+    val_transform = build_eval_transform(args.img_height, args.img_width, landmarks=landmarks)
+    val_set = TeethDataset(splits["val"], val_transform, classes, seed=args.seed, fixed=True, cache=args.cache_images)
     return train_set, val_set, classes
 
 
@@ -324,8 +328,10 @@ def main(argv=None):
         raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; "
                             f"rebuild the index with a larger --val-ratio")
     modality = modality_of(train_samples)
+    # The labelled training images set the reference, so a student of the same labels shares its teacher's.
+    landmarks = intensity_landmarks(train_samples) if args.standardize_intensity else None
     train_transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window,
-                                            augment=args.augment)
+                                            augment=args.augment, landmarks=landmarks)
     pool = unlabelled_pool(args.images_dir, index, splits["train"], (s.pair_id for s in train_samples))
     if (args.semi or args.pseudo_labels is not None) and not pool:
         raise ToothSegError(f"{index or args.images_dir}: no unlabelled images to learn from; add some with "
@@ -334,11 +340,11 @@ def main(argv=None):
         if args.pseudo_labels is not None else ([], None)
     classes = None
     if teeth:
-        labelled, val_set, classes = teeth_datasets(args, splits, train_samples, modality)
+        labelled, val_set, classes = teeth_datasets(args, splits, train_samples, modality, landmarks)
     else:
         labelled = SegmentationDataset(train_samples, train_transform, seed=args.seed, cache=args.cache_images)
-        val_set = SegmentationDataset(splits["val"], build_eval_transform(args.img_height, args.img_width),
-                                      seed=args.seed, fixed=True, cache=args.cache_images)
+        val_transform = build_eval_transform(args.img_height, args.img_width, landmarks=landmarks)
+        val_set = SegmentationDataset(splits["val"], val_transform, seed=args.seed, fixed=True, cache=args.cache_images)
     if args.semi:  # a labelled and an unlabelled item per draw
         unlabelled = UnlabelledDataset(pool, train_transform, seed=args.seed, cache=args.cache_images)
         train_set = SemiDataset(labelled, unlabelled, epoch_draws(args, dist, max(len(labelled), len(unlabelled))))
@@ -385,7 +391,8 @@ def main(argv=None):
     trainer = build_trainer(args, task=task, model=model, kind="segmentation",
                             data=data_spec(args, modality=modality, split=split,
                                            mask_threshold=source_mask_threshold(train_samples, index),
-                                           window=args.window, window_overlap=args.window_overlap),
+                                           window=args.window, window_overlap=args.window_overlap,
+                                           intensity_landmarks=landmarks),
                             task_settings=settings,
                             steps_per_epoch=len(train_loader), device=device, dist=dist, monitor="val/dice", mode="max",
                             patience=args.patience, frozen_prefixes=ENCODER_PREFIXES if args.freeze_encoder_epochs else (),

@@ -299,8 +299,10 @@ class Predictor:
         return self.checkpoint.path
 
     def transform(self):
-        """The eval transform at the checkpoint's input size (resize + normalise + to tensor)."""
-        return build_eval_transform(*self.checkpoint.data.input_size)
+        """The eval transform at the checkpoint's input size (standardise intensities if it trained so, resize,
+        normalise, to tensor)."""
+        data = self.checkpoint.data
+        return build_eval_transform(*data.input_size, landmarks=data.intensity_landmarks)
 
     def network_input(self, image: np.ndarray) -> torch.Tensor:
         """(1, 1, h, w) normalised tensor at network size, via the eval transform."""

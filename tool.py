@@ -93,6 +93,12 @@ def size_text(path: Path) -> str:
         size /= 1024
 
 
+def quartiles(landmarks) -> list[float]:
+    """The grey levels at a quarter, half and three quarters of equally spaced quantile landmarks."""
+    last = len(landmarks) - 1
+    return [landmarks[round(last * share)] for share in (0.25, 0.5, 0.75)]
+
+
 def describe(record: Checkpoint | None) -> str:
     if record is None:
         return "bare state_dict"
@@ -130,7 +136,10 @@ def inspect_file(path: Path, show_keys: bool) -> None:
             ["input", f"{data.input_size[0]} x {data.input_size[1]} (H x W), {data.modality}, "
                       f"normalised (x - {data.norm_mean}) / {data.norm_std} on the [0, 1] scale"
                       + (f"; trained on {data.window[0]} x {data.window[1]} crops, predicted in such windows "
-                         f"overlapping {data.window_overlap:g}" if data.window else "")],
+                         f"overlapping {data.window_overlap:g}" if data.window else "")
+                      + ("; grey levels standardised to the training images' histogram (quartiles "
+                         + "/".join(f"{quartile:.0f}" for quartile in quartiles(data.intensity_landmarks)) + ")"
+                         if data.intensity_landmarks else "")],
             ["data", f"{data.images_dir or '?'}" + (f", masks {data.masks_dir}" if data.masks_dir else "")
                      + (f", masks binarised at > {data.mask_threshold}" if data.mask_threshold is not None else "")],
             ["splits", f"index {split.index}" if split.index else
