@@ -408,7 +408,8 @@ def write_outputs(args, records: list[dict]) -> None:
     text = ["# Study: unlabelled images and pretraining" + (", per-tooth task" if teeth else ""), "", f"Images: `{args.images_dir}`, input "
             f"{args.img_height}x{args.img_width}, base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, "
             f"fine-tuning {args.finetune_epochs} epochs"
-            f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''}, {args.pseudo_rounds} round(s) of "
+            f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''} (extra flags: "
+            f"`{args.finetune_args or 'none'}`), {args.pseudo_rounds} round(s) of "
             f"pseudo-labels (pseudo/online extra flags: "
             f"`{args.semi_args or 'none'}`), "
             f"batch {args.batch_size}.", "", *lines, ""]

@@ -77,6 +77,7 @@ def test_study_outputs_summarise_every_cell(tiny_study):
         assert float(row["dice"]) == cell["dice"] == summary["metrics"]["dice"]["mean"]
     table = (tiny_study / "study.md").read_text()
     assert "| unet | mim | none | 1 | 1 |" in table and "Dice − supervised scratch" in table
+    assert "fine-tuning 2 epochs (extra flags: `none`)" in table  # what every fine-tune ran with
     figure = cv2.imread(str(tiny_study / "study_dice.png"))
     assert figure is not None and figure.shape[0] > 200
 
