@@ -34,9 +34,9 @@ def check_same_size(labels: np.ndarray, size: tuple[int, int], path, what: str =
 
 
 # Histogram standardisation (Nyul & Udupa 1999; TorchIO's HistogramStandardization), with a landmark at every
-# 1/256 of the pixels: X-ray units and clinics differ in exposure and contrast curve, so a model trained on one clinic's
-# grey levels meets another's shifted. Each image's grey levels are moved so that its quantiles fall on the
-# training images' mean quantiles, a monotone map that keeps which tissue is brighter than which.
+# 1/256 of the pixels: X-ray units and clinics differ in exposure and contrast curve, so a model trained on one
+# clinic's grey levels meets another's shifted. Each image's grey levels are moved so that its quantiles fall on
+# the training images' mean quantiles, a monotone map that keeps which tissue is brighter than which.
 LANDMARK_QUANTILES = np.linspace(0.0, 1.0, 257)
 
 
