@@ -80,6 +80,7 @@ def test_prediction_standardizes_as_the_model_trained(standardized):
     assert torch.equal(predictor.network_input(image), predictor.network_input(other))
     assert (raw.network_input(image) - raw.network_input(other)).abs().mean() > 0.5
 
+
 def test_eval_refuses_an_ensemble_that_standardizes_differently(standardized, phantom_data_root, tmp_path):
     finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir",
                        str(tmp_path / "raw"), *NET, "--epochs", "1"])
@@ -96,7 +97,6 @@ def test_resume_keeps_the_standardization(phantom_data_root, tmp_path, interrupt
         finetune_seg.main([*flags[:-1], "--resume", str(tmp_path / "last.pth")])
     finetune_seg.main([*flags, "--resume", str(tmp_path / "last.pth")])
     assert open_checkpoint(tmp_path / "last.pth").epoch == 2
-
 
 
 def test_the_inspector_shows_the_standardization(standardized, capsys):
