@@ -36,6 +36,9 @@ share of matched teeth with the right number), and the binary metrics of the uni
 writes OUT_DIR/per_tooth.csv (each FDI number's mean Dice). --save-preds (and predict mode) writes a label
 map PNG (pixel = FDI number) and a tooth chart JSON per image: each tooth's number, area, bounding box and
 mean probability. Best and worst overlays show the prediction above the truth, each tooth numbered.
+With --union-from, binary checkpoints (averaged, at --threshold, at each image's own size) draw the teeth's
+union and the per-tooth model numbers each of its pixels: a binary model at a higher resolution outlines the
+teeth better than a per-tooth model at its smaller input.
 
 Examples:
   python eval.py --checkpoint ./checkpoints/finetune_mim_unet/best.pth --split test
@@ -44,11 +47,13 @@ Examples:
   python eval.py --checkpoint teacher_a/best.pth teacher_b/best.pth --split unlabelled --save-probs ./pseudo
   python eval.py --checkpoint best.pth --split test --min-component auto
   python eval.py --checkpoint ./checkpoints/teeth --images-dir ./new_xrays --save-preds ./tooth_charts
+  python eval.py --checkpoint ./checkpoints/teeth --union-from ./checkpoints/binary_256x512 --split test --tta
 """
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import time
 from pathlib import Path
@@ -118,6 +123,9 @@ def parse_args(argv=None):
     inference.add_argument("--join-strays", action="store_true",
                            help="per-tooth models, with --one-region-per-tooth or --arch-order: a stray region joins "
                                 "the tooth it borders most instead of becoming background")
+    inference.add_argument("--union-from", type=Path, nargs="+", metavar="CKPT",
+                           help="per-tooth models: binary checkpoints (any input size; several average) whose mask "
+                                "at --threshold is the teeth's union, each of its pixels numbered by the per-tooth model")
     inference.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per forward pass")
     inference.add_argument("--workers", "--num-workers", dest="workers", type=non_negative_int, default=2, metavar="N",
                            help="DataLoader worker processes")
@@ -206,7 +214,8 @@ class BinaryOutputs:
     def __init__(self, args, min_component: float):
         self.threshold, self.min_component = args.threshold, min_component
 
-    def predict(self, probs, size: tuple[int, int]) -> tuple[np.ndarray, None]:
+    def predict(self, probs, size: tuple[int, int], union_probs=None) -> tuple[np.ndarray, None]:
+        """The mask and its confidence map (None) at the image's own size; `union_probs` is for per-tooth models."""
         return mask_at_size(probs, size, self.threshold, self.min_component), None
 
     def truth(self, sample, size: tuple[int, int]) -> np.ndarray:
@@ -242,10 +251,13 @@ class TeethOutputs(BinaryOutputs):
 
     def __init__(self, args, classes: list[int]):
         self.classes, self.one_region, self.arch_order = classes, args.one_region_per_tooth, args.arch_order
-        self.join_strays = args.join_strays
+        self.join_strays, self.threshold = args.join_strays, args.threshold
 
-    def predict(self, probs, size):
-        return teeth_at_size(probs, size, self.classes, self.one_region, self.arch_order, self.join_strays)
+    def predict(self, probs, size, union_probs=None):
+        """The label map and each pixel's probability of its label; `union_probs`, the --union-from models'
+        probabilities at their network size, draw the teeth's union."""
+        union = None if union_probs is None else mask_at_size(union_probs, size, self.threshold)
+        return teeth_at_size(probs, size, self.classes, self.one_region, self.arch_order, self.join_strays, union)
 
     def truth(self, sample, size):
         return check_same_size(read_label_map(sample.teeth), size, sample.teeth, "label map")
@@ -335,6 +347,12 @@ def main(argv=None):
     if (args.one_region_per_tooth or args.arch_order) and not classes:
         flag = "--arch-order" if args.arch_order else "--one-region-per-tooth"
         raise ToothSegError(f"{ckpt.path}: is a binary model; {flag} applies to per-tooth models (use --min-component)")
+    if args.union_from and not classes:
+        raise ToothSegError(f"{ckpt.path}: is a binary model; --union-from gives a per-tooth model the union of its teeth")
+    union_predictors = load_ensemble(args.union_from, device) if args.union_from else []
+    if union_predictors and union_predictors[0].classes:
+        raise ToothSegError(f"{union_predictors[0].path}: is a per-tooth model; --union-from takes binary checkpoints "
+                            f"(finetune_seg.py --task binary)")
     if args.join_strays and not (args.one_region_per_tooth or args.arch_order):
         raise ToothSegError("--join-strays says what becomes of the strays that --one-region-per-tooth or --arch-order "
                             "removes; add one of them")
@@ -356,6 +374,8 @@ def main(argv=None):
     windows = [p.checkpoint.data.window for p in predictors]
     models = ", ".join(f"{p.checkpoint.model.name} from {p.path}" + (f" (in {w[0]}x{w[1]} windows)" if w else "")
                        for p, w in zip(predictors, windows))
+    if union_predictors:
+        models += "; the teeth's union from " + ", ".join(str(p.path) for p in union_predictors)
     print(f"{'predicting' if predict else 'evaluating'} {what} with {models} on {device}")
     started = time.time()
     min_component = choose_min_component(predictors, args, device) if args.min_component == "auto" else \
@@ -365,12 +385,15 @@ def main(argv=None):
 
     # Inference at network size, masks (or label maps) and scores at each image's own size.
     rows, skipped, kept_preds, pseudo = [], [], {}, []
-    for sample, error, size, probs in predictions(predictors, samples, args, device, split):
+    # Both loaders keep the samples' order and yield unreadable images too, so the pairs stay aligned.
+    unions = (probs for *_, probs in predictions(union_predictors, samples, args, device, f"{split} (--union-from)")) \
+        if union_predictors else itertools.repeat(None)
+    for (sample, error, size, probs), union_probs in zip(predictions(predictors, samples, args, device, split), unions):
         pair_id = sample.pair_id
         if error:
             skipped.append({"image": str(sample.image), "reason": error})
             continue
-        pred, confidence = outputs.predict(probs, size)
+        pred, confidence = outputs.predict(probs, size, union_probs)
         if args.save_probs is not None:
             prob = prob_at_size(probs, size)
             write_png(args.save_probs / f"{pair_id}.png", np.round(prob * 255).astype(np.uint8))
@@ -414,6 +437,7 @@ def main(argv=None):
         "one_region_per_tooth": args.one_region_per_tooth if classes else None,
         "arch_order": args.arch_order if classes else None,
         "join_strays": args.join_strays if classes else None,
+        "union_from": [str(p.path) for p in union_predictors] or None,
         "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch, "ensemble": [str(p.path) for p in predictors],
         "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
         "window": list(ckpt.data.window) if ckpt.data.window else None, "window_overlap": ckpt.data.window_overlap,

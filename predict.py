@@ -250,15 +250,19 @@ def region_areas(where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def teeth_at_size(probs: torch.Tensor, size: tuple[int, int], classes: list[int],
-                  one_region: bool = False, arch_order: bool = False,
-                  join_strays: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  one_region: bool = False, arch_order: bool = False, join_strays: bool = False,
+                  union: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A per-tooth model's (1, C, h, w) class probabilities resized (bilinear) to the image's own (H, W), then
     (FDI label map, uint8; each pixel's probability of its label, float32): each pixel takes its most
-    probable class; with `one_region` each tooth keeps only its largest region, and with `arch_order` the
-    teeth are also renumbered to run in order along each jaw (order_along_arch); `join_strays` as in
-    keep_largest_region."""
+    probable class, or with `union` (a boolean HxW mask of the teeth, e.g. a binary model's) each pixel of the
+    union its most probable tooth and every other pixel background; with `one_region` each tooth keeps only
+    its largest region, and with `arch_order` the teeth are also renumbered to run in order along each jaw
+    (order_along_arch); `join_strays` as in keep_largest_region."""
     resized = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)[0]
-    chosen = resized.argmax(0)
+    if union is None:
+        chosen = resized.argmax(0)
+    else:  # class 0 is the background (mirror_closed numbers follow it)
+        chosen = torch.where(torch.from_numpy(union).to(resized.device), resized[1:].argmax(0) + 1, 0)
     label_map = np.asarray(classes, np.uint8)[chosen.cpu().numpy()]
     if arch_order:
         label_map = order_along_arch(label_map, resized.cpu().numpy(), classes, join_strays)

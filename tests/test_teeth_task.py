@@ -3,6 +3,7 @@ teeth, flip TTA in class space, post-processing and the tooth chart."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +223,21 @@ def test_teeth_at_size_gives_the_probability_of_each_final_label():
     assert (plain == labels).all() and np.allclose(confidence[:, 1:4], 0.5)
 
 
+def test_a_union_mask_decides_tooth_or_background_and_the_teeth_decide_the_number():
+    classes = [0] + mirror_closed([14, 15])
+    probs = torch.zeros(1, len(classes), 4, 6)
+    probs[0, 0] = 0.6  # background most probable everywhere
+    probs[0, classes.index(14), :, :3], probs[0, classes.index(15), :, 3:] = 0.3, 0.3
+    union = np.zeros((4, 6), bool)
+    union[1:3, 1:5] = True
+    labels, confidence = teeth_at_size(probs, union.shape, classes, union=union)
+    expected = np.zeros((4, 6), np.uint8)
+    expected[1:3, 1:3], expected[1:3, 3:5] = 14, 15
+    assert (labels == expected).all()
+    assert np.allclose(confidence[union], 0.3) and np.allclose(confidence[~union], 0.6)
+    assert (teeth_at_size(probs, union.shape, classes)[0] == 0).all()  # without the union: all background
+
+
 def test_tooth_chart_gives_area_box_and_probability():
     labels = np.zeros((6, 10), np.uint8)
     labels[1:3, 2:6] = 36
@@ -344,14 +360,54 @@ def test_binary_only_flags_are_refused_for_a_per_tooth_model(teeth_run):
         eval_script.main(["--checkpoint", str(teeth_run), "--min-component", "0.001", "--cpu"])
 
 
-def test_a_binary_checkpoint_initialises_all_but_the_head(phantom_data_root, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def binary_run(phantom_data_root, tmp_path_factory):
+    """A binary model on the teeth_run's data, at a larger input than the per-tooth model's."""
     import finetune_seg
 
-    data = ["--images-dir", str(phantom_data_root / "processed_2d"), *TEETH_NET]
-    finetune_seg.main([*data, "--checkpoint-dir", str(tmp_path / "binary"), "--epochs", "1"])
-    capsys.readouterr()
-    finetune_seg.main([*data, "--task", "teeth", "--init-from", str(tmp_path / "binary"),
-                       "--checkpoint-dir", str(tmp_path / "teeth"), "--epochs", "1"])
+    out = tmp_path_factory.mktemp("binary_run")
+    finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir", str(out),
+                       "--epochs", "3", "--lr", "3e-3", *TEETH_NET, "--img-height", "96", "--img-width", "192"])
+    return out
+
+
+def test_union_from_a_binary_model_outlines_the_teeth_the_per_tooth_model_numbers(teeth_run, binary_run, tmp_path):
+    import json
+
+    import eval as eval_script
+    from predict import load_predictor
+    from utils import read_image, to_uint8
+
+    eval_script.main(["--checkpoint", str(teeth_run), "--union-from", str(binary_run), "--save-preds",
+                      str(tmp_path / "preds"), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0", "--top-k", "0"])
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["union_from"] == [str(load_predictor(binary_run).path)]
+    teeth, binary = load_predictor(teeth_run), load_predictor(binary_run)
+    for saved in sorted((tmp_path / "preds").glob("*.png")):
+        image = to_uint8(read_image(Path(json.loads(saved.with_suffix(".json").read_text())["image"])))
+        union = binary.predict(image)
+        labels = read_image(saved)
+        assert union.any() and ((labels > 0) == union).all()  # the binary model's mask, every pixel numbered
+        expected, _ = teeth_at_size(teeth.probabilities(teeth.network_input(image)), image.shape, teeth.classes,
+                                    union=union)
+        assert (labels == expected).all()
+
+
+def test_union_from_needs_a_per_tooth_model_and_binary_unions(teeth_run, binary_run):
+    import eval as eval_script
+    from utils import ToothSegError
+
+    with pytest.raises(ToothSegError, match="is a binary model; --union-from gives a per-tooth model"):
+        eval_script.main(["--checkpoint", str(binary_run), "--union-from", str(binary_run), "--cpu"])
+    with pytest.raises(ToothSegError, match="is a per-tooth model; --union-from takes binary checkpoints"):
+        eval_script.main(["--checkpoint", str(teeth_run), "--union-from", str(teeth_run), "--cpu"])
+
+
+def test_a_binary_checkpoint_initialises_all_but_the_head(phantom_data_root, binary_run, tmp_path, capsys):
+    import finetune_seg
+
+    finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), *TEETH_NET, "--task", "teeth",
+                       "--init-from", str(binary_run), "--checkpoint-dir", str(tmp_path / "teeth"), "--epochs", "1"])
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("init from"))
     assert "missing 0" in report and "mismatched 2 (head.conv.weight, head.conv.bias)" in report, report
 
