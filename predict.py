@@ -335,11 +335,7 @@ class Predictor:
               rotations: tuple[float, ...] = (), arch_order: bool = False,
               join_strays: bool = False) -> tuple[np.ndarray, list[dict]]:
         """A per-tooth model's FDI label map of an image at its own size and its tooth chart (`tooth_chart`)."""
-        if not self.classes:
-            raise ToothSegError(f"{self.path}: is a binary model; tooth charts need a per-tooth model (finetune_seg.py --task teeth)")
-        probs = self.probabilities(self.network_input(image), tta, rotations)
-        labels, confidence = teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order, join_strays)
-        return labels, tooth_chart(labels, confidence)
+        return ensemble_chart([self], image, tta, one_region, rotations, arch_order, join_strays)
 
     def saliency(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
         """`get_saliency_map` for an original-size uint8 image, resized back to its size. `region`
@@ -362,6 +358,25 @@ class Predictor:
             raise ToothSegError(f"{image_path}: not one of the {'per-tooth ' if self.classes else ''}labelled images "
                                 f"of {self.path}; pass its {'label map' if self.classes else 'mask'} explicitly")
         return read_label_map(mask_path) if self.classes else read_mask(mask_path)
+
+
+def ensemble_chart(predictors: list[Predictor], image: np.ndarray, tta: bool = False, one_region: bool = False,
+                   rotations: tuple[float, ...] = (), arch_order: bool = False, join_strays: bool = False,
+                   union_from: list[Predictor] = (), threshold: float = 0.5) -> tuple[np.ndarray, list[dict]]:
+    """What eval.py predicts for one image with per-tooth checkpoints (their probabilities averaged at network
+    size) and --union-from binary ones (averaged, at `threshold`): the FDI label map at the image's own size and
+    its tooth chart."""
+    if not predictors[0].classes:
+        raise ToothSegError(f"{predictors[0].path}: is a binary model; tooth charts need a per-tooth model "
+                            f"(finetune_seg.py --task teeth)")
+
+    def mean_probabilities(members: list[Predictor]) -> torch.Tensor:
+        return sum(p.probabilities(p.network_input(image), tta, rotations) for p in members) / len(members)
+
+    union = mask_at_size(mean_probabilities(union_from), image.shape[:2], threshold) if union_from else None
+    labels, confidence = teeth_at_size(mean_probabilities(predictors), image.shape[:2], predictors[0].classes,
+                                       one_region, arch_order, join_strays, union)
+    return labels, tooth_chart(labels, confidence)
 
 
 def load_predictor(source: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:

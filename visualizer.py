@@ -31,7 +31,7 @@ from engine import autocast, checkpoint_amp, memory_format, reconstruction_visua
 from index import read_mask
 from metrics import masked_l1_loss, segmentation_metrics, tooth_metrics
 from overlay import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, overlay_mask, overlay_teeth
-from predict import Predictor, load_predictor
+from predict import Predictor, ensemble_chart, load_predictor
 from teeth import read_label_map
 from utils import ToothSegError, atomic_path, read_image, to_uint8
 
@@ -298,12 +298,14 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
     """The k best and k worst images of a per-tooth eval.py run (by per-tooth Dice): each as the predicted teeth
     coloured and numbered over the X-ray (on black with `xray=False`, for a figure that must not carry the
     images), beside its dental chart against the true teeth. Re-predicted with the evaluated checkpoint and
-    eval's TTA, --one-region-per-tooth, --arch-order and --join-strays; refuses a stale per_image.csv."""
+    eval's ensemble, TTA, --one-region-per-tooth, --arch-order, --join-strays and --union-from; refuses a stale
+    per_image.csv."""
     rows, summary = read_eval_run(per_image_csv)
     if "tooth_dice" not in rows[0]:
         raise ToothSegError(f"{per_image_csv}: not a per-tooth evaluation (no tooth_dice column); evaluate a "
                             f"finetune_seg.py --task teeth checkpoint")
-    predictor = load_predictor(summary["checkpoint"], device)
+    members = [load_predictor(path, device) for path in summary.get("ensemble") or [summary["checkpoint"]]]
+    union_from = [load_predictor(path, device) for path in summary.get("union_from") or []]
     ranked = sorted(rows, key=lambda r: float(r["tooth_dice"]), reverse=True)
     k = min(k, len(ranked))
     chosen = [("best", r) for r in ranked[:k]] + [("worst", r) for r in ranked[::-1][:k]]
@@ -313,9 +315,9 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
     for (label, record), (image_ax, chart_ax) in zip(chosen, axes):
         image = read_gray(record["image"])
         truth = read_label_map(record["teeth"])
-        labels, chart = predictor.chart(image, summary["tta"], bool(summary.get("one_region_per_tooth")),
-                                        tuple(summary.get("tta_rotate") or ()), bool(summary.get("arch_order")),
-                                        bool(summary.get("join_strays")))
+        labels, chart = ensemble_chart(members, image, summary["tta"], bool(summary.get("one_region_per_tooth")),
+                                       tuple(summary.get("tta_rotate") or ()), bool(summary.get("arch_order")),
+                                       bool(summary.get("join_strays")), union_from, summary["threshold"])
         scores = tooth_metrics(labels, truth)
         if abs(scores["tooth_dice"] - float(record["tooth_dice"])) > 0.01:
             raise ToothSegError(f"{per_image_csv}: per-tooth Dice of {record['pair_id']} no longer matches "

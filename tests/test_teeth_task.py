@@ -371,26 +371,36 @@ def binary_run(phantom_data_root, tmp_path_factory):
     return out
 
 
-def test_union_from_a_binary_model_outlines_the_teeth_the_per_tooth_model_numbers(teeth_run, binary_run, tmp_path):
+def test_union_from_a_binary_model_outlines_the_teeth_the_per_tooth_model_numbers(teeth_run, binary_run, tmp_path,
+                                                                                   monkeypatch):
     import json
 
     import eval as eval_script
-    from predict import load_predictor
+    from predict import ensemble_chart, load_predictor
+    import visualizer
     from utils import read_image, to_uint8
 
-    eval_script.main(["--checkpoint", str(teeth_run), "--union-from", str(binary_run), "--save-preds",
-                      str(tmp_path / "preds"), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0", "--top-k", "0"])
+    eval_script.main(["--checkpoint", str(teeth_run), str(teeth_run), "--union-from", str(binary_run), "--tta",
+                      "--save-preds", str(tmp_path / "preds"), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0",
+                      "--top-k", "0"])
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["union_from"] == [str(load_predictor(binary_run).path)]
     teeth, binary = load_predictor(teeth_run), load_predictor(binary_run)
     for saved in sorted((tmp_path / "preds").glob("*.png")):
         image = to_uint8(read_image(Path(json.loads(saved.with_suffix(".json").read_text())["image"])))
-        union = binary.predict(image)
+        union = binary.predict(image, tta=True)
         labels = read_image(saved)
         assert union.any() and ((labels > 0) == union).all()  # the binary model's mask, every pixel numbered
-        expected, _ = teeth_at_size(teeth.probabilities(teeth.network_input(image)), image.shape, teeth.classes,
-                                    union=union)
+        expected, _ = teeth_at_size(teeth.probabilities(teeth.network_input(image), tta=True), image.shape,
+                                    teeth.classes, union=union)
         assert (labels == expected).all()
+        # The notebook's re-prediction (an ensemble of the model with itself) gives the same map.
+        assert (ensemble_chart([teeth, teeth], image, tta=True, union_from=[binary])[0] == labels).all()
+    # The notebook's gallery re-predicts with both members and the union.
+    members = []
+    monkeypatch.setattr(visualizer, "ensemble_chart", lambda *args: members.append(args) or ensemble_chart(*args))
+    visualizer.tooth_chart_gallery(tmp_path / "ev" / "per_image.csv", k=1)
+    assert members and all(len(args[0]) == 2 and [p.path for p in args[7]] == [binary.path] for args in members)
 
 
 def test_union_from_needs_a_per_tooth_model_and_binary_unions(teeth_run, binary_run):
