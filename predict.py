@@ -360,6 +360,19 @@ class Predictor:
         return read_label_map(mask_path) if self.classes else read_mask(mask_path)
 
 
+def mean_probabilities(predictors: list[Predictor], image: np.ndarray, tta: bool = False,
+                       rotations: tuple[float, ...] = ()) -> torch.Tensor:
+    """One image's probabilities at network size averaged over checkpoints of one input size, as eval.py's
+    ensembles average them."""
+    return sum(p.probabilities(p.network_input(image), tta, rotations) for p in predictors) / len(predictors)
+
+
+def ensemble_mask(predictors: list[Predictor], image: np.ndarray, threshold: float = 0.5, tta: bool = False,
+                  min_component: float = 0.0, rotations: tuple[float, ...] = ()) -> np.ndarray:
+    """What eval.py predicts for one image with binary checkpoints (averaged): the mask at the image's own size."""
+    return mask_at_size(mean_probabilities(predictors, image, tta, rotations), image.shape[:2], threshold, min_component)
+
+
 def ensemble_chart(predictors: list[Predictor], image: np.ndarray, tta: bool = False, one_region: bool = False,
                    rotations: tuple[float, ...] = (), arch_order: bool = False, join_strays: bool = False,
                    union_from: list[Predictor] = (), threshold: float = 0.5) -> tuple[np.ndarray, list[dict]]:
@@ -369,13 +382,9 @@ def ensemble_chart(predictors: list[Predictor], image: np.ndarray, tta: bool = F
     if not predictors[0].classes:
         raise ToothSegError(f"{predictors[0].path}: is a binary model; tooth charts need a per-tooth model "
                             f"(finetune_seg.py --task teeth)")
-
-    def mean_probabilities(members: list[Predictor]) -> torch.Tensor:
-        return sum(p.probabilities(p.network_input(image), tta, rotations) for p in members) / len(members)
-
-    union = mask_at_size(mean_probabilities(union_from), image.shape[:2], threshold) if union_from else None
-    labels, confidence = teeth_at_size(mean_probabilities(predictors), image.shape[:2], predictors[0].classes,
-                                       one_region, arch_order, join_strays, union)
+    union = ensemble_mask(union_from, image, threshold, tta, rotations=rotations) if union_from else None
+    labels, confidence = teeth_at_size(mean_probabilities(predictors, image, tta, rotations), image.shape[:2],
+                                       predictors[0].classes, one_region, arch_order, join_strays, union)
     return labels, tooth_chart(labels, confidence)
 
 

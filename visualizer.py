@@ -31,7 +31,7 @@ from engine import autocast, checkpoint_amp, memory_format, reconstruction_visua
 from index import read_mask
 from metrics import masked_l1_loss, segmentation_metrics, tooth_metrics
 from overlay import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, overlay_mask, overlay_teeth
-from predict import Predictor, ensemble_chart, load_predictor
+from predict import Predictor, ensemble_chart, ensemble_mask, load_predictor
 from teeth import read_label_map
 from utils import ToothSegError, atomic_path, read_image, to_uint8
 
@@ -224,12 +224,18 @@ def read_eval_run(per_image_csv: str | os.PathLike) -> tuple[list[dict], dict]:
     return rows, summary
 
 
+def evaluated_predictors(summary: dict, device: str) -> list[Predictor]:
+    """The checkpoints an eval.py run averaged (its summary's `ensemble`; older summaries name one `checkpoint`)."""
+    return [load_predictor(path, device) for path in summary.get("ensemble") or [summary["checkpoint"]]]
+
+
 def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str = "cpu",
                        save_path: str | os.PathLike | None = None):
     """The k best (top row) and k worst (bottom row) images of an eval.py run, by Dice, as overlays
-    re-predicted with the evaluated checkpoint and eval's threshold, TTA and --min-component (from summary.json)."""
+    re-predicted with the evaluated checkpoints (an ensemble averaged) and eval's threshold, TTA and
+    --min-component (from summary.json)."""
     rows, summary = read_eval_run(per_image_csv)
-    predictor = load_predictor(summary["checkpoint"], device)
+    members = evaluated_predictors(summary, device)
     min_component = (summary.get("min_component") or {}).get("fraction", 0.0)  # older summaries have none
     ranked = sorted(rows, key=lambda r: float(r["dice"]), reverse=True)
     k = min(k, len(ranked))
@@ -237,9 +243,9 @@ def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str
     for row, (label, chosen) in enumerate((("best", ranked[:k]), ("worst", ranked[::-1][:k]))):
         for col, record in enumerate(chosen):
             image = read_gray(record["image"])
-            gt = read_mask(record["mask"]) if record.get("mask") else predictor.ground_truth(record["image"])
-            pred = predictor.predict(image, summary["threshold"], summary["tta"], min_component,
-                                     rotations=tuple(summary.get("tta_rotate") or ()))
+            gt = read_mask(record["mask"]) if record.get("mask") else members[0].ground_truth(record["image"])
+            pred = ensemble_mask(members, image, summary["threshold"], summary["tta"], min_component,
+                                 tuple(summary.get("tta_rotate") or ()))
             if abs(dice_score(pred, gt) - float(record["dice"])) > 0.01:
                 raise ToothSegError(f"{per_image_csv}: Dice of {record['pair_id']} no longer matches "
                                     f"{summary['checkpoint']} (retrained since?); re-run eval.py")
@@ -304,7 +310,7 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
     if "tooth_dice" not in rows[0]:
         raise ToothSegError(f"{per_image_csv}: not a per-tooth evaluation (no tooth_dice column); evaluate a "
                             f"finetune_seg.py --task teeth checkpoint")
-    members = [load_predictor(path, device) for path in summary.get("ensemble") or [summary["checkpoint"]]]
+    members = evaluated_predictors(summary, device)
     union_from = [load_predictor(path, device) for path in summary.get("union_from") or []]
     ranked = sorted(rows, key=lambda r: float(r["tooth_dice"]), reverse=True)
     k = min(k, len(ranked))

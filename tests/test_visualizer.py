@@ -15,7 +15,7 @@ import torch
 import visualizer as vz
 from checkpoints import open_checkpoint
 from index import hold_out, pretraining_samples
-from predict import get_saliency_map, predict_probabilities
+from predict import ensemble_mask, get_saliency_map, predict_probabilities
 from utils import ToothSegError
 
 
@@ -246,6 +246,19 @@ def test_best_worst_gallery(tiny_study, tmp_path):
         vz.best_worst_gallery(stale / "per_image.csv", k=1)
     with pytest.raises(ToothSegError, match="cannot read"):
         vz.best_worst_gallery(tmp_path / "nowhere" / "per_image.csv")
+
+
+def test_best_worst_gallery_re_predicts_with_the_whole_ensemble(tiny_study, tmp_path, monkeypatch):
+    import eval as eval_script
+
+    cells = [tiny_study / "cells" / name for name in ("unet_scratch_f1_s0", "unet_fullimage_f1_s0")]
+    eval_script.main(["--checkpoint", *map(str, cells), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0",
+                      "--top-k", "0"])
+    members = []
+    monkeypatch.setattr(vz, "ensemble_mask", lambda *args: members.append(args) or ensemble_mask(*args))
+    vz.best_worst_gallery(tmp_path / "ev" / "per_image.csv", k=1)
+    expected = [open_checkpoint(cell).path for cell in cells]
+    assert len(members) == 2 and all([p.path for p in args[0]] == expected for args in members)
 
 
 # ----------------------------------------------------------------------------------------------
