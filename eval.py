@@ -68,7 +68,8 @@ from index import find_index, read_mask, samples_from_folders, unlabelled_pool
 from metrics import (ASSD_DEFINITION, METRIC_NAMES, TOOTH_SUMMARY_NAMES, overlap_metrics, segmentation_metrics, summarize,
                      summarize_teeth, tooth_metrics)
 from overlay import overlay_mask, overlay_teeth
-from predict import clean_mask, load_predictor, mask_at_size, prob_at_size, teeth_at_size, tooth_chart
+from predict import (clean_mask, load_predictor, mask_at_size, mean_probabilities, prob_at_size, teeth_at_size,
+                     tooth_chart)
 from semi import PseudoLabel, mean_entropy, write_manifest
 from teeth import read_label_map
 from utils import (ToothSegError, atomic_write_text, check_output_dir, make_parser, non_negative_int, positive_int,
@@ -195,7 +196,7 @@ def predictions(predictors: list, samples: list, args, device, desc: str):
                          device=device, seed=0)
     by_pair = {s.pair_id: s for s in samples}
     for images, meta in tqdm(loader, desc=desc, disable=None):
-        probs = sum(p.probabilities(images, args.tta, tuple(args.tta_rotate)) for p in predictors) / len(predictors)
+        probs = mean_probabilities(predictors, images, args.tta, tuple(args.tta_rotate))
         for i, pair_id in enumerate(meta["pair_id"]):
             size = (int(meta["orig_height"][i]), int(meta["orig_width"][i]))
             yield by_pair[pair_id], meta["error"][i], size, probs[i:i + 1]

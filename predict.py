@@ -360,17 +360,18 @@ class Predictor:
         return read_label_map(mask_path) if self.classes else read_mask(mask_path)
 
 
-def mean_probabilities(predictors: list[Predictor], image: np.ndarray, tta: bool = False,
+def mean_probabilities(predictors: list[Predictor], batch: torch.Tensor, tta: bool = False,
                        rotations: tuple[float, ...] = ()) -> torch.Tensor:
-    """One image's probabilities at network size averaged over checkpoints of one input size, as eval.py's
-    ensembles average them."""
-    return sum(p.probabilities(p.network_input(image), tta, rotations) for p in predictors) / len(predictors)
+    """An ensemble's probabilities of a batch of network inputs: the checkpoints share an input size and
+    intensity standardisation (eval.load_ensemble checks), and their probabilities are averaged at network size."""
+    return sum(p.probabilities(batch, tta, rotations) for p in predictors) / len(predictors)
 
 
 def ensemble_mask(predictors: list[Predictor], image: np.ndarray, threshold: float = 0.5, tta: bool = False,
                   min_component: float = 0.0, rotations: tuple[float, ...] = ()) -> np.ndarray:
     """What eval.py predicts for one image with binary checkpoints (averaged): the mask at the image's own size."""
-    return mask_at_size(mean_probabilities(predictors, image, tta, rotations), image.shape[:2], threshold, min_component)
+    probs = mean_probabilities(predictors, predictors[0].network_input(image), tta, rotations)
+    return mask_at_size(probs, image.shape[:2], threshold, min_component)
 
 
 def ensemble_chart(predictors: list[Predictor], image: np.ndarray, tta: bool = False, one_region: bool = False,
@@ -383,8 +384,9 @@ def ensemble_chart(predictors: list[Predictor], image: np.ndarray, tta: bool = F
         raise ToothSegError(f"{predictors[0].path}: is a binary model; tooth charts need a per-tooth model "
                             f"(finetune_seg.py --task teeth)")
     union = ensemble_mask(union_from, image, threshold, tta, rotations=rotations) if union_from else None
-    labels, confidence = teeth_at_size(mean_probabilities(predictors, image, tta, rotations), image.shape[:2],
-                                       predictors[0].classes, one_region, arch_order, join_strays, union)
+    probs = mean_probabilities(predictors, predictors[0].network_input(image), tta, rotations)
+    labels, confidence = teeth_at_size(probs, image.shape[:2], predictors[0].classes, one_region, arch_order,
+                                       join_strays, union)
     return labels, tooth_chart(labels, confidence)
 
 

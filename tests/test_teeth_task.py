@@ -376,8 +376,8 @@ def test_union_from_a_binary_model_outlines_the_teeth_the_per_tooth_model_number
     import json
 
     import eval as eval_script
-    from predict import ensemble_chart, load_predictor
     import visualizer
+    from predict import ensemble_chart, load_predictor
     from utils import read_image, to_uint8
 
     eval_script.main(["--checkpoint", str(teeth_run), str(teeth_run), "--union-from", str(binary_run), "--tta",
