@@ -45,7 +45,7 @@ import numpy as np
 
 from metrics import METRIC_NAMES, TOOTH_SUMMARY_NAMES
 from models import MODELS
-from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, positive_int, run_cli
+from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, mean_ci, positive_int, run_cli
 
 HERE = Path(__file__).resolve().parent
 INITS = ("scratch", "mim", "fullimage", "binary")  # binary: a per-tooth cell starts from its binary twin
@@ -327,12 +327,6 @@ def per_image_dice(args, record: dict, scored: str = "eval_test") -> dict[str, f
         return {row["pair_id"]: float(row[score_name(args)]) for row in csv.DictReader(f)}
 
 
-def bootstrap_ci(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of the mean over images."""
-    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def group_cells(records: list[dict]) -> dict[tuple, list[dict]]:
     """The seeds of each (model, init, semi, label fraction)."""
     groups: dict[tuple, list[dict]] = {}
@@ -363,7 +357,7 @@ def score_tables(args, records: list[dict], scored: str = "eval_test") -> tuple[
     order = lambda kv: (kv[0][0], kv[0][3], INITS.index(kv[0][1]), SEMI.index(kv[0][2]))  # noqa: E731
     for (model, init, semi, fraction), group in sorted(groups.items(), key=order):
         dice = np.array([r[score] for r in group])
-        lo, hi = bootstrap_ci(np.array(list(image_means(group).values())), args.bootstrap, rng)
+        lo, hi = mean_ci(np.array(list(image_means(group).values())), args.bootstrap, rng)
         lines.append(f"| {model} | {init} | {semi} | {fraction:g} | {len(group)} | {dice.mean():.4f} ± {dice.std():.4f} | "
                      f"[{lo:.4f}, {hi:.4f}] | {np.mean([r['hd95'] for r in group]):.1f} | "
                      f"{np.mean([r['assd'] for r in group]):.1f} |"
@@ -374,7 +368,7 @@ def score_tables(args, records: list[dict], scored: str = "eval_test") -> tuple[
             ours, base = image_means(group), image_means(scratch)
             keys = sorted(set(ours) & set(base))
             delta = np.array([ours[k] - base[k] for k in keys])
-            dlo, dhi = bootstrap_ci(delta, args.bootstrap, rng)
+            dlo, dhi = mean_ci(delta, args.bootstrap, rng)
             verdict = "helps" if dlo > 0 else "hurts" if dhi < 0 else "no clear difference"
             diffs.append(f"| {model} | {fraction:g} | {method_label(init, semi)} | {delta.mean():+.4f} | "
                          f"[{dlo:+.4f}, {dhi:+.4f}] | {verdict} |")

@@ -1,5 +1,5 @@
 """Small shared pieces every script uses: user-facing errors, image I/O, atomic writes, seeding,
-devices and CLI help formatting. Topic siblings hold the rest: `index.py` (the index, sample
+devices, bootstrap CIs and CLI help formatting. Topic siblings hold the rest: `index.py` (the index, sample
 discovery, splits, masks; no torch), `data.py` (datasets, transforms), `metrics.py` (metrics and
 losses), `engine.py` (checkpoints, training loop, DDP).
 """
@@ -169,6 +169,22 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
     if not ok:
         raise ToothSegError(f"{path}: PNG encoding failed for array of shape {img.shape} and dtype {img.dtype}")
     atomic_write_bytes(path, buf.tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# Confidence intervals over images
+# ----------------------------------------------------------------------------------------------
+def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], n_items: int, n: int,
+                 rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI. `statistic` maps an (n, n_items) array of indices, one resample of the
+    items (images) with replacement per row, to the statistic of each resample."""
+    samples = statistic(rng.integers(0, n_items, size=(n, n_items)))
+    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+def mean_ci(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of the mean over images (of a paired difference, for a paired CI)."""
+    return bootstrap_ci(lambda rows: values[rows].mean(axis=1), len(values), n, rng)
 
 
 # ----------------------------------------------------------------------------------------------

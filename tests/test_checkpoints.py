@@ -117,6 +117,7 @@ def test_the_record_is_plain_data(tmp_path):
     ("prepare_sts2d", ("torch", "albumentations")),
     ("fbf", ("torch", "albumentations")),
     ("index", ("torch", "albumentations")),
+    ("compare", ("torch", "albumentations")),
 ])
 def test_modules_import_downhill(module, forbidden):
     code = f"import sys, {module}; print(sorted(m for m in {forbidden!r} if m in sys.modules))"
