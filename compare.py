@@ -129,7 +129,7 @@ def verdict(low: float, high: float, higher_is_better: bool) -> str:
 
 
 def compare(base_path: Path, other_path: Path, n: int, seed: int) -> list[dict]:
-    """One row per metric: A's and B's figure, B − A and its paired 95% CI, and the verdict."""
+    """One row per metric: A's and B's figure, B − A and its paired 95% CI, the verdict and the number of images."""
     base, other = read_per_image(base_path), read_per_image(other_path)
     if set(base) != set(other):
         raise ToothSegError(f"{base_path} and {other_path} scored different images ({len(set(base) - set(other))} "
@@ -149,7 +149,8 @@ def compare(base_path: Path, other_path: Path, n: int, seed: int) -> list[dict]:
         low, high = bootstrap_ci(lambda rows: statistic.of(b, rows) - statistic.of(a, rows), len(ids), n, rng)
         value_a, value_b = float(statistic.of(a, everything)), float(statistic.of(b, everything))
         results.append({"metric": statistic.label, "a": value_a, "b": value_b, "difference": value_b - value_a,
-                        "low": low, "high": high, "verdict": verdict(low, high, statistic.higher_is_better)})
+                        "low": low, "high": high, "verdict": verdict(low, high, statistic.higher_is_better),
+                        "n": len(ids)})
     return results
 
 
@@ -157,9 +158,8 @@ def main(argv=None):
     args = parse_args(argv)
     base_path, other_path = per_image_path(args.base), per_image_path(args.other)
     results = compare(base_path, other_path, args.bootstrap, args.seed)
-    n_images = len(read_per_image(base_path))
     print(f"A  {describe(base_path)}\nB  {describe(other_path)}\n"
-          f"B − A with a paired 95% bootstrap CI over the {n_images} images both scored "
+          f"B − A with a paired 95% bootstrap CI over the {results[0]['n']} images both scored "
           f"({args.bootstrap} resamples, seed {args.seed}):\n")
     print(f"{'metric':<20} {'A':>9} {'B':>9} {'B − A':>9}   {'95% CI':<20}  verdict")
     for r in results:
