@@ -229,6 +229,11 @@ def evaluated_predictors(summary: dict, device: str) -> list[Predictor]:
     return [load_predictor(path, device) for path in summary.get("ensemble") or [summary["checkpoint"]]]
 
 
+def checkpoint_names(predictors: list[Predictor]) -> str:
+    """The checkpoints a gallery re-predicted with, for a staleness error: any of them may have been retrained."""
+    return ", ".join(str(p.path) for p in predictors)
+
+
 def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str = "cpu",
                        save_path: str | os.PathLike | None = None):
     """The k best (top row) and k worst (bottom row) images of an eval.py run, by Dice, as overlays
@@ -248,7 +253,7 @@ def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str
                                  tuple(summary.get("tta_rotate") or ()))
             if abs(dice_score(pred, gt) - float(record["dice"])) > 0.01:
                 raise ToothSegError(f"{per_image_csv}: Dice of {record['pair_id']} no longer matches "
-                                    f"{summary['checkpoint']} (retrained since?); re-run eval.py")
+                                    f"{checkpoint_names(members)} (retrained since?); re-run eval.py")
             axes[row, col].imshow(overlay_mask(image, pred, gt))
             axes[row, col].set_title(f"{label} {col + 1}: {record['pair_id']}\n"
                                      f"Dice {float(record['dice']):.4f}  HD95 {float(record['hd95']):.1f} px")
@@ -327,7 +332,7 @@ def tooth_chart_gallery(per_image_csv: str | os.PathLike, k: int = 2, device: st
         scores = tooth_metrics(labels, truth)
         if abs(scores["tooth_dice"] - float(record["tooth_dice"])) > 0.01:
             raise ToothSegError(f"{per_image_csv}: per-tooth Dice of {record['pair_id']} no longer matches "
-                                f"{summary['checkpoint']} (retrained since?); re-run eval.py")
+                                f"{checkpoint_names(members + union_from)} (retrained since?); re-run eval.py")
         image_ax.imshow(overlay_teeth(image, labels) if xray else overlay_teeth(np.zeros_like(image), labels, alpha=1.0))
         image_ax.set_xticks([])
         image_ax.set_yticks([])
