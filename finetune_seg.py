@@ -76,7 +76,11 @@ def parse_args(argv=None):
                       help="without an index: seed of the file-name split (kept apart from --seed, so runs with "
                            "different seeds share one test set)")
     data.add_argument("--label-fraction", type=float, default=1.0, metavar="F",
-                      help="train on this share of the labelled training pairs (chosen by --seed; nested across fractions)")
+                      help="train on this share of the labelled training pairs (chosen by --label-seed; nested across "
+                           "fractions)")
+    data.add_argument("--label-seed", type=int, metavar="S",
+                      help="the seed that draws the --label-fraction share; default: --seed. Teachers to fuse "
+                           "(eval.py --save-probs with several checkpoints) share the labels and differ in --seed")
     data.add_argument("--train-subset-size", type=int, metavar="N", help="then keep at most N training pairs")
     data.add_argument("--steps-per-epoch", type=positive_int, metavar="N",
                       help="an epoch is N optimiser steps drawn from the training set, whatever its size (each image "
@@ -323,7 +327,8 @@ def main(argv=None):
         if not splits["train"]:
             raise ToothSegError(f"{index or args.images_dir}: no training pair has a per-tooth label map; add them with "
                                 f"prepare_sts2d.py --teeth-dir (PNG label maps or labelme files)")
-    train_samples = subset_fraction(splits["train"], args.label_fraction, args.seed)[:args.train_subset_size]
+    train_samples = subset_fraction(splits["train"], args.label_fraction,
+                                    args.seed if args.label_seed is None else args.label_seed)[:args.train_subset_size]
     if not splits["val"]:
         raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; "
                             f"rebuild the index with a larger --val-ratio")

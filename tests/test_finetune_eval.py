@@ -129,6 +129,21 @@ def test_label_fractions_are_deterministic_and_nested():
     assert small == subset_fraction(samples, 0.1, seed=3) and small != subset_fraction(samples, 0.1, seed=4)
 
 
+def test_label_seed_keeps_the_labels_while_seed_changes_the_run(labelled, tmp_path):
+    """Teachers to fuse: the same labelled pairs, another initialisation."""
+    def run(name: str, *flags: str) -> tuple[list[str], torch.Tensor]:
+        finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / name), *NET, "--base-channels", "4",
+                           "--epochs", "1", "--steps-per-epoch", "1", "--label-fraction", "0.3", *flags])
+        ckpt = open_checkpoint(tmp_path / name / "last.pth")
+        return ckpt.task["labelled_pairs"], next(iter(ckpt.state.weights.values()))
+
+    pairs0, weights0 = run("seed0", "--seed", "0")
+    pairs1, weights1 = run("seed1", "--seed", "1", "--label-seed", "0")
+    pairs_drawn_by_1, _ = run("seed1_default", "--seed", "1")
+    assert pairs1 == pairs0 and not torch.equal(weights1, weights0)
+    assert pairs_drawn_by_1 != pairs0
+
+
 @pytest.mark.parametrize("trained_amp", ["off", "bf16"])
 def test_eval_runs_at_the_precision_the_model_was_trained_in(finetuned, tmp_path, monkeypatch, trained_amp):
     ckpt = torch.load(finetuned / "best.pth", weights_only=True)
