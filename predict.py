@@ -326,10 +326,10 @@ class Predictor:
         """At the image's own size, as eval.py predicts: a boolean HxW mask (resize, threshold, --min-component),
         or for a per-tooth model an FDI label map (resize, most probable class, --one-region-per-tooth,
         --arch-order, --join-strays)."""
+        if not self.classes:
+            return ensemble_mask([self], image, threshold, tta, min_component, rotations)
         probs = self.probabilities(self.network_input(image), tta, rotations)
-        if self.classes:
-            return teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order, join_strays)[0]
-        return mask_at_size(probs, image.shape[:2], threshold, min_component)
+        return teeth_at_size(probs, image.shape[:2], self.classes, one_region, arch_order, join_strays)[0]
 
     def chart(self, image: np.ndarray, tta: bool = False, one_region: bool = False,
               rotations: tuple[float, ...] = (), arch_order: bool = False,
