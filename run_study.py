@@ -5,8 +5,8 @@ scripts as subprocesses with the flags a user would type, then tabulates test me
 Initialisation (--inits): scratch, or MIM / full-image pretraining on the whole pool (the labelled
 training images and every unlabelled one), once per model (seed --pretrain-seed). Unlabelled images
 during fine-tuning (--semi): none; pseudo (offline, as the STS 2023 winners: the cell's supervised twin
-labels the unlabelled pool with soft probabilities, eval.py --save-probs, and a student fine-tunes on
-labels plus pseudo-labels); online (finetune_seg.py --semi, a mean teacher with weak-to-strong
+labels the unlabelled pool with soft probabilities, eval.py --save-probs, fused with --teachers N-1 more
+models of the same labels, and a student fine-tunes on labels plus pseudo-labels); online (finetune_seg.py --semi, a mean teacher with weak-to-strong
 consistency). The unlabelled pool is the index's unlabelled images plus the training pairs that the
 label fraction leaves out. Every cell evaluates on the test split (eval.py). The study is resumable:
 a cell is done when OUT_DIR/cells/NAME/cell.json exists; failed or interrupted cells are redone from
@@ -89,6 +89,10 @@ def parse_args(argv=None):
     train.add_argument("--finetune-args", default="", metavar="'FLAGS'", help="extra flags for finetune_seg.py")
     train.add_argument("--pseudo-rounds", type=positive_int, default=1, metavar="N",
                        help="pseudo cells: N rounds of teacher -> student, each round's student the next round's teacher")
+    train.add_argument("--teachers", type=positive_int, default=1, metavar="N",
+                       help="pseudo cells: the first round's teacher fuses N supervised models of the cell's labels, its "
+                            "supervised twin and N-1 more with --seed S+1.. and --label-seed S (CELL/teacher_sK), their "
+                            "probabilities averaged, as the STS 2023 winners fused two teachers")
     train.add_argument("--semi-args", default="", metavar="'FLAGS'",
                        help="extra flags for the pseudo and online fine-tunes, after --finetune-args (e.g. '--epochs 10')")
     train.add_argument("--workers", type=int, default=2, metavar="N", help="DataLoader workers of every stage")
@@ -155,11 +159,12 @@ def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed:
     budget = ["--steps-per-epoch", str(args.steps_per_epoch)] if args.steps_per_epoch else []
     cpu = ["--cpu"] if args.cpu else []
 
-    def finetune(folder: Path) -> list[str]:
+    def finetune(folder: Path, run_seed: int = seed) -> list[str]:
         return script("finetune_seg.py") + [
             "--task", args.task, "--images-dir", str(args.images_dir), "--checkpoint-dir", str(folder),
             "--model-type", model, "--base-channels", str(args.base_channels), "--epochs", str(args.finetune_epochs),
-            "--seed", str(seed), "--label-fraction", f"{fraction:g}", *common_flags(args), *budget,
+            "--seed", str(run_seed), *(["--label-seed", str(seed)] if run_seed != seed else []),
+            "--label-fraction", f"{fraction:g}", *common_flags(args), *budget,
             *shlex.split(args.finetune_args),
             *(["--masks-dir", str(args.masks_dir)] if args.masks_dir is not None else []),
             *(["--init-from", str(pretrained)] if pretrained is not None else [])]
@@ -173,14 +178,17 @@ def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed:
     # Offline rounds: the supervised twin labels the pool (flip TTA, as the STS 2023 winners did), a student
     # learns from labels + pseudo-labels (with --semi-args, e.g. --pseudo-keep), and each further round's teacher
     # is the last round's student. Earlier rounds' students live in CELL/roundR, the last one is the cell.
-    commands, teacher = [], cells / cell_name(model, init, fraction, seed)
+    # With --teachers N, the first round's teacher is the twin fused with N-1 more models of the same labels.
+    extra = {seed + k: cell / f"teacher_s{seed + k}" for k in range(1, args.teachers)}
+    commands = [finetune(folder, run_seed) for run_seed, folder in extra.items()]
+    teachers = [cells / cell_name(model, init, fraction, seed), *extra.values()]
     for round_number in range(1, args.pseudo_rounds + 1):
         student = cell if round_number == args.pseudo_rounds else cell / f"round{round_number}"
-        commands += [script("eval.py") + ["--checkpoint", str(teacher), "--split", "unlabelled", "--tta", "--save-probs",
+        commands += [script("eval.py") + ["--checkpoint", *map(str, teachers), "--split", "unlabelled", "--tta", "--save-probs",
                                           str(student / "pseudo_labels"), "--out-dir", str(student / "teacher"),
                                           "--workers", str(args.workers), *cpu],
                      finetune(student) + ["--pseudo-labels", str(student / "pseudo_labels"), *shlex.split(args.semi_args)]]
-        teacher = student
+        teachers = [student]
     return commands + [evaluate]
 
 

@@ -67,6 +67,26 @@ def test_dry_run_prints_the_stage_commands_and_runs_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_fused_teachers_share_the_labels_and_label_the_pool_together(tmp_path):
+    out = tmp_path / "study"
+    result = subprocess.run([sys.executable, "run_study.py", "--images-dir", "data/processed_2d", "--out-dir", str(out),
+                             "--inits", "scratch", "--semi", "none", "pseudo", "--label-fractions", "0.1", "--seeds", "3",
+                             "--teachers", "2", "--pseudo-rounds", "2", "--dry-run"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines() if not line.startswith("#")]
+    cells = out / "cells"
+    twin, cell = cells / "unet_scratch_f0.1_s3", cells / "unet_scratch_pseudo_f0.1_s3"
+    finetunes = {line[line.index("--checkpoint-dir") + 1]: line for line in lines if "finetune_seg.py" in line[1]}
+    extra = finetunes[str(cell / "teacher_s4")]
+    assert extra[extra.index("--seed") + 1] == "4" and extra[extra.index("--label-seed") + 1] == "3"
+    assert "--pseudo-labels" not in extra and "--label-seed" not in finetunes[str(twin)]
+    labelling = [line[line.index("--checkpoint") + 1:line.index("--split")] for line in lines
+                 if "--save-probs" in line]
+    assert labelling == [[str(twin), str(cell / "teacher_s4")], [str(cell / "round1")]]  # round 2: one teacher
+    assert not out.exists()
+
+
 def test_study_outputs_summarise_every_cell(tiny_study):
     with (tiny_study / "study.csv").open() as f:
         rows = list(csv.DictReader(f))
