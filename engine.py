@@ -322,7 +322,8 @@ class Task(Protocol):
         """Return named (N,1,H,W) images in [0, 1] for TensorBoard."""
 
     # Optional: a task that learns beside the model (the mean teacher) also has
-    #   after_step(model) after every optimiser step, and state_dict() / load_state_dict(state) for checkpoints.
+    #   after_step(model) after every optimiser step, and state_dict() / load_state_dict(state) for checkpoints;
+    #   a task with figures pooled over the validation set (ratios of sums) has summarise(means) -> figures.
 
 
 class Trainer:
@@ -369,6 +370,9 @@ class Trainer:
                                     f"flags the run was started with")
             self.task.load_state_dict(state.task_state)
         self.start_epoch, self.global_step, self.epochs_since_best = saved.epoch, state.global_step, state.epochs_since_best
+        if state.best and state.best["metric"] != self.monitor:
+            raise ToothSegError(f"{path}: chose its best epoch by {state.best['metric']}, not {self.monitor}; resume with "
+                                f"the flags the run was started with")
         self.best = state.best or self.best
         if self.dist.is_main:
             print(f"resumed {path} at epoch {self.start_epoch} (step {self.global_step})")
@@ -494,7 +498,8 @@ class Trainer:
         count = totals.pop("count")
         if count == 0:
             raise ToothSegError("the validation set is empty; check the index splits or --val-ratio")
-        return {k: v / count for k, v in totals.items()}
+        means = {k: v / count for k, v in totals.items()}
+        return self.task.summarise(means) if hasattr(self.task, "summarise") else means
 
     def _log_epoch(self, epoch: int, metrics: dict, improved: bool) -> None:
         shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -42,7 +42,7 @@ from data import (AUGMENTATIONS, EpochMix, SegmentationDataset, SemiDataset, Tee
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
-from metrics import BCEDiceLoss, CEDiceLoss, dice_per_image, tooth_dice_per_image
+from metrics import BCEDiceLoss, CEDiceLoss, dice_per_image, overlap_per_image, tooth_dice_per_image
 from models import ENCODER_PREFIXES, SIZE_MULTIPLE
 from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
@@ -106,6 +106,10 @@ def parse_args(argv=None):
                        help="loss = BCE + L * soft Dice (binary, default 0.2), or cross-entropy + L * soft Dice over the "
                             "tooth classes (teeth, default 1.0, as nnU-Net)")
     optim.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better val Dice")
+    optim.add_argument("--select-by", choices=("dice", "dice_pooled"), default="dice",
+                       help="the validation figure that picks best.pth: dice, the mean over images; dice_pooled, all "
+                            "pixels at once (nnU-Net's pseudo-Dice), which a few images without teeth cannot dominate "
+                            "(binary task)")
 
     unlabelled = parser.add_argument_group(
         "unlabelled images (the pool: training pairs left out by --label-fraction, and the index's unlabelled images)")
@@ -137,6 +141,8 @@ def parse_args(argv=None):
         parser.error("--labelled-share balances true labels against pseudo-labels; add --pseudo-labels DIR")
     if args.task == "teeth" and (args.semi or args.pseudo_labels is not None):
         parser.error("--task teeth learns from labelled images only; drop --semi/--pseudo-labels (or use them with --task binary)")
+    if args.task == "teeth" and args.select_by != "dice":
+        parser.error("--select-by dice_pooled is for the binary task; the per-tooth task picks by its mean tooth Dice")
     if args.lambda_dice is None:
         args.lambda_dice = 1.0 if args.task == "teeth" else 0.2
     if args.window is not None:
@@ -193,7 +199,18 @@ class SegmentationTask:
         image, mask, _ = batch
         logits = network_logits(model, image, self.window, self.overlap)
         n = torch.tensor(float(len(image)), device=image.device)
-        return {"loss": self.loss(logits, mask) * n, "dice": dice_per_image(logits, mask).sum(), "count": n}
+        overlap, volume = overlap_per_image(logits, mask)
+        return {"loss": self.loss(logits, mask) * n, "dice": dice_per_image(logits, mask).sum(),
+                "overlap": overlap.sum(), "volume": volume.sum(), "count": n}
+
+    @staticmethod
+    def summarise(means: dict[str, float]) -> dict[str, float]:
+        """dice_pooled: Dice of all validation pixels at once, which an image without teeth sways by its few
+        stray pixels instead of by a whole image's 0 or 1 (the mean Dice)."""
+        if "overlap" not in means:  # the per-tooth task's validation
+            return means
+        overlap, volume = means.pop("overlap"), means.pop("volume")
+        return {**means, "dice_pooled": overlap / volume if volume > 0 else 1.0}
 
     def visuals(self, batch, logits):
         image, mask = batch[:2]
@@ -399,7 +416,7 @@ def main(argv=None):
                                            window=args.window, window_overlap=args.window_overlap,
                                            intensity_landmarks=landmarks),
                             task_settings=settings,
-                            steps_per_epoch=len(train_loader), device=device, dist=dist, monitor="val/dice", mode="max",
+                            steps_per_epoch=len(train_loader), device=device, dist=dist, monitor=f"val/{args.select_by}", mode="max",
                             patience=args.patience, frozen_prefixes=ENCODER_PREFIXES if args.freeze_encoder_epochs else (),
                             freeze_epochs=args.freeze_encoder_epochs)
     trainer.fit(train_loader, val_loader, args.epochs)

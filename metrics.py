@@ -146,19 +146,25 @@ def _check_same_shape(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def overlap_per_image(logits: torch.Tensor, targets: torch.Tensor,
+                      threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """2|P∩G| and |P|+|G| per sample (shapes [B], fp32) of `sigmoid(logits) > threshold` against `targets > 0.5`:
+    Dice's numerator and denominator, which a validation set can also pool (nnU-Net's pseudo-Dice)."""
+    _check_same_shape(logits, targets)
+    pred = torch.sigmoid(logits.float()) > threshold
+    gt = targets > 0.5
+    dims = tuple(range(1, logits.ndim))
+    return 2 * (pred & gt).sum(dims).float(), pred.sum(dims).float() + gt.sum(dims).float()
+
+
 def dice_per_image(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Hard Dice per sample (shape [B], fp32) of `sigmoid(logits) > threshold` against `targets > 0.5`.
 
     Both empty gives 1, matching `segmentation_metrics`. No host sync and no NaN, so a DDP caller can
     sum the result and all-reduce it.
     """
-    _check_same_shape(logits, targets)
-    pred = torch.sigmoid(logits.float()) > threshold
-    gt = targets > 0.5
-    dims = tuple(range(1, logits.ndim))
-    intersection = (pred & gt).sum(dims).float()
-    total = pred.sum(dims).float() + gt.sum(dims).float()
-    return torch.where(total > 0, 2 * intersection / total.clamp_min(1), torch.ones_like(total))
+    overlap, total = overlap_per_image(logits, targets, threshold)
+    return torch.where(total > 0, overlap / total.clamp_min(1), torch.ones_like(total))
 
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0, per_sample: bool = False) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import engine
 import eval as eval_script
@@ -119,6 +120,30 @@ def test_patience_stops_a_stalled_run(labelled, tmp_path):
     finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "ft"), *NET, "--base-channels", "4",
                        "--epochs", "6", "--lr", "0", "--patience", "2"])
     assert open_checkpoint(tmp_path / "ft" / "last.pth").epoch == 3
+
+
+def test_select_by_pooled_dice_keeps_the_epoch_with_the_best_pooled_dice(labelled, tmp_path, monkeypatch):
+    """Scripted validation figures that rank the epochs differently: mean Dice would keep epoch 3, pooled epoch 2."""
+    scripted, summarise = iter([(0.9, 0.1), (0.1, 0.9), (0.95, 0.2), (0.2, 0.3)]), finetune_seg.SegmentationTask.summarise
+
+    def scripted_summarise(means):
+        figures = summarise(means)
+        assert 0 <= figures["dice_pooled"] <= 1  # the real figure is there to replace
+        figures["dice"], figures["dice_pooled"] = next(scripted)
+        return figures
+
+    monkeypatch.setattr(finetune_seg.SegmentationTask, "summarise", staticmethod(scripted_summarise))
+    out = tmp_path / "ft"
+    finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(out), *NET, "--base-channels", "4",
+                       "--epochs", "4", "--select-by", "dice_pooled"])
+    best, last = open_checkpoint(out / "best.pth"), open_checkpoint(out / "last.pth")
+    assert best.epoch == 2 and best.metrics["val/dice_pooled"] == 0.9
+    pooled = [e.value for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars("val/dice_pooled")]
+    assert pooled == pytest.approx([0.1, 0.9, 0.2, 0.3])  # logged beside the mean Dice
+    with pytest.raises(ToothSegError, match="by val/dice_pooled, not val/dice"):  # resumed with the default
+        finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(out), *NET, "--base-channels", "4",
+                           "--epochs", "5", "--resume", str(out / "last.pth")])
+    assert last.epoch == 4
 
 
 def test_label_fractions_are_deterministic_and_nested():

@@ -16,6 +16,7 @@ from metrics import (
     dice_per_image,
     empty_distance_penalty,
     masked_l1_loss,
+    overlap_per_image,
     segmentation_metrics,
     soft_dice_loss,
     summarize,
@@ -212,6 +213,23 @@ def test_dice_per_image_matches_segmentation_metrics():
     strict = (torch.sigmoid(logits) > 0.9).numpy()
     assert dice_per_image(logits, targets, threshold=0.9)[0].item() == pytest.approx(
         segmentation_metrics(strict[0, 0], targets[0, 0].numpy())["dice"], abs=1e-6)
+
+
+def test_pooled_dice_is_swayed_by_stray_pixels_not_by_a_whole_image():
+    """An image without teeth and 3 stray pixels: 0 of the mean Dice's 2 images, 3 pixels of the pooled one."""
+    from finetune_seg import SegmentationTask
+
+    targets = torch.zeros(2, 1, 20, 20)
+    targets[0, :, 5:15, 5:15] = 1  # 100 tooth pixels; image 1 has none
+    logits = torch.where(targets > 0, 10.0, -10.0)
+    logits[1, 0, 0, :3] = 10.0  # stray pixels on the toothless image
+    overlap, volume = overlap_per_image(logits, targets)
+    assert overlap.tolist() == [200, 0] and volume.tolist() == [200, 3]
+    task = SegmentationTask(lambda_dice=0.2)
+    means = {k: v.item() / 2 for k, v in task.val_step(lambda x: logits, (logits, targets, {})).items() if k != "count"}
+    figures = task.summarise(means)
+    assert figures["dice"] == pytest.approx(0.5) and figures["dice_pooled"] == pytest.approx(200 / 203)
+    assert "overlap" not in figures and "volume" not in figures
 
 
 def manual_bce_dice(logits: torch.Tensor, targets: torch.Tensor, lambda_dice: float) -> torch.Tensor:
