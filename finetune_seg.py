@@ -416,7 +416,8 @@ def main(argv=None):
                                            window=args.window, window_overlap=args.window_overlap,
                                            intensity_landmarks=landmarks),
                             task_settings=settings,
-                            steps_per_epoch=len(train_loader), device=device, dist=dist, monitor=f"val/{args.select_by}", mode="max",
+                            steps_per_epoch=len(train_loader), device=device, dist=dist,
+                            monitor=f"val/{args.select_by}", mode="max",
                             patience=args.patience, frozen_prefixes=ENCODER_PREFIXES if args.freeze_encoder_epochs else (),
                             freeze_epochs=args.freeze_encoder_epochs)
     trainer.fit(train_loader, val_loader, args.epochs)

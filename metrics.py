@@ -157,6 +157,7 @@ def overlap_per_image(logits: torch.Tensor, targets: torch.Tensor,
     return 2 * (pred & gt).sum(dims).float(), pred.sum(dims).float() + gt.sum(dims).float()
 
 
+@torch.no_grad()
 def dice_per_image(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Hard Dice per sample (shape [B], fp32) of `sigmoid(logits) > threshold` against `targets > 0.5`.
 

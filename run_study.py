@@ -4,11 +4,11 @@ scripts as subprocesses with the flags a user would type, then tabulates test me
 
 Initialisation (--inits): scratch, or MIM / full-image pretraining on the whole pool (the labelled
 training images and every unlabelled one), once per model (seed --pretrain-seed). Unlabelled images
-during fine-tuning (--semi): none; pseudo (offline, as the STS 2023 winners: the cell's supervised twin
-labels the unlabelled pool with soft probabilities, eval.py --save-probs, fused with --teachers N-1 more
-models of the same labels, and a student fine-tunes on labels plus pseudo-labels); online (finetune_seg.py --semi, a mean teacher with weak-to-strong
-consistency). The unlabelled pool is the index's unlabelled images plus the training pairs that the
-label fraction leaves out. Every cell evaluates on the test split (eval.py). The study is resumable:
+during fine-tuning (--semi): none; pseudo (offline, as the STS 2023 winners: the cell's supervised twin,
+fused with --teachers N-1 more models of the same labels, labels the unlabelled pool with soft
+probabilities, eval.py --save-probs, and a student fine-tunes on labels plus pseudo-labels); online
+(finetune_seg.py --semi, a mean teacher with weak-to-strong consistency). The unlabelled pool is the
+index's unlabelled images plus the training pairs that the label fraction leaves out. Every cell evaluates on the test split (eval.py). The study is resumable:
 a cell is done when OUT_DIR/cells/NAME/cell.json exists; failed or interrupted cells are redone from
 scratch, so a crash loses only the cell in progress.
 
@@ -110,6 +110,8 @@ def parse_args(argv=None):
         parser.error("--inits binary starts a per-tooth cell from its binary twin: use it with --task teeth")
     if args.task == "teeth" and args.semi != ["none"]:
         parser.error("--task teeth runs supervised cells only (--semi none); pseudo-labels and the online method are binary")
+    if args.teachers > 1 and "pseudo" not in args.semi:
+        parser.error(f"--teachers {args.teachers} fuses the teachers of pseudo cells: add pseudo to --semi")
     if "pseudo" in args.semi and "none" not in args.semi:
         parser.error("--semi pseudo labels with its supervised twin: add none to --semi")
     args.semi = [way for way in SEMI if way in args.semi]  # teachers (none) before their students
