@@ -42,7 +42,7 @@ from data import (AUGMENTATIONS, EpochMix, SegmentationDataset, SemiDataset, Tee
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
-from metrics import BCEDiceLoss, CEDiceLoss, dice_per_image, overlap_per_image, tooth_dice_per_image
+from metrics import BCEDiceLoss, CEDiceLoss, dice_from_overlap, dice_per_image, overlap_per_image, tooth_dice_per_image
 from models import ENCODER_PREFIXES, SIZE_MULTIPLE
 from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
@@ -199,8 +199,8 @@ class SegmentationTask:
         image, mask, _ = batch
         logits = network_logits(model, image, self.window, self.overlap)
         n = torch.tensor(float(len(image)), device=image.device)
-        overlap, volume = overlap_per_image(logits, mask)
-        return {"loss": self.loss(logits, mask) * n, "dice": dice_per_image(logits, mask).sum(),
+        overlap, volume = overlap_per_image(logits, mask)  # one thresholding for both Dice figures
+        return {"loss": self.loss(logits, mask) * n, "dice": dice_from_overlap(overlap, volume).sum(),
                 "overlap": overlap.sum(), "volume": volume.sum(), "count": n}
 
     @staticmethod

@@ -164,7 +164,11 @@ def dice_per_image(logits: torch.Tensor, targets: torch.Tensor, threshold: float
     Both empty gives 1, matching `segmentation_metrics`. No host sync and no NaN, so a DDP caller can
     sum the result and all-reduce it.
     """
-    overlap, total = overlap_per_image(logits, targets, threshold)
+    return dice_from_overlap(*overlap_per_image(logits, targets, threshold))
+
+
+def dice_from_overlap(overlap: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Dice per sample from `overlap_per_image`'s two counts; both masks empty gives 1."""
     return torch.where(total > 0, overlap / total.clamp_min(1), torch.ones_like(total))
 
 

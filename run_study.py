@@ -8,9 +8,10 @@ during fine-tuning (--semi): none; pseudo (offline, as the STS 2023 winners: the
 fused with --teachers N-1 more models of the same labels, labels the unlabelled pool with soft
 probabilities, eval.py --save-probs, and a student fine-tunes on labels plus pseudo-labels); online
 (finetune_seg.py --semi, a mean teacher with weak-to-strong consistency). The unlabelled pool is the
-index's unlabelled images plus the training pairs that the label fraction leaves out. Every cell evaluates on the test split (eval.py). The study is resumable:
-a cell is done when OUT_DIR/cells/NAME/cell.json exists; failed or interrupted cells are redone from
-scratch, so a crash loses only the cell in progress.
+index's unlabelled images plus the training pairs that the label fraction leaves out. Every cell
+evaluates on the test split (eval.py). The study is resumable: a cell is done when
+OUT_DIR/cells/NAME/cell.json exists; failed or interrupted cells are redone from scratch, so a crash
+loses only the cell in progress.
 
 Outputs in OUT_DIR, over every finished cell of the task in the folder (so a study can run in parts, say
 the pseudo and online cells for scratch only, and still be tabulated as one): study.csv (one row per cell), study.md (mean ± std over seeds, bootstrap 95% CIs
