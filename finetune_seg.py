@@ -42,8 +42,8 @@ from data import (AUGMENTATIONS, EpochMix, SegmentationDataset, SemiDataset, Tee
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
-from metrics import BCEDiceLoss, CEDiceLoss, dice_from_overlap, dice_per_image, overlap_per_image, tooth_dice_per_image
-from models import ENCODER_PREFIXES, SIZE_MULTIPLE
+from metrics import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, dice_from_overlap, dice_per_image, overlap_per_image, tooth_dice_per_image
+from models import ENCODER_PREFIXES, SIZE_MULTIPLE, split_outputs
 from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
 from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
@@ -68,6 +68,10 @@ def parse_args(argv=None):
                        help="pretrained weights (a MIM or full-image run's best.pth, or a bare state_dict); scratch if omitted")
     model.add_argument("--freeze-encoder-epochs", type=int, default=0, metavar="N",
                        help="keep encoder + bottleneck fixed for the first N epochs")
+    model.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, default=None,
+                       help="U-Nets: also supervise the 1/8, 1/4 and 1/2 decoder stages through 1x1 heads (nnU-Net's "
+                            "weights 1/8, 1/4, 1/2 of the full-size loss's 1, normalised); prediction uses the full-size "
+                            "head only; default: the --init-from checkpoint's, else off")
     data.add_argument("--masks-dir", type=Path, metavar="DIR",
                       help="masks with the images' file names (used only without an index; default: --images-dir)")
     data.add_argument("--val-ratio", type=float, default=0.1, metavar="F", help="without an index: share for validation")
@@ -180,6 +184,10 @@ def resolve_model(args, out_channels: int = 1) -> ModelSpec:
         kwargs["bilinear"] = not args.no_bilinear
     if args.encoder is not None:
         kwargs["encoder_name"] = args.encoder
+    if args.deep_supervision:
+        kwargs["deep_supervision"] = True
+    elif args.deep_supervision is False:  # the model's default; the smp models do not take the argument
+        kwargs.pop("deep_supervision", None)
     return ModelSpec(name, kwargs)
 
 
@@ -187,13 +195,13 @@ class SegmentationTask:
     """Validation predicts as eval.py does: the whole input, in overlapping windows when trained on crops."""
 
     def __init__(self, lambda_dice: float, window: tuple[int, int] | None = None, overlap: float = 0.5):
-        self.loss = BCEDiceLoss(lambda_dice)
+        self.loss = DeepSupervisionLoss(BCEDiceLoss(lambda_dice))
         self.window, self.overlap = window, overlap
 
     def train_step(self, model, batch):
         image, mask, meta = batch
-        logits = model(image)
-        return self.loss(logits, mask, meta["weight"]), logits
+        logits, aux = split_outputs(model(image))
+        return self.loss(logits, mask, meta["weight"], aux), logits
 
     def val_step(self, model, batch):
         image, mask, _ = batch
@@ -228,7 +236,7 @@ class TeethTask(SegmentationTask):
                  overlap: float = 0.5):
         super().__init__(lambda_dice, window, overlap)
         self.classes = np.asarray(classes, np.uint8)
-        self.loss = CEDiceLoss(lambda_dice)
+        self.loss = DeepSupervisionLoss(CEDiceLoss(lambda_dice))
 
     def val_step(self, model, batch):
         image, labels, _ = batch
@@ -260,11 +268,13 @@ class SemiTask(SegmentationTask):
 
     def train_step(self, model, batch):
         image, mask, meta, weak, strong = batch
-        logits = model(torch.cat([image, strong]))
-        labelled, unlabelled = logits[:len(image)], logits[len(image):]
+        logits, aux = split_outputs(model(torch.cat([image, strong])))
+        n = len(image)
+        labelled, unlabelled = logits[:n], logits[n:]
         ramp = min(1.0, (self.steps + 1) / self.rampup_steps) if self.rampup_steps else 1.0
         consistency = consistency_loss(unlabelled, self.teacher.probabilities(weak), self.confidence)
-        return self.loss(labelled, mask, meta["weight"]) + self.weight * ramp * consistency, labelled
+        supervised = self.loss(labelled, mask, meta["weight"], [a[:n] for a in aux])
+        return supervised + self.weight * ramp * consistency, labelled
 
     def after_step(self, model) -> None:
         self.teacher.update(model)

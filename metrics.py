@@ -209,6 +209,22 @@ class BCEDiceLoss(nn.Module):
         return f"lambda_dice={self.lambda_dice}"
 
 
+class DeepSupervisionLoss(nn.Module):
+    """nnU-Net's deep supervision around a segmentation loss: with auxiliary logits (a deeply supervised
+    model's coarser decoder stages, coarse to fine, at the target's size), the loss at each resolution
+    weighted 1, 1/2, 1/4, ... from the finest, normalised to sum to 1; without them, the loss alone."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+                aux: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        finest_first = [logits, *reversed(aux)]
+        scales = [0.5 ** i for i in range(len(finest_first))]
+        return sum(scale * self.loss(x, targets, weights) for scale, x in zip(scales, finest_first)) / sum(scales)
+
+
 def normalize_patches(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
     """Normalise each non-overlapping patch_size x patch_size patch to zero mean, unit std.
 

@@ -10,6 +10,7 @@ by name and the parameter names say where they live:
     bottleneck                           identity for unet/scag, the NAC block for nac
     decoder.up1..up4 (+ decoder.gate1..gate4 for scag/nac)
     head.conv                            final 1x1 conv
+    aux_heads.0..2.conv                  U-Nets with deep_supervision only: 1x1 convs on up1..up3
 
 "Encoder" (`ENCODER_PREFIXES`, what --freeze-encoder-epochs holds fixed) means `encoder` plus `bottleneck`.
 
@@ -21,6 +22,10 @@ Choices worth knowing:
   poolings) by *replicating* the edge pixels, and the output is cropped back exactly. Replicate
   rather than zeros (which would add dark borders that shift the statistics at the image edge) and
   rather than reflect (which fails when the padding exceeds the image size).
+- `deep_supervision=True` (nnU-Net's): in training, forward returns `(logits, [logits of the 1/8, 1/4
+  and 1/2 decoder stages, upsampled bilinearly to the input's size])` for a loss at every resolution; in
+  eval mode it returns the logits alone, so prediction, ensembles and the EMA teacher never see the extra
+  heads, and a model without them computes the same logits from the same weights.
 - NAC's last BatchNorm starts with gamma = 0, so the block starts as the identity and a fresh
   `UNet2D_NAC` computes what a `UNet2D_scAG` computes; the gamma learns to open the branch.
 - `model.config` holds the constructor arguments as plain types and `model.name` the registry key,
@@ -40,7 +45,7 @@ Their arguments map onto the U-Nets' flags:
   (False, smp's default; --no-bilinear). smp has no transposed-convolution decoder.
 - `encoder_name` is any smp encoder (`resnet18` default, `resnet34`, `efficientnet-b0`, `tu-<timm model>` ...).
 - They have no deep supervision or auxiliary outputs (smp's aux_params classification head is not
-  built), like the U-Nets: forward returns the logits only.
+  built): forward returns the logits only.
 """
 from __future__ import annotations
 
@@ -241,11 +246,13 @@ class Decoder(nn.Module):
         gates = [ScAG(w, w, gate_reduction) if gate_reduction else None for w in skip_widths]
         self.gate1, self.gate2, self.gate3, self.gate4 = gates
 
-    def forward(self, deepest: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        x = self.up1(deepest, skips[3], self.gate1)
-        x = self.up2(x, skips[2], self.gate2)
-        x = self.up3(x, skips[1], self.gate3)
-        return self.up4(x, skips[0], self.gate4)
+    def forward(self, deepest: torch.Tensor, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each stage's output, coarse to fine: 1/8, 1/4, 1/2 and full size."""
+        stages = [self.up1(deepest, skips[3], self.gate1)]
+        stages.append(self.up2(stages[-1], skips[2], self.gate2))
+        stages.append(self.up3(stages[-1], skips[1], self.gate3))
+        stages.append(self.up4(stages[-1], skips[0], self.gate4))
+        return stages
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
@@ -254,6 +261,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Ten
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
     return x
+
+
+def split_outputs(outputs: torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A model's output as (logits, auxiliary logits); the second is empty unless a deeply supervised U-Net trains."""
+    return (outputs, []) if isinstance(outputs, torch.Tensor) else outputs
 
 
 def check_channels(**values: int) -> None:
@@ -271,19 +283,32 @@ class UNetBase(nn.Module):
     size_multiple = SIZE_MULTIPLE
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int, bilinear: bool,
-                 gate_reduction: int | None = None, bottleneck: nn.Module | None = None):
+                 gate_reduction: int | None = None, bottleneck: nn.Module | None = None,
+                 deep_supervision: bool = False):
         super().__init__()
         check_channels(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels)
         self.encoder = Encoder(in_channels, base_channels, bilinear)
         self.bottleneck = bottleneck if bottleneck is not None else nn.Identity()
         self.decoder = Decoder(base_channels, bilinear, gate_reduction)
         self.head = OutConv(base_channels, out_channels)
+        self.deep_supervision = bool(deep_supervision)
+        if self.deep_supervision:  # 1x1 heads on the 1/8, 1/4 and 1/2 stages (widths as Decoder's up1..up3)
+            factor = 2 if bilinear else 1
+            self.aux_heads = nn.ModuleList(OutConv(base_channels * m // factor, out_channels) for m in (8, 4, 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits; in training with deep supervision, (logits, the coarser stages' logits upsampled to
+        the input's size, coarse to fine). Inference never sees the auxiliary heads."""
         height, width = x.shape[-2:]
-        features = self.encoder(pad_to_multiple(x, self.size_multiple))
-        decoded = self.decoder(self.bottleneck(features[-1]), features[:-1])
-        return self.head(decoded)[..., :height, :width]
+        padded = pad_to_multiple(x, self.size_multiple)
+        features = self.encoder(padded)
+        stages = self.decoder(self.bottleneck(features[-1]), features[:-1])
+        logits = self.head(stages[-1])[..., :height, :width]
+        if not (self.training and self.deep_supervision):
+            return logits
+        aux = [F.interpolate(head(stage), size=padded.shape[-2:], mode="bilinear", align_corners=False)
+               [..., :height, :width] for head, stage in zip(self.aux_heads, stages)]
+        return logits, aux
 
 
 class UNet2D(UNetBase):
@@ -292,10 +317,10 @@ class UNet2D(UNetBase):
     name = "unet"
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
-                 bilinear: bool = True):
-        super().__init__(in_channels, out_channels, base_channels, bilinear)
-        self.config = dict(in_channels=in_channels, out_channels=out_channels,
-                           base_channels=base_channels, bilinear=bilinear)
+                 bilinear: bool = True, deep_supervision: bool = False):
+        super().__init__(in_channels, out_channels, base_channels, bilinear, deep_supervision=deep_supervision)
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+                           bilinear=bilinear, deep_supervision=self.deep_supervision)
 
 
 class UNet2D_scAG(UNetBase):
@@ -304,10 +329,11 @@ class UNet2D_scAG(UNetBase):
     name = "scag"
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
-                 bilinear: bool = True, gate_reduction: int = 8):
-        super().__init__(in_channels, out_channels, base_channels, bilinear, gate_reduction=gate_reduction)
+                 bilinear: bool = True, gate_reduction: int = 8, deep_supervision: bool = False):
+        super().__init__(in_channels, out_channels, base_channels, bilinear, gate_reduction=gate_reduction,
+                         deep_supervision=deep_supervision)
         self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
-                           bilinear=bilinear, gate_reduction=gate_reduction)
+                           bilinear=bilinear, gate_reduction=gate_reduction, deep_supervision=self.deep_supervision)
 
 
 class UNet2D_NAC(UNetBase):
@@ -317,13 +343,14 @@ class UNet2D_NAC(UNetBase):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
                  bilinear: bool = True, gate_reduction: int = 8, nac_dilations: tuple[int, ...] = (1, 2, 3, 5),
-                 nac_reduction: int = 16):
+                 nac_reduction: int = 16, deep_supervision: bool = False):
         deepest_channels = base_channels * 16 // (2 if bilinear else 1)
         super().__init__(in_channels, out_channels, base_channels, bilinear, gate_reduction=gate_reduction,
-                         bottleneck=NAC(deepest_channels, tuple(nac_dilations), nac_reduction))
+                         bottleneck=NAC(deepest_channels, tuple(nac_dilations), nac_reduction),
+                         deep_supervision=deep_supervision)
         self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
-                           bilinear=bilinear, gate_reduction=gate_reduction,
-                           nac_dilations=list(nac_dilations), nac_reduction=nac_reduction)
+                           bilinear=bilinear, gate_reduction=gate_reduction, nac_dilations=list(nac_dilations),
+                           nac_reduction=nac_reduction, deep_supervision=self.deep_supervision)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import finetune_seg
 import mim_pretrain
 from checkpoints import open_checkpoint
 from index import Sample, subset_fraction
+from models import build_model
 from phantom import generate_panoramic
 from predict import load_predictor, remove_small_components
 from utils import ToothSegError, read_image, write_png
@@ -167,6 +168,34 @@ def test_label_seed_keeps_the_labels_while_seed_changes_the_run(labelled, tmp_pa
     pairs_drawn_by_1, _ = run("seed1_default", "--seed", "1")
     assert pairs1 == pairs0 and not torch.equal(weights1, weights0)
     assert pairs_drawn_by_1 != pairs0
+
+
+@pytest.mark.parametrize("task", [finetune_seg.SegmentationTask(0.2), finetune_seg.TeethTask([0, 11, 21], 1.0)])
+def test_deep_supervision_trains_the_auxiliary_heads_through_the_loss(task):
+    teeth = isinstance(task, finetune_seg.TeethTask)
+    model = build_model("unet", base_channels=4, out_channels=3 if teeth else 1, deep_supervision=True).train()
+    torch.manual_seed(0)
+    image = torch.randn(2, 1, 32, 48)
+    target = torch.randint(0, 3, (2, 32, 48)) if teeth else (torch.rand(2, 1, 32, 48) > 0.5).float()
+    loss, logits = task.train_step(model, (image, target, {"weight": torch.ones(2)}))
+    loss.backward()
+    assert logits.shape[-2:] == image.shape[-2:]
+    assert all(head.conv.weight.grad is not None and head.conv.weight.grad.abs().sum() > 0 for head in model.aux_heads)
+
+
+def test_a_deeply_supervised_checkpoint_predicts_and_initialises_either_kind(labelled, tmp_path, capsys):
+    finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "ds"), *NET, "--base-channels", "4",
+                       "--epochs", "1", "--steps-per-epoch", "2", "--deep-supervision"])
+    assert open_checkpoint(tmp_path / "ds" / "best.pth").model.args["deep_supervision"] is True
+    eval_script.main(["--checkpoint", str(tmp_path / "ds" / "best.pth"), "--out-dir", str(tmp_path / "eval"), "--cpu",
+                      "--workers", "0"])
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["n_images"] > 0
+    for flag, kept in (([], True), (["--no-deep-supervision"], False)):
+        out = tmp_path / f"from_ds_{kept}"
+        finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(out), *NET, "--epochs", "1", "--steps-per-epoch",
+                           "1", "--init-from", str(tmp_path / "ds" / "best.pth"), *flag])
+        weights = open_checkpoint(out / "last.pth").state.weights
+        assert any(k.startswith("aux_heads.") for k in weights) is kept
 
 
 @pytest.mark.parametrize("trained_amp", ["off", "bf16"])

@@ -13,6 +13,7 @@ from scipy.spatial.distance import cdist
 from metrics import (
     METRIC_NAMES,
     BCEDiceLoss,
+    DeepSupervisionLoss,
     dice_per_image,
     empty_distance_penalty,
     masked_l1_loss,
@@ -340,3 +341,14 @@ def test_assd_is_medpys_mean_of_the_two_directions_not_monais_pooled_mean():
     monai = np.concatenate([pred_to_gt, gt_to_pred]).mean()
     assert abs(medpy - monai) > 1.0  # the cases are far enough apart to tell which one is computed
     assert segmentation_metrics(pred, gt)["assd"] == pytest.approx(medpy)
+
+
+def test_deep_supervision_weighs_each_resolution_by_half_the_finer_one():
+    torch.manual_seed(0)
+    target = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    logits, coarse, middle, fine = (torch.randn(2, 1, 8, 8) for _ in range(4))
+    base, deep = BCEDiceLoss(0.2), DeepSupervisionLoss(BCEDiceLoss(0.2))
+    expected = (base(logits, target) + base(fine, target) / 2 + base(middle, target) / 4
+                + base(coarse, target) / 8) / (1 + 1 / 2 + 1 / 4 + 1 / 8)
+    assert torch.allclose(deep(logits, target, aux=[coarse, middle, fine]), expected)
+    assert torch.equal(deep(logits, target), base(logits, target))

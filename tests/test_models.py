@@ -244,3 +244,25 @@ def test_nac_starts_as_identity(train):
     y.square().sum().backward()
     # The zero gamma is itself trainable, so the block can open up from the first step.
     assert nac.project_bn.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", UNET_NAMES)
+def test_deep_supervision_adds_training_outputs_and_changes_no_prediction(name):
+    deep = small_model(name, deep_supervision=True)
+    open_nac_gamma(deep)
+    x = torch.randn(2, 1, 37, 83)
+    logits, aux = deep.train()(x)
+    assert logits.shape == x.shape and [a.shape for a in aux] == [x.shape] * 3
+    assert [h.conv.in_channels for h in deep.aux_heads] == [BASE * 4, BASE * 2, BASE]  # up1..up3's widths
+    # In eval mode the extra heads are out of the way: the same weights without them predict the same.
+    plain = small_model(name)
+    state = {k: v for k, v in deep.state_dict().items() if not k.startswith("aux_heads.")}
+    plain.load_state_dict(state)  # strict: everything but the auxiliary heads is shared
+    with torch.no_grad():
+        assert torch.equal(deep.eval()(x), plain.eval()(x))
+    assert build_model(name, **deep.config).deep_supervision
+
+
+def test_deep_supervision_is_refused_by_the_smp_models_in_one_line():
+    with pytest.raises(ToothSegError, match="'fpn' does not take deep_supervision"):
+        build_model("fpn", deep_supervision=True)
