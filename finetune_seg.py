@@ -215,8 +215,6 @@ class SegmentationTask:
     def summarise(means: dict[str, float]) -> dict[str, float]:
         """dice_pooled: Dice of all validation pixels at once, which an image without teeth sways by its few
         stray pixels instead of by a whole image's 0 or 1 (the mean Dice)."""
-        if "overlap" not in means:  # the per-tooth task's validation
-            return means
         overlap, volume = means.pop("overlap"), means.pop("volume")
         return {**means, "dice_pooled": overlap / volume if volume > 0 else 1.0}
 
@@ -237,6 +235,10 @@ class TeethTask(SegmentationTask):
         super().__init__(lambda_dice, window, overlap)
         self.classes = np.asarray(classes, np.uint8)
         self.loss = DeepSupervisionLoss(CEDiceLoss(lambda_dice))
+
+    @staticmethod
+    def summarise(means: dict[str, float]) -> dict[str, float]:
+        return means  # its validation counts no pixels to pool (--select-by dice_pooled is refused for it)
 
     def val_step(self, model, batch):
         image, labels, _ = batch
