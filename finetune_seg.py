@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
-from data import (AUGMENTATIONS, EpochMix, SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset,
+from data import (AUGMENTATIONS, MASK_RESIZES, EpochMix, SegmentationDataset, SemiDataset, TeethDataset, UnlabelledDataset,
                   build_eval_transform, build_train_transform, denormalize, intensity_landmarks, modality_of)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
@@ -102,6 +102,10 @@ def parse_args(argv=None):
     data.add_argument("--augment", choices=AUGMENTATIONS, default="standard",
                       help="standard: flips, rotations of ±5°, brightness, contrast, noise and blur; strong: also scale "
                            "±10 %%, shift ±5 %% and rotations of ±10° (ultrasound always has these)")
+    data.add_argument("--mask-resize", choices=MASK_RESIZES, default="nearest",
+                      help="how a binary mask (or pseudo-label) is taken to the network's size for training and "
+                           "validation: nearest (one source pixel each, a fraction of a pixel off the image's grid), or "
+                           "area (each pixel's tooth share, a soft target at the edges; binary task)")
     data.add_argument("--standardize-intensity", action="store_true",
                       help="match each image's histogram to the training images' mean one (histogram standardisation, "
                            "recorded in the checkpoint, so eval.py and the notebook do the same): another clinic's "
@@ -145,6 +149,8 @@ def parse_args(argv=None):
         parser.error("--labelled-share balances true labels against pseudo-labels; add --pseudo-labels DIR")
     if args.task == "teeth" and (args.semi or args.pseudo_labels is not None):
         parser.error("--task teeth learns from labelled images only; drop --semi/--pseudo-labels (or use them with --task binary)")
+    if args.task == "teeth" and args.mask_resize != "nearest":
+        parser.error("--mask-resize area is for the binary task; tooth numbers are labels that must not be blended")
     if args.task == "teeth" and args.select_by != "dice":
         parser.error("--select-by dice_pooled is for the binary task; the per-tooth task picks by its mean tooth Dice")
     if args.lambda_dice is None:
@@ -365,7 +371,7 @@ def main(argv=None):
     # The labelled training images set the reference, so a student of the same labels shares its teacher's.
     landmarks = intensity_landmarks(train_samples) if args.standardize_intensity else None
     train_transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window,
-                                            augment=args.augment, landmarks=landmarks)
+                                            augment=args.augment, landmarks=landmarks, mask_resize=args.mask_resize)
     pool = unlabelled_pool(args.images_dir, index, splits["train"], (s.pair_id for s in train_samples))
     if (args.semi or args.pseudo_labels is not None) and not pool:
         raise ToothSegError(f"{index or args.images_dir}: no unlabelled images to learn from; add some with "
@@ -377,7 +383,8 @@ def main(argv=None):
         labelled, val_set, classes = teeth_datasets(args, splits, train_samples, modality, landmarks)
     else:
         labelled = SegmentationDataset(train_samples, train_transform, seed=args.seed, cache=args.cache_images)
-        val_transform = build_eval_transform(args.img_height, args.img_width, landmarks=landmarks)
+        val_transform = build_eval_transform(args.img_height, args.img_width, landmarks=landmarks,
+                                             mask_resize=args.mask_resize)
         val_set = SegmentationDataset(splits["val"], val_transform, seed=args.seed, fixed=True, cache=args.cache_images)
     if args.semi:  # a labelled and an unlabelled item per draw
         unlabelled = UnlabelledDataset(pool, train_transform, seed=args.seed, cache=args.cache_images)
@@ -413,6 +420,7 @@ def main(argv=None):
     split = SplitSpec(str(index) if index else None, args.val_ratio, args.test_ratio, args.split_seed)
     settings = {"task": args.task, "classes": classes, "lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
                 "labelled_pairs": sorted(s.pair_id for s in train_samples), "augment": args.augment,
+                "mask_resize": args.mask_resize,
                 "init_from": args.init_from, "steps_per_epoch": len(train_loader),
                 "freeze_encoder_epochs": args.freeze_encoder_epochs, "pseudo_labels": pseudo_record,
                 "semi": {"method": "mean teacher, weak-to-strong consistency", "unlabelled": len(pool),

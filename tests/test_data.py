@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
-from data import EpochMix, SegmentationDataset, build_train_transform
-from index import segmentation_splits
+from data import EpochMix, SegmentationDataset, build_eval_transform, build_train_transform
+from index import read_mask, segmentation_splits
 from utils import ToothSegError
 
 
@@ -62,3 +64,28 @@ def test_a_share_of_zero_leaves_a_part_out_and_bad_shares_are_refused(pairs):
     assert {meta["pair_id"] for _, _, meta in epoch(mix, 0)} <= {s.pair_id for s in pairs[2:]}
     with pytest.raises(ToothSegError, match="share"):
         EpochMix([dataset(pairs)], [0], 4)
+
+
+def test_area_mask_resize_gives_each_network_pixel_its_tooth_share(pairs):
+    sample = pairs[0]
+    mask = read_mask(sample.mask)
+    factor = 4  # the phantom's 320x640 to 80x160; Tufts' 1615x840 to 320x640 is 2.5x
+    height, width = mask.shape[0] // factor, mask.shape[1] // factor
+    targets = {resize: SegmentationDataset([sample], build_eval_transform(height, width, mask_resize=resize),
+                                           seed=0, fixed=True)[0][1][0].numpy()
+               for resize in ("nearest", "area")}
+    assert set(np.unique(targets["nearest"])) == {0.0, 1.0}  # binary, as before the flag
+    share = mask.reshape(height, factor, width, factor).mean((1, 3))  # each block's tooth share
+    assert np.abs(targets["area"] - share).max() <= 0.5 / 255 + 1e-6  # 8-bit rounding only
+    assert ((targets["area"] > 0) & (targets["area"] < 1)).any()
+
+    def round_trip_dice(target: np.ndarray) -> float:
+        back = cv2.resize(target, mask.shape[::-1], interpolation=cv2.INTER_LINEAR) > 0.5
+        return 2 * (back & (mask > 0)).sum() / (back.sum() + mask.sum())
+
+    assert round_trip_dice(targets["area"]) > round_trip_dice(targets["nearest"])
+
+
+def test_an_unknown_mask_resize_is_one_line():
+    with pytest.raises(ToothSegError, match="unknown mask resize 'cubic'; valid: nearest, area"):
+        build_train_transform(32, 64, mask_resize="cubic")
