@@ -38,7 +38,8 @@ import torch
 
 from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
 from data import (AUGMENTATIONS, MASK_RESIZES, EpochMix, SegmentationDataset, SemiDataset, TeethDataset,
-                  UnlabelledDataset, build_eval_transform, build_train_transform, denormalize, intensity_landmarks, modality_of)
+                  UnlabelledDataset, build_eval_transform, build_train_transform, denormalize, intensity_landmarks,
+                  modality_of)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
                     prepare_model, setup_runtime)
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
