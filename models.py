@@ -237,10 +237,10 @@ class Decoder(nn.Module):
     def __init__(self, base: int, bilinear: bool, gate_reduction: int | None = None):
         super().__init__()
         factor = 2 if bilinear else 1
-        self.up1 = Up(base * 16, base * 8 // factor, bilinear)
-        self.up2 = Up(base * 8, base * 4 // factor, bilinear)
-        self.up3 = Up(base * 4, base * 2 // factor, bilinear)
-        self.up4 = Up(base * 2, base, bilinear)
+        # Each stage's output width, coarse to fine (what forward's stages have, and deep supervision's heads take).
+        self.stage_widths = (base * 8 // factor, base * 4 // factor, base * 2 // factor, base)
+        self.up1, self.up2, self.up3, self.up4 = (Up(base * m, width, bilinear)
+                                                  for m, width in zip((16, 8, 4, 2), self.stage_widths))
         # Each stage's upsampled feature has the same width as its skip (base * 8, 4, 2, 1).
         skip_widths = (base * 8, base * 4, base * 2, base)
         gates = [ScAG(w, w, gate_reduction) if gate_reduction else None for w in skip_widths]
@@ -292,9 +292,8 @@ class UNetBase(nn.Module):
         self.decoder = Decoder(base_channels, bilinear, gate_reduction)
         self.head = OutConv(base_channels, out_channels)
         self.deep_supervision = bool(deep_supervision)
-        if self.deep_supervision:  # 1x1 heads on the 1/8, 1/4 and 1/2 stages (widths as Decoder's up1..up3)
-            factor = 2 if bilinear else 1
-            self.aux_heads = nn.ModuleList(OutConv(base_channels * m // factor, out_channels) for m in (8, 4, 2))
+        if self.deep_supervision:  # 1x1 heads on the 1/8, 1/4 and 1/2 stages
+            self.aux_heads = nn.ModuleList(OutConv(width, out_channels) for width in self.decoder.stage_widths[:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The logits; in training with deep supervision, (logits, the coarser stages' logits upsampled to
