@@ -9,7 +9,8 @@ A checkpoint (format 2) is a dict of plain types and tensors, so it loads with t
                 it trained on, where its labelled splits came from (`split`) or its pretraining hold-out
                 share (`holdout`), the seed of its sample randomness, and the sliding window it trained
                 on crops of and predicts with (`window`, `window_overlap`; absent in older files: none), and the
-                grey levels each image is standardised to (`intensity_landmarks`; absent or None: raw intensities)
+                grey levels each image is standardised to (`intensity_landmarks`; absent or None: raw intensities),
+                and how each image is resized to the input (`image_resize`, linear or area; absent: linear)
     precision   {"amp": the --amp setting, "dtype": the autocast dtype it trained in, or "float32"}
     task        plain dicts: the MIM masking, the Models Genesis perturbations, or the segmentation loss and labels;
                 a per-tooth model has task "teeth" and `classes`, the FDI number of each output channel (0 first)
@@ -95,6 +96,7 @@ class DataSpec:
     window: tuple[int, int] | None = None  # trained on (H, W) crops, predicts in such windows; None: whole input
     window_overlap: float = 0.5        # share of a window that its neighbours overlap when predicting
     intensity_landmarks: tuple[float, ...] | None = None  # data.standardize_intensity's reference; None: raw images
+    image_resize: str = "linear"       # data.IMAGE_RESIZES: how each image is taken to input_size
 
     def labelled_splits(self, images_dir: str | os.PathLike | None = None, masks_dir: str | os.PathLike | None = None,
                         index: str | os.PathLike | None = None) -> dict:

@@ -79,12 +79,15 @@ AUGMENTATIONS = ("standard", "strong")
 # a fraction of a pixel off the image's sampling grid; taken to 320x640 and back, it scores Dice 0.973 against
 # itself. Area interpolation of the 8-bit mask keeps each network pixel's tooth share as a soft target (0.997).
 MASK_RESIZES = {"nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
+# How the X-ray reaches the network's size. Bilinear reads the 2x2 source pixels nearest each output pixel, so a
+# 2.5x downscale (Tufts to 320x640) skips most pixels and aliases noise and thin edges; area averages all of them.
+IMAGE_RESIZES = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 
 
 def build_train_transform(height: int, width: int, modality: str = "xray", normalize: bool = True,
                           window: tuple[int, int] | None = None, flip: bool = True,
                           augment: str = "standard", landmarks: Iterable[float] | None = None,
-                          mask_resize: str = "nearest") -> A.Compose:
+                          mask_resize: str = "nearest", image_resize: str = "linear") -> A.Compose:
     """The seeds' panoramic recipe; `modality="ultrasound"` gives the TG3K variant (speckle, larger affine).
     `augment="strong"` gives X-rays that affine too (scale ±10 %, shift ±5 %, rotation ±10° instead of ±5°),
     for small labelled sets; ultrasound always has it.
@@ -92,7 +95,7 @@ def build_train_transform(height: int, width: int, modality: str = "xray", norma
     `flip=False` leaves the horizontal flip to the dataset (TeethDataset, which must renumber the teeth).
     With `landmarks`, each image is first standardised to them (`standardize_intensity`).
     `mask_resize` (MASK_RESIZES) resizes the mask; "area" is for 8-bit masks (SegmentationDataset's), never for
-    label maps, whose numbers it would blend."""
+    label maps, whose numbers it would blend. `image_resize` (IMAGE_RESIZES) resizes the image."""
     if augment not in AUGMENTATIONS:
         raise ToothSegError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     flips = [A.HorizontalFlip(p=0.5)] if flip else []
@@ -119,19 +122,23 @@ def build_train_transform(height: int, width: int, modality: str = "xray", norma
     # image, so training should see spine, ramus and edges as often as they occur there, which is where stray
     # false-positive blobs come from. It needs no mask either, so the unlabelled views of --semi crop alike.
     crop = [A.RandomCrop(*window)] if window is not None else []
-    return A.Compose([*_standardize(landmarks), _resize(height, width, mask_resize), *geometric, *crop, *photometric]
-                     + _to_tensor(normalize))
+    return A.Compose([*_standardize(landmarks), _resize(height, width, mask_resize, image_resize), *geometric, *crop,
+                      *photometric] + _to_tensor(normalize))
 
 
 def build_eval_transform(height: int, width: int, normalize: bool = True,
-                         landmarks: Iterable[float] | None = None, mask_resize: str = "nearest") -> A.Compose:
-    return A.Compose([*_standardize(landmarks), _resize(height, width, mask_resize)] + _to_tensor(normalize))
+                         landmarks: Iterable[float] | None = None, mask_resize: str = "nearest",
+                         image_resize: str = "linear") -> A.Compose:
+    return A.Compose([*_standardize(landmarks), _resize(height, width, mask_resize, image_resize)]
+                     + _to_tensor(normalize))
 
 
-def _resize(height: int, width: int, mask_resize: str) -> A.Resize:
-    if mask_resize not in MASK_RESIZES:
-        raise ToothSegError(f"unknown mask resize {mask_resize!r}; valid: {', '.join(MASK_RESIZES)}")
-    return A.Resize(height, width, mask_interpolation=MASK_RESIZES[mask_resize])
+def _resize(height: int, width: int, mask_resize: str, image_resize: str) -> A.Resize:
+    for name, value, valid in (("mask", mask_resize, MASK_RESIZES), ("image", image_resize, IMAGE_RESIZES)):
+        if value not in valid:
+            raise ToothSegError(f"unknown {name} resize {value!r}; valid: {', '.join(valid)}")
+    return A.Resize(height, width, interpolation=IMAGE_RESIZES[image_resize],
+                    mask_interpolation=MASK_RESIZES[mask_resize])
 
 
 def _to_tensor(normalize: bool) -> list:

@@ -247,7 +247,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 def data_spec(args: argparse.Namespace, *, modality: str = "xray", split: SplitSpec | None = None,
               holdout: float | None = None, mask_threshold: int | None = None,
               window: tuple[int, int] | None = None, window_overlap: float = 0.5,
-              intensity_landmarks: tuple[float, ...] | None = None) -> DataSpec:
+              intensity_landmarks: tuple[float, ...] | None = None, image_resize: str = "linear") -> DataSpec:
     """The checkpoint's data section: what eval, predict and the notebook need to preprocess and predict
     exactly as in training, and to find the run's data and splits again."""
     return DataSpec(input_size=(args.img_height, args.img_width), norm_mean=NORM_MEAN, norm_std=NORM_STD,
@@ -255,7 +255,7 @@ def data_spec(args: argparse.Namespace, *, modality: str = "xray", split: SplitS
                     masks_dir=str(args.masks_dir) if getattr(args, "masks_dir", None) else None,
                     split=split or SplitSpec(index=str(args.index) if args.index else None), holdout=holdout,
                     seed=args.seed, window=window, window_overlap=window_overlap,
-                    intensity_landmarks=intensity_landmarks)
+                    intensity_landmarks=intensity_landmarks, image_resize=image_resize)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ class Trainer:
     def resume(self, path: Path) -> None:
         saved = open_checkpoint(path, (self.record.kind,), "--resume")
         # What preprocessing the weights learnt must not change halfway (eval reads it from the checkpoint).
-        changed = [name for name in ("input_size", "window", "intensity_landmarks")
+        changed = [name for name in ("input_size", "window", "intensity_landmarks", "image_resize")
                    if getattr(saved.data, name) != getattr(self.record.data, name)]
         if changed:
             raise ToothSegError(f"{path}: this run's {', '.join(changed)} differ from the checkpoint's; resume with the "

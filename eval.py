@@ -173,7 +173,7 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
 
 def load_ensemble(paths: list[Path], device) -> list:
     """Predictors of one or more checkpoints; an ensemble must share the input size to average at it, and the
-    intensity standardisation, since its members see one transformed image."""
+    intensity standardisation and image resizing, since its members see one transformed image."""
     predictors = [load_predictor(path, device) for path in paths]
     sizes = {p.checkpoint.data.input_size for p in predictors}
     if len(sizes) > 1:
@@ -182,9 +182,10 @@ def load_ensemble(paths: list[Path], device) -> list:
     if len({str(p.classes) for p in predictors}) > 1:
         raise ToothSegError(f"{paths[0]}: the checkpoints predict different classes (binary, or other tooth numbers); "
                             f"average only models of one task and class list")
-    if len({p.checkpoint.data.intensity_landmarks for p in predictors}) > 1:
-        raise ToothSegError(f"{paths[0]}: the checkpoints standardise intensities differently (finetune_seg.py "
-                            f"--standardize-intensity, or its training images); average only models that share it")
+    if len({(p.checkpoint.data.intensity_landmarks, p.checkpoint.data.image_resize) for p in predictors}) > 1:
+        raise ToothSegError(f"{paths[0]}: the checkpoints prepare images differently (finetune_seg.py "
+                            f"--standardize-intensity or --image-resize, or their training images); average only models "
+                            f"that share both")
     return predictors
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
-from data import (AUGMENTATIONS, MASK_RESIZES, EpochMix, SegmentationDataset, SemiDataset, TeethDataset,
+from data import (AUGMENTATIONS, IMAGE_RESIZES, MASK_RESIZES, EpochMix, SegmentationDataset, SemiDataset, TeethDataset,
                   UnlabelledDataset, build_eval_transform, build_train_transform, denormalize, intensity_landmarks,
                   modality_of)
 from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec, make_loaders, parse_training_args,
@@ -108,6 +108,10 @@ def parse_args(argv=None):
                       help="how a binary mask (or pseudo-label) is taken to the network's size for training and "
                            "validation: nearest (one source pixel each, a fraction of a pixel off the image's grid), or "
                            "area (each pixel's tooth share, a soft target at the edges; binary task)")
+    data.add_argument("--image-resize", choices=IMAGE_RESIZES, default="linear",
+                      help="how each X-ray is taken to the network's size, in training and in every prediction "
+                           "(recorded in the checkpoint): linear (bilinear), or area (every source pixel averaged in, "
+                           "for inputs well below the X-ray's size)")
     data.add_argument("--standardize-intensity", action="store_true",
                       help="match each image's histogram to the training images' mean one (histogram standardisation, "
                            "recorded in the checkpoint, so eval.py and the notebook do the same): another clinic's "
@@ -342,9 +346,10 @@ def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: st
     if not classes:
         raise ToothSegError(f"{args.resume}: is a binary model; resume it without --task teeth")
     transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window, flip=False,
-                                      augment=args.augment, landmarks=landmarks)
+                                      augment=args.augment, landmarks=landmarks, image_resize=args.image_resize)
     train_set = TeethDataset(train_samples, transform, classes, mirror=True, seed=args.seed, cache=args.cache_images)
-    val_transform = build_eval_transform(args.img_height, args.img_width, landmarks=landmarks)
+    val_transform = build_eval_transform(args.img_height, args.img_width, landmarks=landmarks,
+                                         image_resize=args.image_resize)
     val_set = TeethDataset(splits["val"], val_transform, classes, seed=args.seed, fixed=True, cache=args.cache_images)
     return train_set, val_set, classes
 
@@ -373,7 +378,8 @@ def main(argv=None):
     # The labelled training images set the reference, so a student of the same labels shares its teacher's.
     landmarks = intensity_landmarks(train_samples) if args.standardize_intensity else None
     train_transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window,
-                                            augment=args.augment, landmarks=landmarks, mask_resize=args.mask_resize)
+                                            augment=args.augment, landmarks=landmarks, mask_resize=args.mask_resize,
+                                            image_resize=args.image_resize)
     pool = unlabelled_pool(args.images_dir, index, splits["train"], (s.pair_id for s in train_samples))
     if (args.semi or args.pseudo_labels is not None) and not pool:
         raise ToothSegError(f"{index or args.images_dir}: no unlabelled images to learn from; add some with "
@@ -386,7 +392,7 @@ def main(argv=None):
     else:
         labelled = SegmentationDataset(train_samples, train_transform, seed=args.seed, cache=args.cache_images)
         val_transform = build_eval_transform(args.img_height, args.img_width, landmarks=landmarks,
-                                             mask_resize=args.mask_resize)
+                                             mask_resize=args.mask_resize, image_resize=args.image_resize)
         val_set = SegmentationDataset(splits["val"], val_transform, seed=args.seed, fixed=True, cache=args.cache_images)
     if args.semi:  # a labelled and an unlabelled item per draw
         unlabelled = UnlabelledDataset(pool, train_transform, seed=args.seed, cache=args.cache_images)
@@ -436,7 +442,7 @@ def main(argv=None):
                             data=data_spec(args, modality=modality, split=split,
                                            mask_threshold=source_mask_threshold(train_samples, index),
                                            window=args.window, window_overlap=args.window_overlap,
-                                           intensity_landmarks=landmarks),
+                                           intensity_landmarks=landmarks, image_resize=args.image_resize),
                             task_settings=settings,
                             steps_per_epoch=len(train_loader), device=device, dist=dist,
                             monitor=f"val/{args.select_by}", mode="max",

@@ -86,6 +86,19 @@ def test_area_mask_resize_gives_each_network_pixel_its_tooth_share(pairs):
     assert round_trip_dice(targets["area"]) > round_trip_dice(targets["nearest"])
 
 
-def test_an_unknown_mask_resize_is_one_line():
-    with pytest.raises(ToothSegError, match="unknown mask resize 'cubic'; valid: nearest, area"):
-        build_train_transform(32, 64, mask_resize="cubic")
+def test_area_image_resize_averages_every_source_pixel():
+    noise = np.random.default_rng(0).integers(0, 256, (96, 192), dtype=np.uint8)
+    factor = 3  # bilinear at a whole factor reads one source pixel per output pixel: the noise passes unaveraged
+    height, width = 96 // factor, 192 // factor
+    images = {resize: build_eval_transform(height, width, normalize=False, image_resize=resize)(image=noise)
+              ["image"][0].numpy() for resize in ("linear", "area")}
+    block_means = noise.reshape(height, factor, width, factor).mean((1, 3)) / 255
+    assert np.abs(images["area"] - block_means).max() <= 0.5 / 255 + 1e-6  # 8-bit rounding only
+    assert np.abs(images["linear"] - block_means).mean() > 10 / 255
+    assert images["area"].std() < images["linear"].std() / 2
+
+
+@pytest.mark.parametrize("flag, valid", [("mask_resize", "nearest, area"), ("image_resize", "linear, area")])
+def test_an_unknown_resize_is_one_line(flag, valid):
+    with pytest.raises(ToothSegError, match=f"unknown {flag.split('_')[0]} resize 'cubic'; valid: {valid}"):
+        build_train_transform(32, 64, **{flag: "cubic"})

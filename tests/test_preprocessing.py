@@ -1,5 +1,6 @@
-"""Histogram standardisation (finetune_seg.py --standardize-intensity): each image's grey levels matched to the
-training images' mean quantiles, recorded in the checkpoint, and applied by eval and the Predictor as trained."""
+"""How a model's images are prepared, recorded in the checkpoint and applied by eval and the Predictor as trained:
+histogram standardisation (finetune_seg.py --standardize-intensity: each image's grey levels matched to the
+training images' mean quantiles) and how each image is resized to the input (--image-resize)."""
 from __future__ import annotations
 
 import re
@@ -14,7 +15,7 @@ import eval as eval_script
 import finetune_seg
 import tool
 from checkpoints import open_checkpoint
-from data import LANDMARK_QUANTILES, intensity_landmarks, standardize_intensity
+from data import LANDMARK_QUANTILES, build_eval_transform, intensity_landmarks, standardize_intensity
 from index import Sample, segmentation_splits
 from phantom import generate_panoramic
 from predict import load_predictor
@@ -81,20 +82,43 @@ def test_prediction_standardizes_as_the_model_trained(standardized):
     assert (raw.network_input(image) - raw.network_input(other)).abs().mean() > 0.5
 
 
-def test_eval_refuses_an_ensemble_that_standardizes_differently(standardized, phantom_data_root, tmp_path):
+@pytest.fixture(scope="module")
+def area_resized(phantom_data_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("area_resized")
+    finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir", str(out), *NET,
+                       "--epochs", "1", "--image-resize", "area"])
+    return out
+
+
+def test_prediction_resizes_images_as_the_model_trained(area_resized, capsys):
+    predictor = load_predictor(area_resized)
+    assert predictor.checkpoint.data.image_resize == "area"
+    image = generate_panoramic(3, 256, 512)[0]  # 4x the input: bilinear and area disagree
+    expected = {resize: build_eval_transform(64, 128, image_resize=resize)(image=image)["image"][None]
+                for resize in ("linear", "area")}
+    assert torch.equal(predictor.network_input(image), expected["area"])
+    assert not torch.equal(expected["area"], expected["linear"])
+    tool.main([str(area_resized / "last.pth")])
+    assert "images resized by area interpolation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prepared", ["standardized", "area_resized"])
+def test_eval_refuses_an_ensemble_that_prepares_images_differently(prepared, request, phantom_data_root, tmp_path):
     finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir",
                        str(tmp_path / "raw"), *NET, "--epochs", "1"])
-    with pytest.raises(ToothSegError, match="standardise intensities differently"):
-        eval_script.main(["--checkpoint", str(standardized), str(tmp_path / "raw"), "--cpu", "--workers", "0",
-                          "--out-dir", str(tmp_path / "eval")])
+    with pytest.raises(ToothSegError, match="prepare images differently"):
+        eval_script.main(["--checkpoint", str(request.getfixturevalue(prepared)), str(tmp_path / "raw"), "--cpu",
+                          "--workers", "0", "--out-dir", str(tmp_path / "eval")])
 
 
-def test_resume_keeps_the_standardization(phantom_data_root, tmp_path, interrupted_run):
+@pytest.mark.parametrize("preparation, changed", [(["--standardize-intensity"], "intensity_landmarks"),
+                                                  (["--image-resize", "area"], "image_resize")])
+def test_resume_keeps_the_preparation(preparation, changed, phantom_data_root, tmp_path, interrupted_run):
     flags = ["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir", str(tmp_path), *NET,
-             "--epochs", "2", "--standardize-intensity"]
+             "--epochs", "2", *preparation]
     interrupted_run(finetune_seg.main, flags)
-    with pytest.raises(ToothSegError, match="intensity_landmarks differ"):
-        finetune_seg.main([*flags[:-1], "--resume", str(tmp_path / "last.pth")])
+    with pytest.raises(ToothSegError, match=f"{changed} differ"):
+        finetune_seg.main([*flags[:-len(preparation)], "--resume", str(tmp_path / "last.pth")])
     finetune_seg.main([*flags, "--resume", str(tmp_path / "last.pth")])
     assert open_checkpoint(tmp_path / "last.pth").epoch == 2
 
