@@ -184,8 +184,8 @@ def load_ensemble(paths: list[Path], device) -> list:
                             f"average only models of one task and class list")
     if len({(p.checkpoint.data.intensity_landmarks, p.checkpoint.data.image_resize) for p in predictors}) > 1:
         raise ToothSegError(f"{paths[0]}: the checkpoints prepare images differently (finetune_seg.py "
-                            f"--standardize-intensity or --image-resize, or their training images); average only models "
-                            f"that share both")
+                            f"--standardize-intensity or --image-resize, or their training images); average only "
+                            f"models that share both")
     return predictors
 
 

@@ -303,10 +303,11 @@ class Predictor:
         return self.checkpoint.path
 
     def transform(self):
-        """The eval transform at the checkpoint's input size (standardise intensities if it trained so, resize as it trained,
-        normalise, to tensor)."""
+        """The eval transform at the checkpoint's input size (standardise intensities if it trained so, resize as
+        it trained, normalise, to tensor)."""
         data = self.checkpoint.data
-        return build_eval_transform(*data.input_size, landmarks=data.intensity_landmarks, image_resize=data.image_resize)
+        return build_eval_transform(*data.input_size, landmarks=data.intensity_landmarks,
+                                    image_resize=data.image_resize)
 
     def network_input(self, image: np.ndarray) -> torch.Tensor:
         """(1, 1, h, w) normalised tensor at network size, via the eval transform."""

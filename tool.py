@@ -140,7 +140,8 @@ def inspect_file(path: Path, show_keys: bool) -> None:
                       + ("; grey levels standardised to the training images' histogram (quartiles "
                          + "/".join(f"{quartile:.0f}" for quartile in quartiles(data.intensity_landmarks)) + ")"
                          if data.intensity_landmarks else "")
-                      + (f"; images resized by {data.image_resize} interpolation" if data.image_resize != "linear" else "")],
+                      + (f"; images resized by {data.image_resize} interpolation"
+                         if data.image_resize != "linear" else "")],
             ["data", f"{data.images_dir or '?'}" + (f", masks {data.masks_dir}" if data.masks_dir else "")
                      + (f", masks binarised at > {data.mask_threshold}" if data.mask_threshold is not None else "")],
             ["splits", f"index {split.index}" if split.index else
