@@ -104,10 +104,11 @@ def parse_args(argv=None):
     data.add_argument("--augment", choices=AUGMENTATIONS, default="standard",
                       help="standard: flips, rotations of ±5°, brightness, contrast, noise and blur; strong: also scale "
                            "±10 %%, shift ±5 %% and rotations of ±10° (ultrasound always has these)")
-    data.add_argument("--mask-resize", choices=MASK_RESIZES, default="nearest",
+    data.add_argument("--mask-resize", choices=MASK_RESIZES,
                       help="how a binary mask (or pseudo-label) is taken to the network's size for training and "
-                           "validation: nearest (one source pixel each, a fraction of a pixel off the image's grid), or "
-                           "area (each pixel's tooth share, a soft target at the edges; binary task)")
+                           "validation: area (each pixel's tooth share, a soft target at the edges; the binary task's "
+                           "default), or nearest (one source pixel each, a fraction of a pixel off the image's grid; "
+                           "the default before 2026-12-07, and always for --task teeth); --resume keeps the run's own")
     data.add_argument("--image-resize", choices=IMAGE_RESIZES, default="linear",
                       help="how each X-ray is taken to the network's size, in training and in every prediction "
                            "(recorded in the checkpoint): linear (bilinear), or area (every source pixel averaged in, "
@@ -155,8 +156,9 @@ def parse_args(argv=None):
         parser.error("--labelled-share balances true labels against pseudo-labels; add --pseudo-labels DIR")
     if args.task == "teeth" and (args.semi or args.pseudo_labels is not None):
         parser.error("--task teeth learns from labelled images only; drop --semi/--pseudo-labels (or use them with --task binary)")
-    if args.task == "teeth" and args.mask_resize != "nearest":
+    if args.task == "teeth" and args.mask_resize == "area":
         parser.error("--mask-resize area is for the binary task; tooth numbers are labels that must not be blended")
+    args.mask_resize = resolve_mask_resize(args)
     if args.task == "teeth" and args.select_by != "dice":
         parser.error("--select-by dice_pooled is for the binary task; the per-tooth task picks by its mean tooth Dice")
     if args.lambda_dice is None:
@@ -165,6 +167,20 @@ def parse_args(argv=None):
         check_window(args.window, (args.img_height, args.img_width))
         args.window = tuple(args.window)
     return args
+
+
+def resolve_mask_resize(args) -> str:
+    """A resumed run keeps the targets it started with (runs from before the flag: nearest); otherwise the flag,
+    else area for the binary task and nearest for the per-tooth one, whose label maps must not be blended."""
+    if args.resume is not None:
+        started = open_checkpoint(args.resume, ("segmentation",), "--resume").task.get("mask_resize", "nearest")
+        if args.mask_resize not in (None, started):
+            raise ToothSegError(f"{args.resume}: trained with --mask-resize {started}; resume it with that, or without "
+                                f"the flag")
+        return started
+    if args.mask_resize is not None:
+        return args.mask_resize
+    return "nearest" if args.task == "teeth" else "area"
 
 
 def check_window(window: list[int], input_size: tuple[int, int]) -> None:

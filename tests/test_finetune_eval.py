@@ -147,6 +147,18 @@ def test_select_by_pooled_dice_keeps_the_epoch_with_the_best_pooled_dice(labelle
     assert last.epoch == 4
 
 
+def test_masks_resize_by_area_unless_a_resumed_run_started_otherwise(finetuned, labelled, tmp_path, interrupted_run):
+    assert open_checkpoint(finetuned / "last.pth").task["mask_resize"] == "area"  # the binary task's default
+    flags = [*data_flags(labelled), "--checkpoint-dir", str(tmp_path), *NET, "--base-channels", "4", "--epochs", "2"]
+    interrupted_run(finetune_seg.main, [*flags, "--mask-resize", "nearest"])
+    resume = ["--resume", str(tmp_path / "last.pth")]
+    with pytest.raises(ToothSegError, match="trained with --mask-resize nearest; resume it with that"):
+        finetune_seg.main([*flags, *resume, "--mask-resize", "area"])
+    finetune_seg.main([*flags, *resume])  # without the flag it keeps nearest, not the default
+    resumed = open_checkpoint(tmp_path / "last.pth")
+    assert resumed.epoch == 2 and resumed.task["mask_resize"] == "nearest"
+
+
 def test_label_fractions_are_deterministic_and_nested():
     samples = [Sample(Path(f"{i}.png"), Path(f"m{i}.png"), f"case{i}") for i in range(50)]
     small, large = subset_fraction(samples, 0.1, seed=3), subset_fraction(samples, 0.3, seed=3)

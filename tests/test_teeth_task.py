@@ -272,6 +272,7 @@ def test_the_checkpoint_records_mirror_closed_classes(teeth_run):
     assert set(mirror_channels(classes)) == set(range(len(classes)))  # closed: every class has its mirror
     assert ckpt.task["task"] == "teeth" and 11 in classes and 21 in classes
     assert ckpt.task["augment"] == "strong"
+    assert ckpt.task["mask_resize"] == "nearest"  # label maps are never blended, whatever the binary default
 
 
 def test_eval_scores_per_tooth_as_the_predictor_predicts(teeth_run, tmp_path):

@@ -57,7 +57,7 @@ def test_inspect_reports_the_real_model(tiny_study, capsys):
     assert re.search(r"^input +64 x 128 \(H x W\)", out, re.M)
     assert re.search(r"^precision +--amp auto \(trained in ", out, re.M)
     assert re.search(r"^task +task=binary classes=None lambda_dice=0\.2 label_fraction=1\.0 .*augment=standard "
-                     r"mask_resize=nearest init_from=\S*pretrain/mim_unet", out, re.M)
+                     r"mask_resize=area init_from=\S*pretrain/mim_unet", out, re.M)
     assert re.search(r"^  init_from +.*pretrain/mim_unet$", out, re.M)  # run arguments
     for key, tensor in ckpt.state.weights.items():                  # every key with its shape
         assert re.search(rf"^  {re.escape(key)} +{'x'.join(map(str, tensor.shape)) or 'scalar'} ", out, re.M)
