@@ -72,8 +72,9 @@ def single_process_validation(checkpoint: Path, scratch: Path) -> tuple[dict, to
     splits, input size, precision and loss), in one process; also each validation image's Dice and loss."""
     ckpt = open_checkpoint(checkpoint, ("segmentation",))
     device, dist = torch.device("cpu"), DistEnv()
-    val_set = SegmentationDataset(ckpt.data.labelled_splits()["val"], build_eval_transform(*ckpt.data.input_size),
-                                  seed=ckpt.data.seed, fixed=True, cache=True)
+    transform = build_eval_transform(*ckpt.data.input_size, mask_resize=ckpt.task["mask_resize"])
+    val_set = SegmentationDataset(ckpt.data.labelled_splits()["val"], transform, seed=ckpt.data.seed, fixed=True,
+                                  cache=True)
     loader = make_loader(val_set, batch_size=1, train=False, workers=0, dist=dist, device=device, seed=0)
     model = prepare_model(ckpt.build_model(), device, dist)
     task = SegmentationTask(ckpt.task["lambda_dice"])

@@ -67,7 +67,7 @@ def test_soft_probabilities_are_written_at_original_size_and_are_not_binary(teac
         assert probs.shape == image.shape and probs.dtype == np.uint8  # the image's own size, not 32x64
         values |= set(np.unique(probs).tolist())
         assert label.mean_entropy == pytest.approx(mean_entropy(probs / 255.0), abs=0.02)
-    assert len(values) > 20, "soft maps, not masks"
+    assert len(values - {0, 255}) > 10, "soft maps, not masks"
 
 
 def test_a_student_trains_on_the_most_confident_pseudo_labels_and_records_them(phantom_data_root, pseudo_labels,

@@ -128,7 +128,8 @@ def test_validation_scores_the_sliding_window_prediction(windowed):
     assert seen["val"] and set(seen["val"]) == {((32, 64), (32, 32), 0.5)}
     ckpt = open_checkpoint(out / "best.pth")
     p = load_predictor(out / "best.pth")
-    val = SegmentationDataset(ckpt.data.labelled_splits()["val"], build_eval_transform(32, 64), fixed=True)
+    val = SegmentationDataset(ckpt.data.labelled_splits()["val"],
+                              build_eval_transform(32, 64, mask_resize=ckpt.task["mask_resize"]), fixed=True)
     assert len(val) <= 4  # one batch, as training's --batch-size 4 held it
     images, masks, _ = next(iter(DataLoader(val, batch_size=len(val))))
     with torch.inference_mode():
