@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
+from checkpoints import Checkpoint, ModelSpec, SplitSpec, load_pretrained, open_checkpoint, read_weights, unwrap
 from data import (AUGMENTATIONS, IMAGE_RESIZES, MASK_RESIZES, EpochMix, SegmentationDataset, SemiDataset, TeethDataset,
                   UnlabelledDataset, build_eval_transform, build_train_transform, denormalize, intensity_landmarks,
                   modality_of)
@@ -158,7 +158,6 @@ def parse_args(argv=None):
         parser.error("--task teeth learns from labelled images only; drop --semi/--pseudo-labels (or use them with --task binary)")
     if args.task == "teeth" and args.mask_resize == "area":
         parser.error("--mask-resize area is for the binary task; tooth numbers are labels that must not be blended")
-    args.mask_resize = resolve_mask_resize(args)
     if args.task == "teeth" and args.select_by != "dice":
         parser.error("--select-by dice_pooled is for the binary task; the per-tooth task picks by its mean tooth Dice")
     if args.lambda_dice is None:
@@ -169,11 +168,11 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_mask_resize(args) -> str:
+def resolve_mask_resize(args, resumed: Checkpoint | None) -> str:
     """A resumed run keeps the targets it started with (runs from before the flag: nearest); otherwise the flag,
     else area for the binary task and nearest for the per-tooth one, whose label maps must not be blended."""
-    if args.resume is not None:
-        started = open_checkpoint(args.resume, ("segmentation",), "--resume").task.get("mask_resize", "nearest")
+    if resumed is not None:
+        started = resumed.task.get("mask_resize", "nearest")
         if args.mask_resize not in (None, started):
             raise ToothSegError(f"{args.resume}: trained with --mask-resize {started}; resume it with that, or without "
                                 f"the flag")
@@ -195,11 +194,11 @@ def check_window(window: list[int], input_size: tuple[int, int]) -> None:
                             f"choose a window within it, or raise the input size")
 
 
-def resolve_model(args, out_channels: int = 1) -> ModelSpec:
+def resolve_model(args, out_channels: int = 1, resumed: Checkpoint | None = None) -> ModelSpec:
     """Explicit flags win; then the --resume or --init-from checkpoint's architecture; then defaults."""
     described = None
-    if args.resume is not None:
-        described = open_checkpoint(args.resume, ("segmentation",), "--resume").model
+    if resumed is not None:
+        described = resumed.model
     elif args.init_from is not None:
         record, _ = read_weights(args.init_from, "--init-from")
         described = record.model if record is not None else None
@@ -340,11 +339,11 @@ def pseudo_labelled_samples(args, splits: dict, pool: list[Sample]) -> tuple[lis
     return [Sample(label.image, label.probs, label.pair_id, source="pseudo") for label in kept], record
 
 
-def tooth_classes(args, train_samples: list[Sample]) -> list[int]:
+def tooth_classes(train_samples: list[Sample], resumed: Checkpoint | None) -> list[int]:
     """0 (background), then every FDI number in the training label maps together with its mirror (a flipped
     image shows it); a resumed run keeps its checkpoint's classes."""
-    if args.resume is not None:
-        return open_checkpoint(args.resume, ("segmentation",), "--resume").tooth_classes
+    if resumed is not None:
+        return resumed.tooth_classes
     numbers = set()
     for sample in train_samples:
         numbers.update(int(n) for n in np.unique(read_label_map(sample.teeth)))
@@ -356,9 +355,10 @@ def epoch_draws(args, dist, natural: int) -> int:
     return args.steps_per_epoch * args.batch_size * dist.world_size if args.steps_per_epoch else natural
 
 
-def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: str, landmarks):
+def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: str, landmarks,
+                   resumed: Checkpoint | None):
     """The per-tooth task's training and validation sets, and its classes."""
-    classes = tooth_classes(args, train_samples)
+    classes = tooth_classes(train_samples, resumed)
     if not classes:
         raise ToothSegError(f"{args.resume}: is a binary model; resume it without --task teeth")
     transform = build_train_transform(args.img_height, args.img_width, modality, window=args.window, flip=False,
@@ -372,6 +372,9 @@ def teeth_datasets(args, splits: dict, train_samples: list[Sample], modality: st
 
 def main(argv=None):
     args = parse_args(argv)
+    # Opened once: a resumed run's targets, architecture and classes all follow its checkpoint.
+    resumed = open_checkpoint(args.resume, ("segmentation",), "--resume") if args.resume is not None else None
+    args.mask_resize = resolve_mask_resize(args, resumed)
     dist, device = setup_runtime(args.cpu)
     set_seed(args.seed)
 
@@ -404,7 +407,7 @@ def main(argv=None):
         if args.pseudo_labels is not None else ([], None)
     classes = None
     if teeth:
-        labelled, val_set, classes = teeth_datasets(args, splits, train_samples, modality, landmarks)
+        labelled, val_set, classes = teeth_datasets(args, splits, train_samples, modality, landmarks, resumed)
     else:
         labelled = SegmentationDataset(train_samples, train_transform, seed=args.seed, cache=args.cache_images)
         val_transform = build_eval_transform(args.img_height, args.img_width, landmarks=landmarks,
@@ -425,7 +428,7 @@ def main(argv=None):
     train_loader, val_loader = make_loaders(train_set, val_set, args, dist, device)
 
     # Model: architecture from the flags or the checkpoint, then the pretrained weights.
-    spec = resolve_model(args, len(classes) if teeth else 1)
+    spec = resolve_model(args, len(classes) if teeth else 1, resumed)
     model = spec.build()
     if dist.is_main:
         extra = f" + {len(pseudo)} pseudo-labelled of {len(pool)} unlabelled" if pseudo else \
