@@ -410,8 +410,10 @@ def write_outputs(args, records: list[dict]) -> None:
     paired = (f"Each method against supervised scratch (same label fraction; per-image {what} averaged over seeds, "
               "paired bootstrap over test images):")
     lines, diffs = score_tables(args, records)
+    # Only a grid with pretrained cells has a pretraining budget to state.
+    pretraining = f"pretraining {args.pretrain_epochs} epochs, " if any(r["init"] in PRETRAIN_SCRIPTS for r in records) else ""
     text = ["# Study: unlabelled images and pretraining" + (", per-tooth task" if teeth else ""), "", f"Images: `{args.images_dir}`, input "
-            f"{args.img_height}x{args.img_width}, base {args.base_channels}, pretraining {args.pretrain_epochs} epochs, "
+            f"{args.img_height}x{args.img_width}, base {args.base_channels}, {pretraining}"
             f"fine-tuning {args.finetune_epochs} epochs"
             f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''} (extra flags: "
             f"`{args.finetune_args or 'none'}`), {args.pseudo_rounds} round(s) of "

@@ -50,6 +50,7 @@ def test_killed_study_resumes_with_only_the_unfinished_cell(phantom_data_root, t
     assert second.exists()
     with (out / "study.csv").open() as f:
         assert sorted(int(r["seed"]) for r in csv.DictReader(f)) == [0, 1]
+    assert "base 4, fine-tuning 1 epochs" in (out / "study.md").read_text()  # no pretrained cell, no pretraining budget
 
 
 def test_dry_run_prints_the_stage_commands_and_runs_nothing(tmp_path):
@@ -97,7 +98,7 @@ def test_study_outputs_summarise_every_cell(tiny_study):
         assert float(row["dice"]) == cell["dice"] == summary["metrics"]["dice"]["mean"]
     table = (tiny_study / "study.md").read_text()
     assert "| unet | mim | none | 1 | 1 |" in table and "Dice − supervised scratch" in table
-    assert "fine-tuning 2 epochs (extra flags: `none`)" in table  # what every fine-tune ran with
+    assert "base 4, pretraining 1 epochs, fine-tuning 2 epochs (extra flags: `none`)" in table  # what every stage ran with
     figure = cv2.imread(str(tiny_study / "study_dice.png"))
     assert figure is not None and figure.shape[0] > 200
 
