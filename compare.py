@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -122,6 +123,13 @@ def describe(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # Comparing
 # ----------------------------------------------------------------------------------------------
+def decimals(*values: float, least: int = 4, most: int = 8) -> int:
+    """Decimals that show each nonzero value as nonzero (4, or up to 8 for tiny ones), so that a CI that
+    excludes zero never prints as [+0.0000, +0.0000] beside a verdict."""
+    tiny = [abs(v) for v in values if v != 0 and round(abs(v), least) == 0]
+    return min(most, max([least] + [math.floor(-math.log10(v)) + 2 for v in tiny]))
+
+
 def verdict(low: float, high: float, higher_is_better: bool) -> str:
     if low > 0 or high < 0:
         return "B better" if (low > 0) == higher_is_better else "B worse"
@@ -163,8 +171,9 @@ def main(argv=None):
           f"({args.bootstrap} resamples, seed {args.seed}):\n")
     print(f"{'metric':<20} {'A':>9} {'B':>9} {'B − A':>9}   {'95% CI':<20}  verdict")
     for r in results:
-        ci = f"[{r['low']:+.4f}, {r['high']:+.4f}]"
-        print(f"{r['metric']:<20} {r['a']:>9.4f} {r['b']:>9.4f} {r['difference']:>+9.4f}   {ci:<20}  {r['verdict']}")
+        d = decimals(r["difference"], r["low"], r["high"])
+        ci = f"[{r['low']:+.{d}f}, {r['high']:+.{d}f}]"
+        print(f"{r['metric']:<20} {r['a']:>9.4f} {r['b']:>9.4f} {r['difference']:>+9.{d}f}   {ci:<20}  {r['verdict']}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,17 @@ def test_a_uniform_shift_is_the_difference_and_its_ci(tmp_path):
     assert table_row(result.stdout, "IoU")[-3:] == ["no", "clear", "difference"]
 
 
+def test_a_tiny_difference_is_printed_with_the_digits_that_show_it(tmp_path):
+    rows = binary_rows(np.random.default_rng(4))
+    a = write_rows(tmp_path / "a", rows)
+    b = write_rows(tmp_path / "b", [{**r, "dice": r["dice"] + 3e-5} for r in rows])
+    result = run_compare(a, b)
+    assert result.returncode == 0, result.stderr
+    # At four decimals this row read +0.0000 [+0.0000, +0.0000] beside "B better".
+    assert table_row(result.stdout, "Dice")[2:] == ["+0.000030", "[+0.000030,", "+0.000030]", "B", "better"]
+    assert table_row(result.stdout, "IoU")[2:5] == ["+0.0000", "[+0.0000,", "+0.0000]"]  # exactly zero: 4 decimals
+
+
 def test_the_ci_is_the_paired_bootstrap_of_the_differences(tmp_path):
     rng = np.random.default_rng(2)
     rows = binary_rows(rng, 20)
