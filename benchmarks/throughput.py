@@ -252,6 +252,14 @@ def device_name(device: torch.device) -> str:
     return f"{names[0] if names else platform.processor() or platform.machine()} (CPU, {torch.get_num_threads()} threads)"
 
 
+def run_header(device: torch.device, script: str, argv: list[str] | None) -> dict[str, str]:
+    """The first lines of a benchmark report: where, with what and when it ran, and the command that repeats it."""
+    args = sys.argv[1:] if argv is None else argv
+    return {"device": device_name(device), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": f"`python {' '.join(shlex.quote(a) for a in [script, *args])}`"}
+
+
 def device_peak_tflops(requested: float | None, device: torch.device) -> float | None:
     if requested is not None or device.type != "cuda":
         return requested
@@ -386,10 +394,7 @@ def main(argv=None):
         fmt = "channels_last" if first.fmt == torch.channels_last else "NCHW"
         fused = "fused " if first.optimizer.defaults.get("fused") else ""
         header = {
-            "device": device_name(device),
-            "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": f"`python {' '.join(shlex.quote(a) for a in ['benchmarks/throughput.py', *(sys.argv[1:] if argv is None else argv)])}`",
+            **run_header(device, "benchmarks/throughput.py", argv),
             "workload": (f"{height}x{width} px, batch {args.batch_size}, base channels {args.base_channels}, data {data_note}; "
                          f"each block {args.warmup} warm-up + {args.steps} timed steps; {args.repeats} interleaved rounds"),
             "ours": (f"{precision}, {fmt}{' (--memory-format override)' if args.memory_format != 'auto' else ''}, "

@@ -17,8 +17,6 @@ Examples:
 """
 from __future__ import annotations
 
-import datetime
-import shlex
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ import cv2  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.throughput import device_name  # noqa: E402
+from benchmarks.throughput import run_header  # noqa: E402
 from checkpoints import Checkpoint, DataSpec, ModelSpec, Precision, TrainingState, plain  # noqa: E402
 from data import NORM_MEAN, NORM_STD  # noqa: E402
 from engine import memory_format, setup_runtime  # noqa: E402
@@ -147,10 +145,7 @@ def main(argv=None):
     model = windowed.checkpoint.model
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[windowed.amp_dtype]
     header = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": f"`python {' '.join(shlex.quote(a) for a in ['benchmarks/window_inference.py', *(sys.argv[1:] if argv is None else argv)])}`",
+        **run_header(device, "benchmarks/window_inference.py", argv),
         "model": (f"{args.checkpoint or 'fresh weights'}: {model.name} {model.args.get('base_channels', '')}, "
                   f"input {data.input_size[0]}x{data.input_size[1]}, window {data.window[0]}x{data.window[1]}, "
                   f"overlap {data.window_overlap}, {precision}, flip TTA {'on' if args.tta else 'off'}"),

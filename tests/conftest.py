@@ -71,3 +71,27 @@ def interrupted_run(monkeypatch):
         monkeypatch.setattr(engine.Trainer, "train_epoch", original)
 
     return run
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """`cli_error(main, argv)` runs a script's main as its command line does (utils.run_cli), expects the exit
+    code 2 of a user error, and returns stderr, checked to be one `error: ` line. The script's torch thread
+    setting is undone afterwards, so later tests in this process keep theirs."""
+    import torch
+
+    from utils import run_cli
+
+    def run(main, argv: list[str]) -> str:
+        threads = torch.get_num_threads()
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                run_cli(main, argv)
+        finally:
+            torch.set_num_threads(threads)
+        assert exit_info.value.code == 2
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
+        return stderr.strip()
+
+    return run

@@ -13,7 +13,6 @@ import torch
 
 from benchmarks import window_inference
 from checkpoints import save_checkpoint
-from utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "window_inference.py"
@@ -57,19 +56,11 @@ def test_a_checkpoint_file_is_timed_with_its_own_window(tmp_path):
     assert set(timings(result.stdout)) == {"windows", "whole input"}
 
 
-def test_checkpoint_without_window_is_one_line_error(tmp_path, capsys):
-    predictor = window_inference.fresh_predictor(window_inference.parse_args(TINY), torch.device("cpu"))
-    record = predictor.checkpoint
+def test_checkpoint_without_window_is_one_line_error(tmp_path, cli_error):
+    record = window_inference.fresh_predictor(window_inference.parse_args(TINY), torch.device("cpu")).checkpoint
     save_checkpoint(tmp_path / "best.pth", replace(record, data=replace(record.data, window=None)))
-    threads = torch.get_num_threads()  # main sets the thread count of this process
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(window_inference.main, [*TINY, "--checkpoint", str(tmp_path / "best.pth")])
-    finally:
-        torch.set_num_threads(threads)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert stderr.strip() == f"error: {tmp_path / 'best.pth'}: was trained without --window; there are no windows to time"
+    stderr = cli_error(window_inference.main, [*TINY, "--checkpoint", str(tmp_path / "best.pth")])
+    assert stderr == f"error: {tmp_path / 'best.pth'}: was trained without --window; there are no windows to time"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -77,14 +68,5 @@ def test_checkpoint_without_window_is_one_line_error(tmp_path, capsys):
     (["--count", "0"], "--count must be at least 1"),
     (["--window-overlap", "1"], "--window-overlap must be in [0, 1)"),
 ])
-def test_bad_input_is_one_line_error(args, message, capsys):
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(window_inference.main, [*TINY, *args])
-    finally:
-        torch.set_num_threads(threads)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1
-    assert message in stderr
+def test_bad_input_is_one_line_error(args, message, cli_error):
+    assert message in cli_error(window_inference.main, [*TINY, *args])
