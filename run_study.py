@@ -225,7 +225,8 @@ def run_logged(cmd: list[str], log: Path) -> bool:
     with log.open("a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode == 0
+        # In the caller's folder, where the relative paths in the flags point (the scripts are called by full path).
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode == 0
 
 
 def tail(path: Path, lines: int = 3) -> str:

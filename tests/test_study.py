@@ -53,6 +53,19 @@ def test_killed_study_resumes_with_only_the_unfinished_cell(phantom_data_root, t
     assert "base 4, fine-tuning 1 epochs" in (out / "study.md").read_text()  # no pretrained cell, no pretraining budget
 
 
+def test_relative_paths_mean_the_callers_folder(phantom_data_root, tmp_path):
+    """Started outside the repository, with relative --images-dir and --out-dir, every stage reads and writes
+    where the caller meant (the stages once ran in the repository's folder and did not find the images)."""
+    (tmp_path / "data").symlink_to(phantom_data_root / "processed_2d")
+    flags = [*TWO_CELLS[:TWO_CELLS.index("--seeds") + 1], "0", *TWO_CELLS[TWO_CELLS.index("--seeds") + 3:]]
+    result = subprocess.run([sys.executable, str(REPO / "run_study.py"), "--images-dir", "data", "--out-dir", "study",
+                             *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "cells run 1, skipped (done) 0, failed 0" in result.stdout
+    assert (tmp_path / "study" / "cells" / "unet_scratch_f1_s0" / "eval_test" / "summary.json").is_file()
+    assert not (REPO / "study").exists()
+
+
 def test_dry_run_prints_the_stage_commands_and_runs_nothing(tmp_path):
     out = tmp_path / "study"
     result = subprocess.run([sys.executable, "run_study.py", "--images-dir", "data/processed_2d", "--out-dir", str(out),
