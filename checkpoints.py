@@ -265,6 +265,13 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     raise ToothSegError(f"{path}: no {BEST} in this folder; pass the checkpoint file")
 
 
+def resume_path(text: str) -> Path:
+    """--resume's argument: a checkpoint file, or a run folder, which resumes from its last.pth (where the run
+    stopped; its best.pth may be epochs earlier)."""
+    path = Path(text)
+    return path / LAST if path.is_dir() else path
+
+
 def open_checkpoint(path: str | os.PathLike, kinds: Iterable[str] | None = None, purpose: str = "") -> Checkpoint:
     """Open a ToothSeg checkpoint (a file or a run folder) once, check it, and return its record."""
     path = resolve_checkpoint_path(path)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from checkpoints import (BEST, LAST, Checkpoint, DataSpec, ModelSpec, Precision, SplitSpec, TrainingState,
-                         open_checkpoint, plain, save_checkpoint, unwrap)
+                         open_checkpoint, plain, resume_path, save_checkpoint, unwrap)
 from data import NORM_MEAN, NORM_STD, denormalize
 from utils import ToothSegError, check_output_dir, non_negative_int, positive_int, probability, select_device
 
@@ -215,7 +215,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                          help="TensorBoard folder (default: CHECKPOINT_DIR/tensorboard)")
     runtime.add_argument("--seed", type=int, default=42, metavar="S", help="seed for initialisation, data order, augmentation and masks")
     runtime.add_argument("--cpu", action="store_true", help="train on CPU even when CUDA is available")
-    runtime.add_argument("--resume", type=Path, metavar="CKPT", help=f"continue a run from its {LAST} (same schedule)")
+    runtime.add_argument("--resume", type=resume_path, metavar="CKPT",
+                         help=f"continue a run from its {LAST}, or a run folder's (same schedule)")
     runtime.add_argument("--log-interval", type=positive_int, default=10, metavar="STEPS", help="TensorBoard scalar interval")
     runtime.add_argument("--image-interval", type=positive_int, default=100, metavar="STEPS", help="TensorBoard image interval")
     return {"model": model, "data": data, "optim": optim, "runtime": runtime}
@@ -343,6 +344,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         self.fmt = fmt or memory_format(device)
         self.start_epoch, self.global_step, self.epochs_since_best = 0, 0, 0
+        self.loss_since_log, self.steps_since_log = 0.0, 0  # train/batch_loss: the steps since it was last logged
         self.best = {"metric": monitor, "value": None, "epoch": None}
         self.history: list[dict] = []
 
@@ -402,6 +404,8 @@ class Trainer:
     def fit(self, train_loader: DataLoader, val_loader: DataLoader, epochs: int) -> list[dict]:
         if self.dist.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if self.stopped_early():  # a resumed run that had already stopped
+            return self.history
         for epoch in range(self.start_epoch, epochs):
             train_loss = self.train_epoch(train_loader, epoch, epochs)
             val = self.evaluate(val_loader)
@@ -422,14 +426,19 @@ class Trainer:
                 if improved:
                     self._save(BEST, epoch + 1, metrics)
                 self._save(LAST, epoch + 1, metrics)
-            if self.patience is not None and self.epochs_since_best >= self.patience:
-                if self.dist.is_main:
-                    print(f"early stop: {self.monitor} has not improved for {self.patience} epochs")
+            if self.stopped_early():
                 break
         if self.dist.is_main and self.best["value"] is not None:
             print(f"best {self.monitor} {self.best['value']:.4f} at epoch {self.best['epoch']}; "
                   f"checkpoints in {self.checkpoint_dir}")
         return self.history
+
+    def stopped_early(self) -> bool:
+        if self.patience is None or self.epochs_since_best < self.patience:
+            return False
+        if self.dist.is_main:
+            print(f"early stop: {self.monitor} has not improved for {self.patience} epochs")
+        return True
 
     def train_epoch(self, loader: DataLoader, epoch: int, epochs: int) -> float:
         """One pass over `loader` (epoch is 0-based; `epochs` only labels the progress bar); the mean loss."""
@@ -437,7 +446,6 @@ class Trainer:
         loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
         frozen = epoch < self.freeze_epochs
-        running = torch.zeros((), device=self.device)
         total, n_batches = torch.zeros((), device=self.device), 0
         # disable=None: no bar when stderr is not a terminal (logs stay readable); only rank 0 draws one.
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None if self.dist.is_main else True,
@@ -462,11 +470,14 @@ class Trainer:
                 self.task.after_step(unwrap(self.model))
             self.global_step += 1
             n_batches += 1
-            running += loss.detach()
+            self.loss_since_log = self.loss_since_log + loss.detach()
+            self.steps_since_log += 1
             total += loss.detach()
             if self.global_step % self.log_interval == 0:
-                value = (running / self.log_interval).item()  # one sync per interval, not per step
-                running.zero_()
+                # The mean of the steps since the last log, which may lie in the previous epoch (or, after a
+                # resume, only since it); one sync per interval, not per step.
+                value = (self.loss_since_log / self.steps_since_log).item()
+                self.loss_since_log, self.steps_since_log = 0.0, 0
                 self._check_finite({"train/batch_loss": value}, epoch + 1)
                 bar.set_postfix(loss=f"{value:.4f}")
                 if self.writer is not None:

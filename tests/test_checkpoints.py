@@ -155,3 +155,10 @@ def test_no_import_cycles():
     for name in modules:
         visit(name, [])
     assert "visualizer" not in edges["eval"] and "eval" not in edges["visualizer"]
+
+
+def test_resume_from_a_run_folder_takes_its_last_checkpoint(tmp_path):
+    """best.pth may be epochs behind where the run stopped; a folder given to --resume means last.pth."""
+    assert finetune_seg.parse_args(["--images-dir", "x", "--resume", str(tmp_path)]).resume == tmp_path / "last.pth"
+    assert finetune_seg.parse_args(["--images-dir", "x", "--resume", str(tmp_path / "best.pth")]).resume \
+        == tmp_path / "best.pth"
