@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import engine
+from checkpoints import Checkpoint, DataSpec, ModelSpec
 from engine import resolve_amp
 from metrics import BCEDiceLoss
 from models import build_model
@@ -66,3 +67,75 @@ def test_the_cpu_fast_path_trains_like_fp32():
         losses[path] = trace
     assert losses["fast"][-1] < losses["fast"][0]
     assert losses["fast"] == pytest.approx(losses["fp32"], rel=0.03)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Trainer's loop, with a task whose loss per step is known
+# ----------------------------------------------------------------------------------------------
+class Numbers(torch.utils.data.Dataset):
+    """Item i is the number i + 1; the task's loss on a batch of one is that number."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __getitem__(self, index: int):
+        return torch.tensor(float(index + 1))
+
+
+class NumberTask:
+    def __init__(self):
+        self.losses = []
+
+    def train_step(self, model, batch):
+        loss = (model.weight * 0).sum() + batch.sum()  # the number, with a gradient path through the model
+        self.losses.append(batch.sum().item())
+        return loss, None
+
+    def val_step(self, model, batch):
+        return {"loss": batch.sum(), "count": torch.tensor(float(len(batch)))}
+
+
+class Scalars:
+    """A stand-in for the TensorBoard writer that keeps what is written."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add_scalar(self, tag, value, step):
+        self.values.setdefault(tag, []).append((step, value))
+
+
+def number_trainer(tmp_path, **kwargs) -> tuple[engine.Trainer, torch.utils.data.DataLoader]:
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    record = Checkpoint(kind="segmentation", model=ModelSpec("unet", {}),
+                        data=DataSpec(input_size=(8, 8), norm_mean=0.5, norm_std=0.25))
+    trainer = engine.Trainer(task=NumberTask(), model=model, optimizer=optimizer, scheduler=None, device=CPU,
+                             dist=engine.DistEnv(), amp_dtype=None, record=record, checkpoint_dir=tmp_path,
+                             writer=Scalars(), **kwargs)
+    loader = engine.make_loader(Numbers(3), batch_size=1, train=True, workers=0, dist=engine.DistEnv(), device=CPU,
+                                seed=0)
+    return trainer, loader
+
+
+def test_batch_loss_is_the_mean_of_the_steps_since_the_last_log_across_epochs(tmp_path):
+    trainer, loader = number_trainer(tmp_path, log_interval=2)
+    for epoch in range(2):  # 3 steps an epoch: the log at step 4 holds the last step of epoch 1 and the first of 2
+        trainer.train_epoch(loader, epoch, 2)
+    losses = trainer.task.losses
+    expected = [(step, sum(losses[step - 2:step]) / 2) for step in (2, 4, 6)]
+    assert trainer.writer.values["train/batch_loss"] == expected  # halves of sums of small integers: exact
+
+
+def test_a_resumed_run_that_had_stopped_early_trains_no_more(tmp_path, capsys):
+    trainer, loader = number_trainer(tmp_path, patience=2, monitor="val/loss")
+    trainer.epochs_since_best = 2  # as resume() restores it from a run that stopped
+    assert trainer.fit(loader, loader, epochs=5) == []
+    assert trainer.global_step == 0 and not (tmp_path / "last.pth").exists()
+    assert "early stop: val/loss has not improved for 2 epochs" in capsys.readouterr().out
