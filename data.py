@@ -203,6 +203,10 @@ class SharedImages:
 
 
 class _ImageDataset(Dataset):
+    # Randomness is a function of (seed, epoch, draw); a class that is drawn beside another at the same draw
+    # numbers (SemiDataset) sets its own stream, so the two do not share one augmentation.
+    STREAM = 0
+
     def __init__(self, samples: list[Sample], transform: A.Compose, *, seed: int = 0,
                  fixed: bool = False, cache: bool = False):
         if not samples:
@@ -226,7 +230,7 @@ class _ImageDataset(Dataset):
 
     def _rng(self, draw: int) -> np.random.Generator:
         epoch = 0 if self.fixed else int(self._epoch)
-        return np.random.default_rng([self.seed, epoch, draw])
+        return np.random.default_rng([self.seed, epoch, draw, *([self.STREAM] if self.STREAM else [])])
 
     def __getitem__(self, index: int):
         return self.draw(index, index)
@@ -339,6 +343,7 @@ class UnlabelledDataset(_ImageDataset):
     """(weak view, strong view, meta) of an unlabelled image: the weak view is the ordinary training
     augmentation, the strong view the same pixels after `strong_photometric`, so a teacher's label of
     the weak view lines up with the student's strong view pixel for pixel."""
+    STREAM = 1  # not the labelled image's augmentation at the same draw
 
     def _item(self, index: int, rng: np.random.Generator):
         image = self._image(index)

@@ -116,6 +116,15 @@ def test_soft_targets_and_weights_enter_the_loss(phantom_data_root, pseudo_label
     assert loss(logits, target[None], torch.tensor([0.3])) == pytest.approx(0.3 * loss(logits, target[None]).item())
 
 
+def test_a_labelled_and_an_unlabelled_draw_are_augmented_apart(phantom_data_root):
+    """The online method's pairs: the same image in both sets still gets two augmentations at one draw (both
+    once took their randomness from (seed, epoch, draw) alone, so every pair was flipped and cropped alike)."""
+    one = segmentation_splits(phantom_data_root / "processed_2d")["train"][:1]
+    transform = build_train_transform(32, 64)
+    semi = SemiDataset(SegmentationDataset(one, transform), UnlabelledDataset(one, transform), length=8)
+    assert not all(torch.equal(semi[i][0], semi[i][3]) for i in range(8))
+
+
 def test_the_online_loss_uses_the_unlabelled_images(phantom_data_root):
     """Changing only the unlabelled half of a batch changes the loss and its gradient: drop the unlabelled
     term and this fails."""
