@@ -35,10 +35,14 @@ def parse_args(argv=None):
                                  help="start from these weights (e.g. a MIM run's best.pth), matched by name and shape")
     defaults = GenesisConfig()
     genesis = parser.add_argument_group("Models Genesis perturbations (per-sample probabilities)")
-    genesis.add_argument("--flip-prob", type=float, default=defaults.flip_prob, metavar="P")
-    genesis.add_argument("--local-shuffle-prob", type=float, default=defaults.local_shuffle_prob, metavar="P")
-    genesis.add_argument("--nonlinear-prob", type=float, default=defaults.nonlinear_prob, metavar="P")
-    genesis.add_argument("--paint-prob", type=float, default=defaults.paint_prob, metavar="P")
+    genesis.add_argument("--flip-prob", type=float, default=defaults.flip_prob, metavar="P",
+                         help="flip input and target together")
+    genesis.add_argument("--local-shuffle-prob", type=float, default=defaults.local_shuffle_prob, metavar="P",
+                         help="shuffle pixels within small windows")
+    genesis.add_argument("--nonlinear-prob", type=float, default=defaults.nonlinear_prob, metavar="P",
+                         help="a random Bezier intensity curve")
+    genesis.add_argument("--paint-prob", type=float, default=defaults.paint_prob, metavar="P",
+                         help="in- or out-paint blocks with noise")
     genesis.add_argument("--inpaint-rate", type=float, default=defaults.inpaint_rate, metavar="P",
                          help="when painting: share of in-painting (the rest is out-painting)")
     return parse_training_args(parser, argv)

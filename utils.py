@@ -6,6 +6,7 @@ losses), `engine.py` (checkpoints, training loop, DDP).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import sys
@@ -49,12 +50,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and shows each option's default, except where the default
     says nothing (switches, and None for options whose help explains what happens without them)."""
 
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return action.default not in (None, False, argparse.SUPPRESS) and action.nargs != 0 and bool(action.option_strings)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
-                and action.nargs != 0 and action.option_strings):
+        if "%(default)" not in text and self._shows_default(action):
             text += " (default: %(default)s)"
         return text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        # argparse prints no help line for an option without help text, so it would hide the default too.
+        if not action.help and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
 
 class Parser(argparse.ArgumentParser):

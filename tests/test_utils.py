@@ -7,7 +7,7 @@ import stat
 import numpy as np
 import pytest
 
-from utils import ToothSegError, atomic_path, atomic_write_text, read_image, write_png
+from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, read_image, write_png
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -37,3 +37,15 @@ def test_read_image_keeps_depth_and_names_bad_files(tmp_path):
         read_image(tmp_path / "broken.png")
     with pytest.raises(ToothSegError, match="missing.png: cannot read"):
         read_image(tmp_path / "missing.png")
+
+
+def test_help_shows_every_default_also_of_options_without_help_text():
+    parser = make_parser("demo")
+    parser.add_argument("--with-text", type=int, default=3, metavar="N", help="some number")
+    parser.add_argument("--bare", type=float, default=0.4, metavar="P")
+    parser.add_argument("--switch", action="store_true")
+    parser.add_argument("--unset", metavar="X")
+    shown = " ".join(parser.format_help().split())
+    assert "--with-text N some number (default: 3)" in shown
+    assert "--bare P default: 0.4" in shown  # argparse alone prints no line for it
+    assert "default: False" not in shown and "default: None" not in shown
