@@ -26,7 +26,7 @@ at its own size (8-bit PNG, 255 * p, named by pair id) and DIR/pseudo_labels.jso
 at the image's own size, before masks are scored and saved (probabilities are left as they are). A share
 of the area, not a pixel count, so one value means the same on 512x512 and 1615x840 images. With
 --min-component auto, F is the value of a small grid with the best mean Dice on the checkpoint's own
-validation split, never on the images scored.
+validation split (with --split val, the very images scored: eval.py says so, and that score is in-sample).
 
 A per-tooth model (finetune_seg.py --task teeth) gives each pixel its most probable FDI number (0 background)
 at the image's own size, and is scored on the images with per-tooth label maps: the Dice of each true tooth
@@ -292,9 +292,10 @@ class TeethOutputs(BinaryOutputs):
                 f"  numbering={teeth['numbering_accuracy']:.4f}  union " + super().report(rows, summary))
 
 
-def choose_min_component(predictors: list, args, device) -> dict:
+def choose_min_component(predictors: list, args, device, scored_images: list) -> dict:
     """--min-component auto: the MIN_COMPONENT_GRID value with the best mean Dice on the first checkpoint's
-    validation split (ties go to the smaller value), whatever split is being scored."""
+    validation split (ties go to the smaller value), whatever split is being scored; says so when the
+    scored images are among those it chose on."""
     ckpt = predictors[0].checkpoint
     try:
         samples = ckpt.data.labelled_splits()["val"]
@@ -326,6 +327,12 @@ def choose_min_component(predictors: list, args, device) -> dict:
     chosen = f"dropping components under {choice['fraction']:g} of the image area, val Dice {dice[best]:.4f} " \
              f"(keeping every one: {dice[0]:.4f})" if best else f"keeping every component, val Dice {dice[0]:.4f}"
     print(f"--min-component auto: {choice['fraction']:g}, {chosen}, on {scored} images of the validation split")
+    chosen_on = {Path(s.image).resolve() for s in samples}
+    overlap = sum(Path(s.image).resolve() in chosen_on for s in scored_images)
+    if overlap:
+        print(f"note: {overlap} of the {len(scored_images)} images scored are among those --min-component auto chose "
+              f"on, so their score is not an unseen-data figure; score the test split for one")
+    choice["scored_images_chosen_on"] = overlap
     return choice
 
 
@@ -380,7 +387,7 @@ def main(argv=None):
         models += "; the teeth's union from " + ", ".join(str(p.path) for p in union_predictors)
     print(f"{'predicting' if predict else 'evaluating'} {what} with {models} on {device}")
     started = time.time()
-    min_component = choose_min_component(predictors, args, device) if args.min_component == "auto" else \
+    min_component = choose_min_component(predictors, args, device, samples) if args.min_component == "auto" else \
         {"fraction": args.min_component, "chosen": "fixed"} if args.min_component else None
     outputs = TeethOutputs(args, classes) if classes else \
         BinaryOutputs(args, min_component["fraction"] if min_component else 0.0)

@@ -408,7 +408,14 @@ def test_min_component_auto_chooses_on_the_validation_split(finetuned, tmp_path,
     assert list(choice["val_dice"]) == [f"{f:g}" for f in eval_script.MIN_COMPONENT_GRID]
     best = max(choice["val_dice"].values())
     assert choice["fraction"] == next(f for f in eval_script.MIN_COMPONENT_GRID if choice["val_dice"][f"{f:g}"] == best)
-    assert f"--min-component auto: {choice['fraction']:g}, " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"--min-component auto: {choice['fraction']:g}, " in out
+    assert choice["scored_images_chosen_on"] == 0 and "note:" not in out
+    # Scoring the validation split itself: the same choice, said to be in-sample.
+    summary, _ = eval_pred_masks(finetuned, tmp_path, "auto_val", "--min-component", "auto", "--split", "val")
+    assert summary["min_component"]["scored_images_chosen_on"] == len(val)
+    assert f"note: {len(val)} of the {len(val)} images scored are among those --min-component auto chose on" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--one-region-per-tooth", "--arch-order"])
