@@ -138,6 +138,18 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not in_label_folder(p.relative_to(folder)))
 
 
+def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
+    """Files by name stem, the id a bare folder's images and masks are paired and saved by; two files with one
+    stem (x.jpg and x.png, a/x.png and b/x.png) would silently share one id, so they are refused."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in found:
+            raise ToothSegError(f"{path}: has the same name stem as {found[path.stem]}, and files are paired and "
+                                f"saved by stem; rename one, or move it out of {flag}")
+        found[path.stem] = path
+    return found
+
+
 def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> list[Sample]:
     """Bare folders: every image, paired by file stem with a mask in `masks_dir` when one is given."""
     images_dir = Path(images_dir)
@@ -146,10 +158,17 @@ def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> lis
     images = list_images(images_dir)
     if not images:
         raise ToothSegError(f"{images_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); check --images-dir")
+    by_stem(images, "--images-dir")
     if masks_dir is None:
         return [Sample(p, None, p.stem) for p in images]
     masks_dir = Path(masks_dir)
-    masks = {p.stem: p for p in sorted(masks_dir.rglob("*")) if p.is_file() and is_image_file(p)}
+    if not masks_dir.is_dir():
+        raise ToothSegError(f"{masks_dir}: masks folder not found; check --masks-dir")
+    # One tree holding both (images/ and masks/ below it): the masks are the files in a 'masks' folder, not
+    # the images beside them nor per-tooth label maps in 'teeth'.
+    same_tree = masks_dir.resolve() == images_dir.resolve()
+    masks = by_stem([p for p in sorted(masks_dir.rglob("*")) if p.is_file() and is_image_file(p) and not (
+        same_tree and "masks" not in (part.lower() for part in p.relative_to(masks_dir).parts[:-1]))], "--masks-dir")
     unpaired = [p for p in images if p.stem not in masks]
     if unpaired:
         raise ToothSegError(f"{unpaired[0]}: no mask named {unpaired[0].stem}.* in {masks_dir} "

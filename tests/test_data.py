@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data import EpochMix, SegmentationDataset, build_eval_transform, build_train_transform
-from index import read_mask, segmentation_splits
-from utils import ToothSegError
+from index import read_mask, samples_from_folders, segmentation_splits
+from utils import ToothSegError, write_png
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,34 @@ def test_area_image_resize_averages_every_source_pixel():
 def test_an_unknown_resize_is_one_line(flag, valid):
     with pytest.raises(ToothSegError, match=f"unknown {flag.split('_')[0]} resize 'cubic'; valid: {valid}"):
         build_train_transform(32, 64, **{flag: "cubic"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Bare folders (no index): pairing by file stem
+# ----------------------------------------------------------------------------------------------
+def bare_tree(root, stems, folders=("images", "masks", "teeth")):
+    for folder in folders:
+        for stem in stems:
+            write_png(root / folder / f"{stem}.png", np.zeros((8, 8), np.uint8))
+    return root
+
+
+def test_one_tree_pairs_each_image_with_its_mask_not_its_label_map(tmp_path):
+    root = bare_tree(tmp_path, [f"x{i}" for i in range(5)])
+    for folders in ((root, root), (root / "images", root / "masks")):  # the first as segmentation_splits calls it
+        samples = samples_from_folders(*folders)
+        assert [(s.image.parent.name, s.mask.parent.name) for s in samples] == [("images", "masks")] * 5
+
+
+@pytest.mark.parametrize("where, flag", [("images", "--images-dir"), ("masks", "--masks-dir")])
+def test_two_files_with_one_stem_are_refused_in_one_line(tmp_path, where, flag):
+    root = bare_tree(tmp_path, ["a", "b"], ("images", "masks"))
+    write_png(root / where / "sub" / "a.png", np.zeros((8, 8), np.uint8))  # eval would save both as a.png
+    with pytest.raises(ToothSegError, match=f"has the same name stem as .*a.png.*move it out of {flag}"):
+        samples_from_folders(root / "images", root / "masks")
+
+
+def test_a_missing_masks_folder_is_named(tmp_path):
+    root = bare_tree(tmp_path, ["a"], ("images",))
+    with pytest.raises(ToothSegError, match=f"{tmp_path / 'nope'}: masks folder not found; check --masks-dir"):
+        samples_from_folders(root / "images", tmp_path / "nope")
