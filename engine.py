@@ -13,7 +13,7 @@ import argparse
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -327,6 +327,17 @@ class Task(Protocol):
     #   a task with figures pooled over the validation set (ratios of sums) has summarise(means) -> figures.
 
 
+def data_field(spec: DataSpec, name: str):
+    """A field of a checkpoint's data section as resume compares it: folders and the index resolved, so the same
+    data given by another path is the same."""
+    value = getattr(spec, name)
+    if name == "split":
+        return replace(value, index=data_field(value, "index")) if value.index else value
+    if name in ("images_dir", "masks_dir", "index") and value is not None:
+        return Path(value).resolve()
+    return value
+
+
 class Trainer:
     """One loop for every training script. `record` is the checkpoint the run writes, without its state:
     each save adds the epoch, the metrics and the training state to it."""
@@ -352,13 +363,23 @@ class Trainer:
     def resume(self, path: Path) -> None:
         saved = open_checkpoint(path, (self.record.kind,), "--resume")
         # What preprocessing the weights learnt must not change halfway (eval reads it from the checkpoint).
-        changed = [name for name in ("input_size", "window", "intensity_landmarks", "image_resize")
-                   if getattr(saved.data, name) != getattr(self.record.data, name)]
+        # Nor the data it learns from, or its best epoch would compare two validation sets (format-1 files kept
+        # their data only as the flags of wherever they ran).
+        compared = ("input_size", "window", "intensity_landmarks", "image_resize") + \
+            (("images_dir", "masks_dir", "split", "holdout", "seed") if saved.format >= 2 else ())
+        changed = [name for name in compared if data_field(saved.data, name) != data_field(self.record.data, name)]
         if changed:
-            raise ToothSegError(f"{path}: this run's {', '.join(changed)} differ from the checkpoint's; resume with the "
+            raise ToothSegError(f"{path}: this run's {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
+                                f"from the checkpoint's; resume with the "
                                 f"flags the run was started with (tool.py {path} lists them)")
         state = saved.state
-        unwrap(self.model).load_state_dict(state.weights)
+        model = unwrap(self.model)
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        if shapes != {k: v.shape for k, v in state.weights.items()}:
+            raise ToothSegError(f"{path}: holds a {saved.model.name} {saved.model.args}, not the {self.record.model.name} "
+                                f"{self.record.model.args} this run builds; resume with the model flags the run was "
+                                f"started with, or none (fine-tuning then takes the checkpoint's)")
+        model.load_state_dict(state.weights)
         if state.optimizer is None:
             raise ToothSegError(f"{path}: holds weights only, no optimiser state to resume; use --init-from instead")
         self.optimizer.load_state_dict(state.optimizer)

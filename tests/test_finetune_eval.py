@@ -159,6 +159,24 @@ def test_masks_resize_by_area_unless_a_resumed_run_started_otherwise(finetuned, 
     assert resumed.epoch == 2 and resumed.task["mask_resize"] == "nearest"
 
 
+def test_resume_refuses_another_model_or_other_data_in_one_line(labelled, tmp_path, interrupted_run):
+    run = tmp_path / "run"
+    flags = ["--checkpoint-dir", str(run), *NET, "--base-channels", "4", "--epochs", "2"]
+    interrupted_run(finetune_seg.main, [*data_flags(labelled), *flags])
+    resume = ["--resume", str(run)]
+    with pytest.raises(ToothSegError, match=r"holds a unet .*'base_channels': 4.*, not the unet .*'base_channels': 8"):
+        finetune_seg.main([*data_flags(labelled), *flags, *resume, "--base-channels", "8"])  # once a size-mismatch traceback
+    other = tmp_path / "other"
+    shutil.copytree(labelled, other)
+    with pytest.raises(ToothSegError, match="this run's images_dir, masks_dir differ from the checkpoint's"):
+        finetune_seg.main([*data_flags(other), *flags, *resume])
+    with pytest.raises(ToothSegError, match="this run's seed differs from"):
+        finetune_seg.main([*data_flags(labelled), *flags, *resume, "--seed", "1"])
+    (tmp_path / "same").symlink_to(labelled)  # the same data by another path is the same
+    finetune_seg.main([*data_flags(tmp_path / "same"), *flags, *resume])
+    assert open_checkpoint(run / "last.pth").epoch == 2
+
+
 def test_label_fractions_are_deterministic_and_nested():
     samples = [Sample(Path(f"{i}.png"), Path(f"m{i}.png"), f"case{i}") for i in range(50)]
     small, large = subset_fraction(samples, 0.1, seed=3), subset_fraction(samples, 0.3, seed=3)
