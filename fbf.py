@@ -48,7 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 from index import INDEX_NAME, find_index, in_label_folder
-from utils import ToothSegError, atomic_path, atomic_write_bytes, decode_image, is_image_file, make_parser, run_cli
+from utils import (ToothSegError, atomic_path, atomic_write_bytes, check_output_dir, decode_image, is_image_file, make_parser,
+                   run_cli)
 
 METHODS = ("grid", "opencv", "exact")
 BACKENDS = ("numpy", "torch")
@@ -423,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = args.output_dir or input_dir.with_name(input_dir.name + "_fbf")
     if not input_dir.is_dir():
         raise ToothSegError(f"{input_dir}: input folder not found; run prepare_sts2d.py first or pass --input-dir")
+    check_output_dir(output_dir, "--output-dir")
     source, target = input_dir.resolve(), output_dir.resolve()
     if target.is_relative_to(source) or source.is_relative_to(target):
         raise ToothSegError(f"{output_dir}: the output folder must lie outside {input_dir} (and not contain it); "

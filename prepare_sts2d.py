@@ -79,7 +79,8 @@ import phantom
 import teeth
 from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, default_mask_threshold,
                    list_images, read_index, write_index)
-from utils import ToothSegError, atomic_write_bytes, atomic_write_text, decode_image, is_image_file, make_parser, run_cli, to_uint8
+from utils import (ToothSegError, atomic_write_bytes, atomic_write_text, check_output_dir, decode_image, is_image_file,
+                   make_parser, run_cli, to_uint8)
 
 STAMP_NAME = "prepare_stamp.json"
 REJECTED_NAME = "rejected.csv"
@@ -896,6 +897,7 @@ def main(argv=None):
     if args.mask_threshold is not None and not 0 <= args.mask_threshold <= 254:
         raise ToothSegError(f"--mask-threshold must be in 0..254 (a mask pixel is tooth when its value > T), "
                             f"got {args.mask_threshold}; or leave it out for the default of each mask's format")
+    check_output_dir(args.data_root, "--data-root")
     source = load_source(args)
     try:
         prepare(source, [source_from_pool(name, folder) for name, folder in pool_folders(args.unlabelled_dirs or [])], args)

@@ -106,9 +106,10 @@ def probability(text: str) -> float:
 
 
 def check_output_dir(path: Path, flag: str) -> None:
-    """Fail before any work when an output folder's path is taken by a file."""
-    if path.exists() and not path.is_dir():
-        raise ToothSegError(f"{path}: exists and is not a folder; give {flag} a folder path")
+    """Fail before any work when an output folder's path, or a folder above it, is taken by a file."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    if not existing.is_dir():
+        raise ToothSegError(f"{existing}: exists and is not a folder; give {flag} a folder path")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -249,6 +249,12 @@ def test_output_inside_input_is_refused(dataset):
     assert not (dataset / "filtered").exists()
 
 
+def test_output_taken_by_a_file_is_refused(dataset, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(ToothSegError, match="afile: exists and is not a folder; give --output-dir a folder path"):
+        fbf.main(["--input-dir", str(dataset), "--output-dir", str(tmp_path / "afile" / "out"), "--backend", "numpy"])
+
+
 @pytest.mark.parametrize("hide_gpus", [False, True])
 def test_auto_backend_without_a_gpu_does_not_import_torch(dataset, tmp_path, hide_gpus):
     """Importing torch (~2 s) only to learn that there is no GPU would cost more than filtering a few images."""

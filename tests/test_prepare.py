@@ -307,6 +307,15 @@ def test_empty_source(tmp_path):
     assert str(tmp_path / "images") in message and "no images" in message
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_data_root_taken_by_a_file_is_one_line(tmp_path, below):
+    images, masks = folder_pair(tmp_path / "src", 3)
+    (tmp_path / "afile").write_text("not a folder")
+    message = error_of(["--images-dir", str(images), "--masks-dir", str(masks),
+                        "--data-root", str(tmp_path / "afile" / below)])
+    assert message == f"{tmp_path / 'afile'}: exists and is not a folder; give --data-root a folder path"
+
+
 def test_cli_exit_code_and_one_line_error(tmp_path):
     images, masks = folder_pair(tmp_path / "src", 3)
     _undecodable(images, masks)
