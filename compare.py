@@ -102,6 +102,10 @@ def read_per_image(path: Path) -> dict[str, dict[str, str]]:
 
 
 def columns(rows: dict[str, dict[str, str]], ids: list[str], names: list[str], path: Path) -> Columns:
+    missing = [name for name in names if name not in next(iter(rows.values()))]
+    if missing:
+        raise ToothSegError(f"{path}: has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}; "
+                            f"score it again with eval.py")
     try:
         return {name: np.array([float(rows[i][name]) for i in ids]) for name in names}
     except ValueError as exc:

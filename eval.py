@@ -132,6 +132,10 @@ def parse_args(argv=None):
                            help="DataLoader worker processes")
     inference.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     args = parser.parse_args(argv)
+    if args.images_dir is None and (args.index is not None or args.masks_dir is not None):
+        flag = "--index" if args.index is not None else "--masks-dir"
+        raise ToothSegError(f"{flag} says where the labels of another folder are; give that folder with --images-dir "
+                            f"too (without it eval scores the data the checkpoint was fine-tuned on)")
     for path, flag in ((args.out_dir, "--out-dir"), (args.save_preds, "--save-preds"), (args.save_probs, "--save-probs")):
         if path is not None:
             check_output_dir(path, flag)
@@ -146,6 +150,9 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
     if args.images_dir is None:
         splits, where = data.labelled_splits(), f"the training data ({data.images_dir})"
     elif args.masks_dir is None and index is None:
+        if args.split is not None:
+            raise ToothSegError(f"{args.images_dir}: has neither masks nor an index, so it has no {args.split!r} split; "
+                                f"leave out --split to segment every image, or give --masks-dir")
         samples = samples_from_folders(args.images_dir)
         return samples, "predict", str(args.images_dir), len(samples)
     else:
@@ -460,7 +467,7 @@ def main(argv=None):
         write_csv(out_dir / "per_tooth.csv", [{"fdi": n, **v} for n, v in summary["teeth"]["by_fdi"].items()])
     ranked = sorted(rows, key=lambda r: r[outputs.rank_by], reverse=True)
     k = min(args.top_k, len(ranked))
-    for label, chosen in (("best", ranked[:k]), ("worst", ranked[::-1][:k])):
+    for label, chosen in (("best", ranked[:k]), ("worst", ranked[::-1][:k])) if k else ():
         print(f"{label} {k}: " + ", ".join(f"{r['pair_id']} ({r[outputs.rank_by]:.3f})" for r in chosen))
         for rank, row in enumerate(chosen, 1):
             image = to_uint8(read_image(row["image"]))

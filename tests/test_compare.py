@@ -136,14 +136,17 @@ def per_tooth_rows_of(images: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("case, message", [("other images", "scored different images"), ("other task", "one task"),
-                                           ("no file", "not found"), ("not an eval", "not an eval.py per_image.csv")])
+                                           ("no file", "not found"), ("not an eval", "not an eval.py per_image.csv"),
+                                           ("columns missing", "has no iou, precision columns")])
 def test_evaluations_that_cannot_be_paired_are_refused_in_one_line(tmp_path, case, message):
     rows = binary_rows(np.random.default_rng(5))
     a = write_rows(tmp_path / "a", rows)
     b = {"other images": lambda: write_rows(tmp_path / "b", rows[1:]),
          "other task": lambda: write_rows(tmp_path / "b", per_tooth_rows_of(rows)),
          "no file": lambda: tmp_path / "nowhere",
-         "not an eval": lambda: write_rows(tmp_path / "b", [{"image": "x.png", "score": 1}])}[case]()
+         "not an eval": lambda: write_rows(tmp_path / "b", [{"image": "x.png", "score": 1}]),
+         "columns missing": lambda: write_rows(tmp_path / "b", [{k: v for k, v in r.items() if k not in ("iou", "precision")}
+                                                                for r in rows])}[case]()
     result = run_compare(a, b)
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -317,6 +317,19 @@ def test_bad_flags_are_one_line(finetuned, script, flags, expected):
     assert expected in one_error_line(run_script(script, *extra, *flags))
 
 
+def test_eval_refuses_flags_it_would_ignore(finetuned, labelled, tmp_path, capsys):
+    checkpoint = ["--checkpoint", str(finetuned), "--cpu", "--workers", "0"]
+    for flags, message in ((["--index", str(tmp_path / "other.csv")], "--index says where the labels of another folder"),
+                           (["--masks-dir", str(labelled / "masks")], "--masks-dir says where the labels of another"),
+                           (["--images-dir", str(labelled / "images"), "--split", "val"],
+                            "has neither masks nor an index, so it has no 'val' split")):
+        with pytest.raises(ToothSegError, match=message):  # each once scored or segmented something else, exit 0
+            eval_script.main([*checkpoint, *flags, "--out-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+    eval_script.main([*checkpoint, "--top-k", "0", "--out-dir", str(tmp_path / "none")])
+    assert "best 0" not in capsys.readouterr().out and not (tmp_path / "none" / "best").exists()
+
+
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(labelled, tmp_path, monkeypatch):
     result = run_script("finetune_seg.py", *data_flags(labelled), "--checkpoint-dir", tmp_path / "lr", *NET,
                         "--base-channels", "2", "--epochs", "2", "--lr", "1e8")
