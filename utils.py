@@ -122,7 +122,13 @@ def is_image_file(path: Path) -> bool:
 def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray:
     """Decode encoded image bytes, keeping 8/16-bit depth. 3/4-channel images become grayscale."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    # OpenCV warns on stderr about a truncated file before failing; the failure is told below, in one line.
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if img is None:
         raise ToothSegError(f"{name}: cannot decode image (corrupt or not an image); replace or remove it")
     if grayscale and img.ndim == 3:
