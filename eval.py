@@ -432,7 +432,8 @@ def main(argv=None):
         print(f"wrote {len(pseudo)} probability maps and {args.save_probs / 'pseudo_labels.json'}")
     if skipped:
         write_csv(out_dir / "skipped.csv", skipped)
-        print(f"skipped {len(skipped)} bad files, unreadable or a mask that does not fit its image (listed in {out_dir / 'skipped.csv'}); first: {skipped[0]['reason']}")
+        print(f"skipped {len(skipped)} bad files, unreadable or a mask that does not fit its image (listed in "
+              f"{out_dir / 'skipped.csv'}); first: {skipped[0]['reason']}")
     if predict:
         if save_preds is not None:
             print(f"wrote {len(samples) - len(skipped)} of {len(samples)} {'label maps and tooth charts' if classes else 'masks'} "
