@@ -989,7 +989,9 @@ def prepare(source: Source, pools: list[Source], args) -> None:
     atomic_write_text(data_root / STAMP_NAME, json.dumps({"fingerprint": stamp, "files": len(rows), "teeth_numbers":
                                                           dict(sorted(teeth_numbers.items()))}, indent=1) + "\n")
 
-    print(f"wrote {len(rows)} files to {processed} and {data_root / INDEX_NAME}")
+    label_maps = sum(1 for row in rows if row["teeth"])
+    print(f"wrote {len(rows)} images and masks{f' and {label_maps} per-tooth label maps' if label_maps else ''} "
+          f"to {processed} and {data_root / INDEX_NAME}")
     if duplicates:
         groups = len({d["dup_group"] for d in duplicates})
         print(f"duplicates: {groups} groups of identical images ({len(duplicates)} images), each kept in one split; "

@@ -493,7 +493,7 @@ def test_rerun_is_idempotent_and_force_rebuilds(tmp_path, capsys):
     images, masks = folder_pair(tmp_path / "src", 6)
     out = tmp_path / "out"
     argv = ["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out)]
-    assert "wrote 12 files" in run(argv, capsys)
+    assert "wrote 12 images and masks to" in run(argv, capsys)
     index_mtime = (out / INDEX_NAME).stat().st_mtime_ns
     built = tree_digest(out / PROCESSED_NAME)
 
@@ -502,12 +502,12 @@ def test_rerun_is_idempotent_and_force_rebuilds(tmp_path, capsys):
     assert (out / INDEX_NAME).stat().st_mtime_ns == index_mtime
 
     (out / PROCESSED_NAME / "adult/labeled/images/p000.png").unlink()  # incomplete output is rebuilt
-    assert "wrote 12 files" in run(argv, capsys)
-    assert "wrote 12 files" in run(argv + ["--force"], capsys)
+    assert "wrote 12 images and masks to" in run(argv, capsys)
+    assert "wrote 12 images and masks to" in run(argv + ["--force"], capsys)
     assert tree_digest(out / PROCESSED_NAME) == built
 
     folder_pair(tmp_path / "src", 1, start=6)  # a changed source is rebuilt without --force
-    assert "wrote 14 files" in run(argv, capsys)
+    assert "wrote 14 images and masks to" in run(argv, capsys)
     assert "wrote" in run(argv + ["--seed", "1"], capsys)  # so are changed settings
     assert "wrote" in run(argv + ["--seed", "1", "--mask-threshold", "10"], capsys)
 
@@ -647,14 +647,14 @@ def test_rerun_with_pools(tmp_path, capsys):
     images, masks = folder_pair(tmp_path / "lab", 4)
     write_files(tmp_path, {"one/a.png": image_bytes(70), "two/b.png": image_bytes(71)})
     argv = ["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(tmp_path / "out")]
-    assert "wrote 9 files" in run(argv + ["--unlabelled-dir", str(tmp_path / "one")], capsys)
+    assert "wrote 9 images and masks to" in run(argv + ["--unlabelled-dir", str(tmp_path / "one")], capsys)
     printed = run(argv + ["--unlabelled-dir", str(tmp_path / "one")], capsys)
     assert "up to date" in printed and "unlabelled:one 1 (pretrain 1)" in printed
     both = argv + ["--unlabelled-dir", str(tmp_path / "one"), str(tmp_path / "two")]
-    assert "wrote 10 files" in run(both, capsys)  # an added pool rebuilds
+    assert "wrote 10 images and masks to" in run(both, capsys)  # an added pool rebuilds
     assert "up to date" in run(both, capsys)
     write_files(tmp_path, {"two/c.png": image_bytes(72)})
-    assert "wrote 11 files" in run(both, capsys)  # so does an added pool image
-    assert "wrote 11 files" in run(argv + ["--unlabelled-dir", str(tmp_path / "one"), f"second={tmp_path / 'two'}"], capsys)  # a renamed pool
+    assert "wrote 11 images and masks to" in run(both, capsys)  # so does an added pool image
+    assert "wrote 11 images and masks to" in run(argv + ["--unlabelled-dir", str(tmp_path / "one"), f"second={tmp_path / 'two'}"], capsys)  # a renamed pool
     assert {r["source"] for r in read_index(tmp_path / "out" / INDEX_NAME)} == {"folder", "unlabelled:one", "unlabelled:second"}
-    assert "wrote 8 files" in run(argv, capsys)  # and dropping the pools
+    assert "wrote 8 images and masks to" in run(argv, capsys)  # and dropping the pools

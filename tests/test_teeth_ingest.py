@@ -214,7 +214,9 @@ def test_prepare_writes_label_maps_and_the_index_column(tmp_path, capsys):
     assert "up to date" in run_prepare(rerun + ["--teeth-dir", str(tmp_path / "src/teeth")], capsys)
     (tmp_path / "src/teeth").rename(tmp_path / "src/teeth2")
     printed = run_prepare(rerun + ["--teeth-dir", str(tmp_path / "src/teeth2")], capsys)  # another teeth dir rebuilds
-    assert "wrote 8 files" in printed and teeth_rows(out)["p0"]["teeth"] == "adult/labeled/teeth/p0.png"
+    label_maps = sum(r["teeth"] is not None for r in teeth_rows(out).values())
+    assert 0 < label_maps and f"wrote 8 images and masks and {label_maps} per-tooth label maps to" in printed
+    assert teeth_rows(out)["p0"]["teeth"] == "adult/labeled/teeth/p0.png"
 
 
 def test_without_masks_the_mask_is_the_union_of_the_teeth(tmp_path, capsys):
