@@ -56,9 +56,9 @@ def test_killed_study_resumes_with_only_the_unfinished_cell(phantom_data_root, t
 def test_relative_paths_mean_the_callers_folder(phantom_data_root, tmp_path):
     """Started outside the repository, with relative --images-dir and --out-dir, every stage reads and writes
     where the caller meant (the stages once ran in the repository's folder and did not find the images)."""
-    (tmp_path / "data").symlink_to(phantom_data_root / "processed_2d")
+    (tmp_path / "root").symlink_to(phantom_data_root)  # processed_2d with its index beside it
     flags = [*TWO_CELLS[:TWO_CELLS.index("--seeds") + 1], "0", *TWO_CELLS[TWO_CELLS.index("--seeds") + 3:]]
-    result = subprocess.run([sys.executable, str(REPO / "run_study.py"), "--images-dir", "data", "--out-dir", "study",
+    result = subprocess.run([sys.executable, str(REPO / "run_study.py"), "--images-dir", "root/processed_2d", "--out-dir", "study",
                              *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "cells run 1, skipped (done) 0, failed 0" in result.stdout
