@@ -39,11 +39,14 @@ class Statistic:
     denominator: Callable[[Columns], np.ndarray]
     higher_is_better: bool = True
     if_empty: float = 1.0  # summarize_teeth's figure when nothing is counted (no teeth predicted, matched, ...)
+    zero_if_any: str | None = None  # ... but 0 when this count is not 0 (no tooth predicted where there are some)
 
     def of(self, columns: Columns, rows: np.ndarray) -> np.ndarray:
         """The figure of each resample (each row of `rows` indexes images)."""
         num, den = self.numerator(columns)[rows].sum(axis=-1), self.denominator(columns)[rows].sum(axis=-1)
-        return np.where(den > 0, num / np.where(den > 0, den, 1), self.if_empty)
+        empty = self.if_empty if self.zero_if_any is None else \
+            np.where(columns[self.zero_if_any][rows].sum(axis=-1) > 0, 0.0, self.if_empty)
+        return np.where(den > 0, num / np.where(den > 0, den, 1), empty)
 
 
 def image_mean(label: str, column: str, higher_is_better: bool = True) -> Statistic:
@@ -62,8 +65,10 @@ BINARY_STATISTICS = {
 TOOTH_STATISTICS = {
     "tooth_dice": Statistic("per-tooth Dice", lambda c: c["tooth_dice"] * c["true_teeth"], lambda c: c["true_teeth"],
                             if_empty=0.0),
-    "detection_precision": Statistic("detection precision", lambda c: c["matched"], lambda c: c["pred_teeth"]),
-    "detection_recall": Statistic("detection recall", lambda c: c["matched"], lambda c: c["true_teeth"]),
+    "detection_precision": Statistic("detection precision", lambda c: c["matched"], lambda c: c["pred_teeth"],
+                                     zero_if_any="true_teeth"),
+    "detection_recall": Statistic("detection recall", lambda c: c["matched"], lambda c: c["true_teeth"],
+                                  zero_if_any="pred_teeth"),
     "detection_f1": Statistic("detection F1", lambda c: 2 * c["matched"], lambda c: c["true_teeth"] + c["pred_teeth"]),
     "numbering_accuracy": Statistic("numbering accuracy", lambda c: c["numbered_right"], lambda c: c["matched"]),
     **{name: BINARY_STATISTICS[name] for name in ("dice", "hd95")},

@@ -337,8 +337,9 @@ def summarize_teeth(per_image: Sequence[dict]) -> dict:
         for number, value in row["dice_by_fdi"].items():
             by_fdi.setdefault(int(number), []).append(value)
     all_dice = [v for values in by_fdi.values() for v in values]
-    precision = _ratio(counts["matched"], counts["pred_teeth"], 1.0)
-    recall = _ratio(counts["matched"], counts["true_teeth"], 1.0)
+    # As each image scores them: no tooth predicted where there are some is precision 0, not a vacuous 1.
+    precision = _ratio(counts["matched"], counts["pred_teeth"], 1.0 if not counts["true_teeth"] else 0.0)
+    recall = _ratio(counts["matched"], counts["true_teeth"], 1.0 if not counts["pred_teeth"] else 0.0)
     return {"tooth_dice": float(np.mean(all_dice)) if all_dice else 0.0,
             "detection_precision": precision, "detection_recall": recall,
             "detection_f1": _ratio(2 * precision * recall, precision + recall, 0.0),

@@ -83,12 +83,13 @@ def test_the_ci_is_the_paired_bootstrap_of_the_differences(tmp_path):
 def tooth_rows(rng: np.random.Generator, n: int = 10) -> list[dict]:
     """Per-image rows as tooth_metrics gives them, with different numbers of teeth (and one image without)."""
     rows = []
-    for i in range(n):
+    for i in range(n):  # image 0 has no true teeth, image 1 no predicted ones
         true_teeth = 0 if i == 0 else int(rng.integers(3, 30))
         dice = {11 + k: float(rng.uniform(0.6, 0.95)) for k in range(true_teeth)}
-        matched = int(rng.integers(0, true_teeth + 1))
+        matched = 0 if i == 1 else int(rng.integers(0, true_teeth + 1))
         rows.append({"pair_id": f"t{i}", "dice": rng.uniform(0.8, 0.95), "hd95": rng.uniform(5, 20),
-                     "true_teeth": true_teeth, "pred_teeth": matched + int(rng.integers(0, 3)), "matched": matched,
+                     "true_teeth": true_teeth, "pred_teeth": 0 if i == 1 else matched + int(rng.integers(0, 3)),
+                     "matched": matched,
                      "numbered_right": int(rng.integers(0, matched + 1)),
                      "tooth_dice": float(np.mean(list(dice.values()))) if dice else 1.0, "dice_by_fdi": dice})
     return rows
@@ -109,6 +110,13 @@ def test_per_tooth_figures_are_pooled_as_the_summary_pools_them(tmp_path):
         for name, statistic in compare.TOOTH_STATISTICS.items():
             expected = summary[name] if name in summary else np.mean([r[name] for r in rows])
             assert results[statistic.label][side] == pytest.approx(expected), (side, name)
+    # A resample of one image is that image's summary, also without true or without predicted teeth.
+    columns = {k: np.array([float(r[k]) for r in a_rows]) for k in (*compare.TOOTH_COLUMNS, "dice", "hd95")}
+    for i in range(3):
+        summary = summarize_teeth([a_rows[i]])
+        for name in ("detection_precision", "detection_recall", "detection_f1", "numbering_accuracy"):
+            figure = compare.TOOTH_STATISTICS[name].of(columns, np.array([[i]]))[0]
+            assert figure == pytest.approx(summary[name]), (i, name)
 
 
 @pytest.mark.parametrize("a, b", [("unet_scratch_f1_s0", "unet_mim_f1_s0"),

@@ -73,6 +73,18 @@ def test_tooth_metrics_random_maps_match_brute_force():
         assert (ours["matched"], ours["numbered_right"]) == (truth["matched"], truth["numbered_right"])
 
 
+@pytest.mark.parametrize("case", ["nothing predicted", "nothing true", "both empty"])
+def test_one_image_is_summarised_as_it_is_scored(case):
+    """The pooled figures of a single image are its own: a model that finds no tooth where there are some has
+    detection precision 0 in summary.json as in per_image.csv (the summary once said 1)."""
+    _, gt = hand_made()
+    empty = np.zeros_like(gt)
+    pred, truth = {"nothing predicted": (empty, gt), "nothing true": (gt, empty), "both empty": (empty, empty)}[case]
+    row, summary = tooth_metrics(pred, truth), summarize_teeth([tooth_metrics(pred, truth)])
+    for name in ("detection_precision", "detection_recall", "detection_f1"):
+        assert summary[name] == row[name], name
+
+
 def test_summary_pools_teeth_over_images():
     pred, gt = hand_made()
     perfect = tooth_metrics(gt, gt)
