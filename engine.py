@@ -131,8 +131,9 @@ def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
     if requested == "off":
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if requested == "bf16" or (requested == "auto" and torch.cuda.is_bf16_supported()) \
-            else torch.float16
+        # Not emulated bf16 (a V100 or T4 "supports" it slowly): those GPUs take fp16 with a GradScaler.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if requested == "bf16" or (requested == "auto" and native) else torch.float16
     if requested == "fp16":
         print("note: --amp fp16 is CUDA-only; on CPU use --amp bf16 or off. Training in fp32")
         return None
@@ -142,8 +143,19 @@ def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
 
 
 def checkpoint_amp(record: Checkpoint, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for running a checkpoint on `device`: the precision setting it was trained and
-    validated with, so a model trained in fp32 is not scored in bf16."""
+    """The autocast dtype for running a checkpoint on `device`: the dtype it trained and was validated in, so a
+    model trained in fp32 is not scored in bf16. Where `device` lacks that dtype (fp16 on a CPU, bf16 on a CPU or
+    GPU that would only emulate it) it runs in fp32; a format-1 file, which recorded no dtype, resolves its --amp
+    setting for `device`."""
+    trained = record.precision.dtype
+    if trained == "float32":
+        return None
+    if trained == "bfloat16":
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" \
+            else cpu_has_native_bf16()
+        return torch.bfloat16 if native else None
+    if trained == "float16":
+        return torch.float16 if device.type == "cuda" else None
     return resolve_amp(record.precision.amp, device)
 
 

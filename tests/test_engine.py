@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import engine
-from checkpoints import Checkpoint, DataSpec, ModelSpec
+from checkpoints import Checkpoint, DataSpec, ModelSpec, Precision
 from engine import resolve_amp
 from metrics import BCEDiceLoss
 from models import build_model
@@ -31,6 +31,27 @@ def test_cuda_auto_prefers_bf16_and_falls_back_to_fp16(monkeypatch, bf16_gpu, ex
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
     assert resolve_amp("auto", CUDA) == expected
     assert resolve_amp("off", CUDA) is None
+
+
+@pytest.mark.parametrize("trained, amp, native, on_cpu, on_cuda", [
+    ("float32", "auto", True, None, None),  # trained in fp32 on a CPU without bf16: fp32 on a bf16 GPU too
+    ("bfloat16", "auto", True, torch.bfloat16, torch.bfloat16),
+    ("bfloat16", "bf16", False, None, None),  # only emulated here: fp32
+    ("float16", "fp16", True, None, torch.float16),  # no fp16 autocast on a CPU
+    ("not recorded", "auto", True, torch.bfloat16, torch.bfloat16),  # format 1: the setting, resolved per device
+])
+def test_a_checkpoint_runs_in_the_dtype_it_trained_in(monkeypatch, trained, amp, native, on_cpu, on_cuda):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    record = Checkpoint(kind="segmentation", model=ModelSpec("unet", {}),
+                        data=DataSpec(input_size=(8, 8), norm_mean=0.5, norm_std=0.25), precision=Precision(amp, trained))
+    assert engine.checkpoint_amp(record, CPU) == on_cpu
+    assert engine.checkpoint_amp(record, CUDA) == on_cuda
+
+
+def test_auto_on_a_gpu_that_only_emulates_bf16_takes_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_amp("auto", CUDA) == torch.float16
 
 
 def test_native_bf16_query_matches_the_cpu_flags():
