@@ -271,9 +271,11 @@ class TeethTask(SegmentationTask):
         image, labels, _ = batch
         logits = network_logits(model, image, self.window, self.overlap)
         n = torch.tensor(float(len(image)), device=image.device)
-        teeth = logits[:, 1:].logsumexp(1, keepdim=True) - logits[:, :1]  # logit of "any tooth"
+        # The union eval scores: pixels whose most probable class is a tooth, against every labelled tooth
+        # (one the model has no class for, IGNORE_INDEX to the loss, is still a tooth).
+        teeth = torch.where(logits.argmax(1, keepdim=True) > 0, 1.0, -1.0)
         return {"loss": self.loss(logits, labels) * n, "dice": tooth_dice_per_image(logits, labels).sum(),
-                "binary_dice": dice_per_image(teeth, (labels > 0).unsqueeze(1).float()).sum(), "count": n}
+                "binary_dice": dice_per_image(teeth, (labels != 0).unsqueeze(1).float()).sum(), "count": n}
 
     def visuals(self, batch, logits):
         image, labels = batch[:2]
@@ -374,6 +376,8 @@ def main(argv=None):
     args = parse_args(argv)
     # Opened once: a resumed run's targets, architecture and classes all follow its checkpoint.
     resumed = open_checkpoint(args.resume, ("segmentation",), "--resume") if args.resume is not None else None
+    if resumed is not None and resumed.tooth_classes and args.task != "teeth":
+        raise ToothSegError(f"{args.resume}: is a per-tooth model; resume it with --task teeth")
     args.mask_resize = resolve_mask_resize(args, resumed)
     dist, device = setup_runtime(args.cpu)
     set_seed(args.seed)

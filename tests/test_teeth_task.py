@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import IGNORE_INDEX, TOOTH_SUMMARY_NAMES as TOOTH_KEYS, CEDiceLoss, summarize_teeth, tooth_dice_per_image, tooth_metrics
+from metrics import (IGNORE_INDEX, TOOTH_SUMMARY_NAMES as TOOTH_KEYS, CEDiceLoss, segmentation_metrics, summarize_teeth,
+                     tooth_dice_per_image, tooth_metrics)
 from predict import (keep_largest_region, mirror_channels, order_along_arch, ordered_assignment, predict_probabilities,
                      teeth_at_size, tooth_chart)
 from teeth import FDI_NUMBERS as FDI_ALL, mirror_closed, mirror_label_map
@@ -263,6 +264,28 @@ def test_tooth_chart_gives_area_box_and_probability():
 # ----------------------------------------------------------------------------------------------
 TEETH_NET = ["--img-height", "64", "--img-width", "128", "--batch-size", "4", "--num-workers", "0", "--cpu",
              "--base-channels", "8"]
+
+
+def test_validation_binary_dice_scores_the_union_eval_scores():
+    """A pixel whose classes are [background 0.4, 11 0.3, 21 0.3] is background to eval's argmax, though its tooth
+    probabilities add up to 0.6; a tooth the model has no class for (IGNORE_INDEX) is still a tooth."""
+    import finetune_seg
+
+    probs = torch.tensor([[[0.4, 0.1], [0.1, 0.8]], [[0.3, 0.8], [0.1, 0.1]], [[0.3, 0.1], [0.8, 0.1]]])
+    labels = torch.tensor([[[0, 1], [IGNORE_INDEX, 0]]])
+    task = finetune_seg.TeethTask([0, 11, 21], lambda_dice=1.0)
+    out = task.val_step(lambda image: probs.log()[None], (torch.zeros(1, 1, 2, 2), labels, {}))
+    eval_union = segmentation_metrics(probs.argmax(0).numpy() > 0, labels[0].numpy() != 0)["dice"]
+    assert out["binary_dice"].item() == pytest.approx(eval_union) == 1.0  # once 0.5
+
+
+def test_a_per_tooth_run_resumes_only_as_one(teeth_run, phantom_data_root, tmp_path):
+    import finetune_seg
+    from utils import ToothSegError
+
+    with pytest.raises(ToothSegError, match="is a per-tooth model; resume it with --task teeth"):
+        finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir", str(tmp_path),
+                           "--epochs", "3", "--resume", str(teeth_run), *TEETH_NET])
 
 
 @pytest.fixture(scope="module")
