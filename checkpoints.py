@@ -244,9 +244,12 @@ def _load(path: Path, what: str, flag: str = "the path") -> Any:
 
 
 def _as_record(obj: Any, path: Path) -> Checkpoint | None:
-    """The record, when `obj` is a ToothSeg checkpoint of a known format; None otherwise."""
-    if not isinstance(obj, dict) or "kind" not in obj or obj.get("format") not in (1, FORMAT):
+    """The record, when `obj` is a ToothSeg checkpoint of a known format; None when it is not one."""
+    if not isinstance(obj, dict) or "kind" not in obj or "format" not in obj:
         return None
+    if obj["format"] not in (1, FORMAT):
+        raise ToothSegError(f"{path}: a ToothSeg checkpoint of format {obj['format']!r}, which this version reads "
+                            f"only up to format {FORMAT}; use the ToothSeg version that wrote it, or a newer one")
     try:
         return upgrade_format1(obj, path) if obj["format"] == 1 else Checkpoint.from_dict(obj, path)
     except (KeyError, TypeError, ValueError) as exc:

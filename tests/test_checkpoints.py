@@ -93,6 +93,12 @@ def test_a_damaged_or_foreign_file_is_one_clear_error(tmp_path):
     assert read_weights(tmp_path / "bare.pth")[0] is None  # but --init-from takes it
     with pytest.raises(ToothSegError, match=f"{tmp_path}: no {BEST} in this folder"):
         open_checkpoint(tmp_path)
+    raw = torch.load(FORMAT1, weights_only=True)
+    torch.save({**raw, "format": 3}, tmp_path / "newer.pth")  # once called neither a checkpoint nor a state_dict
+    for read in (open_checkpoint, read_weights):
+        with pytest.raises(ToothSegError, match="newer.pth: a ToothSeg checkpoint of format 3, which this version reads "
+                                                "only up to format 2"):
+            read(tmp_path / "newer.pth")
 
 
 def test_the_record_is_plain_data(tmp_path):
