@@ -11,7 +11,7 @@ probabilities, eval.py --save-probs, and a student fine-tunes on labels plus pse
 index's unlabelled images plus the training pairs that the label fraction leaves out. Every cell
 evaluates on the test split (eval.py). The study is resumable: a cell is done when
 OUT_DIR/cells/NAME/cell.json exists; failed or interrupted cells are redone from scratch, so a crash
-loses only the cell in progress.
+loses only the cell in progress. A finished cell or pretraining of other settings is refused, not reused.
 
 Outputs in OUT_DIR, over every finished cell of the task in the folder (so a study can run in parts, say
 the pseudo and online cells for scratch only, and still be tabulated as one): study.csv (one row per cell), study.md (mean ± std over seeds, bootstrap 95% CIs
@@ -146,6 +146,49 @@ def common_flags(args) -> list[str]:
     return flags + (["--cpu"] if args.cpu else [])
 
 
+def settings(commands: list[list[str]], args) -> list[list[str]]:
+    """What a step's commands say about its settings, to tell a finished step of other settings from one of this
+    run's: each script's name and flags, without where it runs (--workers, --num-workers, --cpu) or where the
+    study folder is (a cell copied into another study, as the README does, stays the same cell)."""
+    described = []
+    for cmd in commands:
+        tokens, skip = [Path(cmd[1]).name], False
+        for token in cmd[2:]:
+            if skip or token == "--cpu":
+                skip = False
+                continue
+            skip = token in ("--workers", "--num-workers")
+            if not skip:
+                tokens.append(token.replace(str(args.out_dir), "OUT_DIR"))
+        described.append(tokens)
+    return described
+
+
+def first_difference(recorded: list[list[str]], now: list[list[str]]) -> str:
+    """The first setting in which two `settings` differ, in words."""
+    for old, new in itertools.zip_longest(recorded, now, fillvalue=[]):
+        if old != new:
+            i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+            flag = old[i - 1] if 0 < i <= len(old) and old[i - 1].startswith("--") else "a flag"
+            was, asked = (" ".join(t[i:i + 1]) or "absent" for t in (old, new))
+            return f"{(old or new)[0]}: {flag} was {was}, this run asks {asked}"
+    return "none"
+
+
+def refuse_stale(steps: list[tuple[Path, Path, list[list[str]]]], args) -> None:
+    """Refuse, before any work, a study whose folder holds finished steps (pretraining or cells) run with other
+    settings: they would be skipped as done and tabulated under this run's settings. Steps finished before
+    settings were recorded are taken as they are."""
+    stale = []
+    for folder, marker, commands in steps:
+        recorded = json.loads(marker.read_text()).get("settings") if marker.exists() else None
+        if recorded is not None and recorded != settings(commands, args):
+            stale.append(f"{folder}: finished with other settings ({first_difference(recorded, settings(commands, args))})")
+    if stale:
+        more = f" ({len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise ToothSegError(f"{stale[0]}{more}; use another --out-dir, or delete it to run it again")
+
+
 def pretrain_command(args, model: str, init: str) -> tuple[list[str], Path]:
     """The pretraining command and the folder it writes."""
     out = args.out_dir / "pretrain" / f"{init}_{model}"
@@ -207,6 +250,24 @@ def external_done(args, cell: Path) -> bool:
     return summary.exists() and json.loads(summary.read_text())["images_dir"] == str(args.external_test)
 
 
+def pretrainings(args):
+    """(model, init, command, folder) of each pretraining the grid needs, once per model and method."""
+    for model in args.models:
+        for init in (i for i in args.inits if i in PRETRAIN_SCRIPTS):
+            yield model, init, *pretrain_command(args, model, init)
+
+
+def cells_of(args):
+    """(model, init, semi, fraction, seed, cell folder, the folder it starts from or None) of every grid cell, in
+    run order. A binary-initialised per-tooth cell starts from the binary grid's scratch cell, run before in this
+    folder; a pretrained one from its pretraining."""
+    for model, init, semi, fraction, seed in grid(args):
+        cells = args.out_dir / "cells"
+        source = cells / cell_name(model, "scratch", fraction, seed) if init == "binary" else \
+            pretrain_command(args, model, init)[1] if init in PRETRAIN_SCRIPTS else None
+        yield model, init, semi, fraction, seed, cells / cell_name(model, init, fraction, seed, semi, args.task), source
+
+
 def grid(args):
     """Every (model, init, semi, label fraction, seed) cell, in run order: a pseudo cell after its teacher."""
     for model, init, fraction, seed in itertools.product(args.models, args.inits, args.label_fractions, args.seeds):
@@ -239,32 +300,31 @@ def main(argv=None):
         print("# dry run: commands that a full run executes (completed steps are skipped at run time)")
     started, ran, skipped, failed = time.time(), 0, 0, []
 
+    if not args.dry_run:
+        refuse_stale([(folder, folder / "done.json", [cmd]) for _, _, cmd, folder in pretrainings(args)]
+                     + [(cell, cell / "cell.json", cell_commands(args, model, init, semi, fraction, seed, source))
+                        for model, init, semi, fraction, seed, cell, source in cells_of(args)], args)
+
     # Pretraining, once per model and method.
-    pretrained: dict[tuple[str, str], Path] = {}
-    for model in args.models:
-        for init in (i for i in args.inits if i in PRETRAIN_SCRIPTS):
-            cmd, folder = pretrain_command(args, model, init)
-            pretrained[model, init] = folder
-            done = folder / "done.json"
-            if args.dry_run:
-                print(shlex.join(cmd))
-            elif done.exists():
-                print(f"skip pretraining {init} {model}: done")
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
-                print(f"pretraining {init} {model} ...", flush=True)
-                if not run_logged(cmd, log_path(folder)):
-                    failed.append(f"pretrain {init} {model}: {tail(log_path(folder))}")
-                    continue
-                atomic_write_text(done, json.dumps({"folder": str(folder), "finished": time.time()}))
+    for model, init, cmd, folder in pretrainings(args):
+        done = folder / "done.json"
+        if args.dry_run:
+            print(shlex.join(cmd))
+        elif done.exists():
+            print(f"skip pretraining {init} {model}: done")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"pretraining {init} {model} ...", flush=True)
+            if not run_logged(cmd, log_path(folder)):
+                failed.append(f"pretrain {init} {model}: {tail(log_path(folder))}")
+                continue
+            atomic_write_text(done, json.dumps({"folder": str(folder), "finished": time.time(),
+                                                "settings": settings([cmd], args)}))
 
     # Cells: fine-tune then evaluate; cell.json marks a finished cell.
-    for model, init, semi, fraction, seed in grid(args):
-        name = cell_name(model, init, fraction, seed, semi, args.task)
-        cell = args.out_dir / "cells" / name
-        # A binary-initialised per-tooth cell starts from the binary grid's scratch cell, run before in this folder.
-        binary_twin = args.out_dir / "cells" / cell_name(model, "scratch", fraction, seed) if init == "binary" else None
-        source = binary_twin or pretrained.get((model, init))
+    for model, init, semi, fraction, seed, cell, source in cells_of(args):
+        name = cell.name
+        binary_twin = source if init == "binary" else None
         commands = cell_commands(args, model, init, semi, fraction, seed, source)
         if args.dry_run:
             print("\n".join(shlex.join(c) for c in commands + ([external_command(args, cell)] if args.external_test else [])))
@@ -297,7 +357,7 @@ def main(argv=None):
                   **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
                   **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {}),
                   "n_test": summary["n_images"], "best_epoch": summary["checkpoint_epoch"],
-                  "seconds": round(time.time() - cell_start, 1)}
+                  "seconds": round(time.time() - cell_start, 1), "settings": settings(commands, args)}
         atomic_write_text(cell / "cell.json", json.dumps(record, indent=2))
         ran += 1
         print(f"  {name}: test {score_name(args)} {record[score_name(args)]:.4f}, hd95 {record['hd95']:.1f} px", flush=True)
@@ -349,8 +409,8 @@ def group_cells(records: list[dict]) -> dict[tuple, list[dict]]:
 
 def score_tables(args, records: list[dict], scored: str = "eval_test") -> tuple[list[str], list[str]]:
     """The methods' table and their paired differences to supervised scratch, over the cells' scores in
-    CELL/`scored` (eval_test, or eval_external for --external-test)."""
-    rng = np.random.default_rng(0)
+    CELL/`scored` (eval_test, or eval_external for --external-test). Each CI draws from its own generator of
+    seed 0, as compare.py does, so a row's CI does not depend on the rows before it."""
     groups = group_cells(records)
 
     def image_means(group: list[dict]) -> dict[str, float]:
@@ -369,7 +429,7 @@ def score_tables(args, records: list[dict], scored: str = "eval_test") -> tuple[
     order = lambda kv: (kv[0][0], kv[0][3], INITS.index(kv[0][1]), SEMI.index(kv[0][2]))  # noqa: E731
     for (model, init, semi, fraction), group in sorted(groups.items(), key=order):
         dice = np.array([r[score] for r in group])
-        lo, hi = mean_ci(np.array(list(image_means(group).values())), args.bootstrap, rng)
+        lo, hi = mean_ci(np.array(list(image_means(group).values())), args.bootstrap, np.random.default_rng(0))
         lines.append(f"| {model} | {init} | {semi} | {fraction:g} | {len(group)} | {dice.mean():.4f} ± {dice.std():.4f} | "
                      f"[{lo:.4f}, {hi:.4f}] | {np.mean([r['hd95'] for r in group]):.1f} | "
                      f"{np.mean([r['assd'] for r in group]):.1f} |"
@@ -380,7 +440,7 @@ def score_tables(args, records: list[dict], scored: str = "eval_test") -> tuple[
             ours, base = image_means(group), image_means(scratch)
             keys = sorted(set(ours) & set(base))
             delta = np.array([ours[k] - base[k] for k in keys])
-            dlo, dhi = mean_ci(delta, args.bootstrap, rng)
+            dlo, dhi = mean_ci(delta, args.bootstrap, np.random.default_rng(0))
             verdict = "helps" if dlo > 0 else "hurts" if dhi < 0 else "no clear difference"
             diffs.append(f"| {model} | {fraction:g} | {method_label(init, semi)} | {delta.mean():+.4f} | "
                          f"[{dlo:+.4f}, {dhi:+.4f}] | {verdict} |")

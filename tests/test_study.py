@@ -65,6 +65,37 @@ def test_relative_paths_mean_the_callers_folder(phantom_data_root, tmp_path):
     assert (tmp_path / "study" / "cells" / "unet_scratch_f1_s0" / "eval_test" / "summary.json").is_file()
     assert not (REPO / "study").exists()
 
+    def rerun(*changed: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "run_study.py"), "--images-dir", "root/processed_2d",
+                               "--out-dir", "study", *flags, *changed], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+
+    # Where it runs is no setting: the finished cell is skipped. A budget is: the cell is refused, not reused.
+    assert "skip unet_scratch_f1_s0: done" in rerun("--workers", "1").stdout
+    refused = rerun("--finetune-epochs", "2")
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "error: study/cells/unet_scratch_f1_s0: finished with other settings (finetune_seg.py: --epochs was 1, this run "
+        "asks 2); use another --out-dir, or delete it to run it again")
+
+
+def test_each_ci_of_the_study_table_is_its_own(tmp_path):
+    """Two cells with the same per-image scores get the same CI, whatever rows come before them."""
+    import run_study
+
+    args = run_study.parse_args(["--images-dir", "x", "--out-dir", str(tmp_path), "--bootstrap", "200"])
+    scores = np.random.default_rng(0).uniform(0.7, 0.9, 12)
+    records = []
+    for semi in ("none", "pseudo"):
+        record = {"task": "binary", "model": "unet", "init": "scratch", "semi": semi, "label_fraction": 0.5,
+                  "seed": 0, "dice": float(scores.mean()), "hd95": 10.0, "assd": 2.0}
+        folder = run_study.cell_dir(args, record) / "eval_test"
+        folder.mkdir(parents=True)
+        (folder / "per_image.csv").write_text("pair_id,dice\n" + "".join(f"p{i},{v}\n" for i, v in enumerate(scores)))
+        records.append(record)
+    lines, _ = run_study.score_tables(args, records)
+    cis = [line.split("|")[7] for line in lines[2:]]
+    assert len(cis) == 2 and cis[0] == cis[1]
+
 
 def test_dry_run_prints_the_stage_commands_and_runs_nothing(tmp_path):
     out = tmp_path / "study"
