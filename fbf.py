@@ -103,8 +103,8 @@ def check_parameters(sigma_space, sigma_color, method, sample_space, sample_colo
     sample_color = sigma_color if sample_color is None else sample_color
     for name, value in (("sigma_space", sigma_space), ("sigma_color", sigma_color),
                         ("sample_space", sample_space), ("sample_color", sample_color)):
-        if not value > 0:
-            raise ToothSegError(f"{name} must be > 0, got {value}")
+        if not 0 < value < math.inf:
+            raise ToothSegError(f"{name} must be a finite number > 0, got {value}")
     return sample_space, sample_color
 
 
@@ -384,6 +384,18 @@ def resolve_backend(backend: str, device: str | None) -> str:
     return "torch" if torch.cuda.is_available() else "numpy"
 
 
+def check_device(device: str) -> None:
+    """Fail once, before any file, when --device names no device torch can use here."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError as exc:
+        raise ToothSegError(f"--device {device!r}: not a torch device ({exc}); e.g. cpu or cuda:0") from None
+    if where.type == "cuda" and (not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count()):
+        raise ToothSegError(f"--device {device}: no such CUDA device here; leave --device out, or use --device cpu")
+
+
 def gpu_may_be_present() -> bool:
     """False only when no GPU can be visible: CUDA_VISIBLE_DEVICES hides them all, or there is no GPU
     device node (NVIDIA's, WSL's /dev/dxg, ROCm's /dev/kfd) and the NVIDIA driver lists no GPU."""
@@ -438,11 +450,18 @@ def main(argv: list[str] | None = None) -> None:
                               resolve_backend(args.backend, args.device), args.device)
     check_parameters(settings.sigma_space, settings.sigma_color, settings.method, settings.sample_space,
                      settings.sample_color, settings.backend)  # fail once here rather than once per file
+    if settings.backend == "torch" and args.device is not None:
+        check_device(args.device)
 
     index = find_index(input_dir)
+    mirrored = output_dir / INDEX_NAME
+    if index is not None and mirrored.exists() and not args.overwrite and mirrored.read_bytes() != index.read_bytes():
+        # The data was prepared again since: kept outputs may be of other images, and its splits have changed.
+        raise ToothSegError(f"{mirrored}: differs from {index}, so {output_dir} mirrors an earlier preparation; "
+                            f"rebuild it with --overwrite")
     if index is None:
         print(f"note: no {INDEX_NAME} in {input_dir} or its parent; only images and masks are written")
-    elif args.overwrite or not (output_dir / INDEX_NAME).exists():
+    elif args.overwrite or not mirrored.exists():
         output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(output_dir / INDEX_NAME) as tmp:
             shutil.copyfile(index, tmp)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 import fbf
 from fbf import bilateral_filter
+from index import INDEX_NAME
 from phantom import generate_panoramic
 from utils import ToothSegError
 
@@ -132,8 +134,9 @@ def test_constant_image_stays_constant():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(img=np.zeros((4, 4, 3), np.uint8)), "2D grey image"),
-    (dict(sigma_space=0), "sigma_space must be > 0"),
-    (dict(sample_color=-1), "sample_color must be > 0"),
+    (dict(sigma_space=0), "sigma_space must be a finite number > 0"),
+    (dict(sample_color=-1), "sample_color must be a finite number > 0"),
+    (dict(sigma_color=float("inf")), "sigma_color must be a finite number > 0, got inf"),  # once a traceback
     (dict(method="fast"), "unknown method"),
     (dict(backend="jax"), "unknown backend"),
     (dict(img=np.zeros((4, 4), np.int32)), "cannot filter dtype int32"),
@@ -247,6 +250,30 @@ def test_output_inside_input_is_refused(dataset):
     with pytest.raises(ToothSegError, match="must lie outside"):
         fbf.main(["--input-dir", str(dataset), "--output-dir", str(dataset / "filtered"), "--backend", "numpy"])
     assert not (dataset / "filtered").exists()
+
+
+def test_a_mirror_of_an_earlier_preparation_is_refused(dataset, tmp_path):
+    """Prepared again (say, with a pool added or another seed), the source's index differs from the mirror's:
+    the mirror's kept outputs and splits are stale, so it is rebuilt only when asked."""
+    source = tmp_path / "root"
+    shutil.copytree(dataset.parent, source)
+    out = tmp_path / "mirror"
+    fbf.main(["--input-dir", str(source / dataset.name), "--output-dir", str(out), "--backend", "numpy", "--workers", "1"])
+    index = source / INDEX_NAME
+    index.write_text(index.read_text() + "adult/unlabeled/images/img1.png,pretrain\n")
+    with pytest.raises(ToothSegError, match=f"{out / INDEX_NAME}: differs from .*rebuild it with --overwrite"):
+        fbf.main(["--input-dir", str(source / dataset.name), "--output-dir", str(out), "--backend", "numpy"])
+    fbf.main(["--input-dir", str(source / dataset.name), "--output-dir", str(out), "--backend", "numpy", "--workers", "1",
+              "--overwrite"])
+    assert (out / INDEX_NAME).read_bytes() == index.read_bytes()
+
+
+def test_a_device_torch_cannot_use_is_refused_before_any_file(dataset, tmp_path):
+    pytest.importorskip("torch")
+    with pytest.raises(ToothSegError, match="--device cuda:99: no such CUDA device here"):
+        fbf.main(["--input-dir", str(dataset), "--output-dir", str(tmp_path / "out"), "--backend", "torch",
+                  "--device", "cuda:99"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_taken_by_a_file_is_refused(dataset, tmp_path):
