@@ -339,6 +339,10 @@ class Task(Protocol):
     #   a task with figures pooled over the validation set (ratios of sums) has summarise(means) -> figures.
 
 
+# The flags that shape the learning-rate schedule; --resume continues the run's own (train longer: --init-from).
+SCHEDULE_FLAGS = ("epochs", "steps_per_epoch", "batch_size", "scheduler")
+
+
 def data_field(spec: DataSpec, name: str):
     """A field of a checkpoint's data section as resume compares it: folders and the index resolved, so the same
     data given by another path is the same."""
@@ -380,6 +384,9 @@ class Trainer:
         compared = ("input_size", "window", "intensity_landmarks", "image_resize") + \
             (("images_dir", "masks_dir", "split", "holdout", "seed") if saved.format >= 2 else ())
         changed = [name for name in compared if data_field(saved.data, name) != data_field(self.record.data, name)]
+        # Nor the schedule: the learning rate's curve is rebuilt from these flags.
+        changed += [f"--{name.replace('_', '-')}" for name in SCHEDULE_FLAGS if saved.format >= 2
+                    and saved.run_args.get(name) != self.record.run_args.get(name)]
         if changed:
             raise ToothSegError(f"{path}: this run's {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
                                 f"from the checkpoint's; resume with the "

@@ -172,6 +172,8 @@ def test_resume_refuses_another_model_or_other_data_in_one_line(labelled, tmp_pa
         finetune_seg.main([*data_flags(other), *flags, *resume])
     with pytest.raises(ToothSegError, match="this run's seed differs from"):
         finetune_seg.main([*data_flags(labelled), *flags, *resume, "--seed", "1"])
+    with pytest.raises(ToothSegError, match="this run's --epochs differs from"):  # the cosine schedule would bend
+        finetune_seg.main([*data_flags(labelled), *flags[:-1], "3", *resume])
     (tmp_path / "same").symlink_to(labelled)  # the same data by another path is the same
     finetune_seg.main([*data_flags(tmp_path / "same"), *flags, *resume])
     assert open_checkpoint(run / "last.pth").epoch == 2
@@ -228,16 +230,20 @@ def test_a_deeply_supervised_checkpoint_predicts_and_initialises_either_kind(lab
         assert any(k.startswith("aux_heads.") for k in weights) is kept
 
 
-@pytest.mark.parametrize("trained_amp", ["off", "bf16"])
-def test_eval_runs_at_the_precision_the_model_was_trained_in(finetuned, tmp_path, monkeypatch, trained_amp):
+@pytest.mark.parametrize("trained, expected", [("float32", None), ("bfloat16", torch.bfloat16)])
+def test_eval_runs_in_the_dtype_the_model_was_trained_in(finetuned, tmp_path, monkeypatch, trained, expected):
+    """On a CPU where --amp auto would pick bf16, a model trained in fp32 is still scored in fp32."""
+    import predict
+
     ckpt = torch.load(finetuned / "best.pth", weights_only=True)
-    ckpt["precision"]["amp"] = trained_amp
+    ckpt["precision"] = {"amp": "auto", "dtype": trained}
     torch.save(ckpt, tmp_path / "model.pth")
-    requested = []
-    monkeypatch.setattr(engine, "resolve_amp", lambda amp, device: requested.append(amp) or None)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    used, original = [], predict.autocast
+    monkeypatch.setattr(predict, "autocast", lambda device, dtype: used.append(dtype) or original(device, dtype))
     eval_script.main(["--checkpoint", str(tmp_path / "model.pth"), "--out-dir", str(tmp_path / "eval"), "--cpu",
                       "--workers", "0"])
-    assert requested == [trained_amp]
+    assert used and set(used) == {expected}
 
 
 # ----------------------------------------------------------------------------------------------
