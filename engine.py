@@ -122,6 +122,12 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 computed in hardware on `device`, not emulated (a V100 or T4 GPU "supports" it slowly, as does a CPU
+    without AVX512-BF16 or AMX)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else cpu_has_native_bf16()
+
+
 def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
@@ -130,16 +136,21 @@ def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
     """
     if requested == "off":
         return None
-    if device.type == "cuda":
-        # Not emulated bf16 (a V100 or T4 "supports" it slowly): those GPUs take fp16 with a GradScaler.
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if requested == "bf16" or (requested == "auto" and native) else torch.float16
+    if device.type == "cuda":  # GPUs that only emulate bf16 take fp16 with a GradScaler
+        return torch.bfloat16 if requested == "bf16" or (requested == "auto" and has_native_bf16(device)) \
+            else torch.float16
     if requested == "fp16":
         print("note: --amp fp16 is CUDA-only; on CPU use --amp bf16 or off. Training in fp32")
         return None
-    if requested == "bf16" or cpu_has_native_bf16():
+    if requested == "bf16" or has_native_bf16(device):
         return torch.bfloat16
     return None
+
+
+def run_precision(requested: str, amp_dtype: torch.dtype | None) -> Precision:
+    """What a checkpoint records of a run with --amp `requested` that resolved to `amp_dtype`: the setting, and the
+    dtype it ran in (which checkpoint_amp runs it in later)."""
+    return Precision(requested, str(amp_dtype or torch.float32).removeprefix("torch."))
 
 
 def checkpoint_amp(record: Checkpoint, device: torch.device) -> torch.dtype | None:
@@ -151,9 +162,7 @@ def checkpoint_amp(record: Checkpoint, device: torch.device) -> torch.dtype | No
     if trained == "float32":
         return None
     if trained == "bfloat16":
-        native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" \
-            else cpu_has_native_bf16()
-        return torch.bfloat16 if native else None
+        return torch.bfloat16 if has_native_bf16(device) else None
     if trained == "float16":
         return torch.float16 if device.type == "cuda" else None
     return resolve_amp(record.precision.amp, device)
@@ -581,7 +590,7 @@ def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kin
     amp_dtype = resolve_amp(args.amp, device)
     bare = unwrap(model)
     record = Checkpoint(kind=kind, model=ModelSpec(bare.name, plain(bare.config)), data=data,
-                        precision=Precision(args.amp, str(amp_dtype or torch.float32).removeprefix("torch.")),
+                        precision=run_precision(args.amp, amp_dtype),
                         task=task_settings, run_args=plain(args))
     trainer = Trainer(task=task, model=model, optimizer=optimizer, scheduler=scheduler, device=device, dist=dist,
                       amp_dtype=amp_dtype, record=record, checkpoint_dir=args.checkpoint_dir,

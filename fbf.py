@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: no {INDEX_NAME} in {input_dir} or its parent; only images and masks are written")
     elif args.overwrite or not mirrored.exists():
         output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(output_dir / INDEX_NAME) as tmp:
+        with atomic_path(mirrored) as tmp:
             shutil.copyfile(index, tmp)
 
     todo = [job for job in jobs if args.overwrite or not job.target.exists()]

@@ -182,8 +182,9 @@ def refuse_stale(steps: list[tuple[Path, Path, list[list[str]]]], args) -> None:
     stale = []
     for folder, marker, commands in steps:
         recorded = json.loads(marker.read_text()).get("settings") if marker.exists() else None
-        if recorded is not None and recorded != settings(commands, args):
-            stale.append(f"{folder}: finished with other settings ({first_difference(recorded, settings(commands, args))})")
+        now = settings(commands, args)
+        if recorded is not None and recorded != now:
+            stale.append(f"{folder}: finished with other settings ({first_difference(recorded, now)})")
     if stale:
         more = f" ({len(stale) - 1} more)" if len(stale) > 1 else ""
         raise ToothSegError(f"{stale[0]}{more}; use another --out-dir, or delete it to run it again")

@@ -32,9 +32,9 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.throughput import run_header  # noqa: E402
-from checkpoints import Checkpoint, DataSpec, ModelSpec, Precision, TrainingState, plain  # noqa: E402
+from checkpoints import Checkpoint, DataSpec, ModelSpec, TrainingState, plain  # noqa: E402
 from data import NORM_MEAN, NORM_STD  # noqa: E402
-from engine import memory_format, setup_runtime  # noqa: E402
+from engine import memory_format, resolve_amp, run_precision, setup_runtime  # noqa: E402
 from models import build_model  # noqa: E402
 from phantom import generate_panoramic  # noqa: E402
 from predict import Predictor, load_predictor  # noqa: E402
@@ -80,10 +80,12 @@ def fresh_predictor(args, device: torch.device) -> Predictor:
     """A randomly initialised model in a checkpoint record shaped as the recipe's, through the same Predictor."""
     torch.manual_seed(0)
     model = build_model(args.model_type, base_channels=args.base_channels)
-    data_spec = dict(input_size=tuple(args.input_size), norm_mean=NORM_MEAN, norm_std=NORM_STD,
-                     window=tuple(args.window), window_overlap=args.window_overlap, image_resize="area")
-    record = Checkpoint(kind="segmentation", model=ModelSpec(model.name, plain(model.config)), data=DataSpec(**data_spec),
-                        precision=Precision("auto"), state=TrainingState(model.state_dict()))
+    data = DataSpec(input_size=tuple(args.input_size), norm_mean=NORM_MEAN, norm_std=NORM_STD,
+                    window=tuple(args.window), window_overlap=args.window_overlap, image_resize="area")
+    # Recorded as a run trained here with --amp auto, so it predicts in the dtype such a run would.
+    record = Checkpoint(kind="segmentation", model=ModelSpec(model.name, plain(model.config)), data=data,
+                        precision=run_precision("auto", resolve_amp("auto", device)),
+                        state=TrainingState(model.state_dict()))
     return Predictor(model.to(device, memory_format=memory_format(device)).eval(), record, device)
 
 
