@@ -560,8 +560,9 @@ def _decode(file: SourceFile, grayscale: bool = True) -> np.ndarray:
     data = _read(file)
     try:
         return decode_image(data, file.name, grayscale=grayscale)
-    except ToothSegError:
-        raise BadInput(file.name, "cannot decode image (corrupt or not an image)") from None
+    except ToothSegError as exc:  # keep decode_image's reason (a DICOM one names its own fix); fail_or_keep adds the rest
+        reason = str(exc).removeprefix(f"{file.name}: ").removesuffix("; replace or remove it")
+        raise BadInput(file.name, reason) from None
 
 
 @dataclass(frozen=True)

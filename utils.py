@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import os
 import random
 import sys
@@ -18,7 +19,8 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
@@ -120,7 +122,10 @@ def is_image_file(path: Path) -> bool:
 
 
 def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray:
-    """Decode encoded image bytes, keeping 8/16-bit depth. 3/4-channel images become grayscale."""
+    """Decode encoded image bytes, keeping 8/16-bit depth. 3/4-channel images become grayscale. DICOM
+    (by its "DICM" marker or a .dcm/.dicom name) becomes 8-bit grey as a viewer shows it (`decode_dicom`)."""
+    if data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_EXTENSIONS:
+        return decode_dicom(data, name)
     buf = np.frombuffer(data, dtype=np.uint8)
     # OpenCV warns on stderr about a truncated file before failing; the failure is told below, in one line.
     level = cv2.utils.logging.getLogLevel()
@@ -134,6 +139,47 @@ def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True
     if grayscale and img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
     return img
+
+
+def decode_dicom(data: bytes, name: str | os.PathLike) -> np.ndarray:
+    """A single-frame DICOM image as 8-bit grey, as a viewer shows it: stored values through the modality
+    rescale, then the file's first Window Center/Width (the whole range of values when it has none) onto
+    0-255, MONOCHROME1 inverted so that bone is bright. Colour becomes grey."""
+    import pydicom  # only DICOM input needs it
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:  # pydicom raises several types for a file that is not DICOM
+        raise ToothSegError(f"{name}: cannot read as DICOM ({_one_line(exc)}); replace or remove it") from None
+    if "PixelData" not in ds:
+        raise ToothSegError(f"{name}: a DICOM file without an image (no Pixel Data); remove it from the folder")
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        raise ToothSegError(f"{name}: a DICOM file of {ds.NumberOfFrames} frames; export the panoramic as one frame")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # a compression pydicom has no decoder for (JPEG-LS, JPEG 2000) or broken data
+        syntax = getattr(getattr(ds.file_meta, "TransferSyntaxUID", None), "name", "unknown transfer syntax")
+        raise ToothSegError(f"{name}: cannot decode its DICOM pixel data ({syntax}: {_one_line(exc)}); for a "
+                            "compressed file install the decoders: pip install pylibjpeg pylibjpeg-libjpeg "
+                            "pylibjpeg-openjpeg") from None
+    if pixels.ndim == 3:
+        return cv2.cvtColor(pixels.astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+                         for v in (ds.WindowCenter, ds.WindowWidth))
+        low, high = center - width / 2, center + width / 2
+    else:
+        low, high = float(values.min()), float(values.max())
+    shown = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":  # low values are bright
+        shown = 1.0 - shown
+    return np.rint(shown * 255.0).astype(np.uint8)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 def read_image(path: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray:

@@ -95,3 +95,33 @@ def cli_error(capsys):
         return stderr.strip()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def write_dicom():
+    """`write_dicom(path, pixels, **elements)` writes an uncompressed single-frame DICOM (MONOCHROME2 unless
+    an element says otherwise) of a uint8/uint16 array, as an X-ray unit exports one."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def write(path: Path, pixels: np.ndarray, **elements) -> Path:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image, for presentation
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+        ds.BitsAllocated = pixels.dtype.itemsize * 8
+        ds.BitsStored, ds.HighBit = ds.BitsAllocated, ds.BitsAllocated - 1
+        for keyword, value in elements.items():
+            setattr(ds, keyword, value)
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    return write

@@ -76,14 +76,22 @@ def test_eval_scores_each_image_at_its_own_resolution(finetuned, labelled, tmp_p
     assert len(overlays) == 4 and all(read_image(p, grayscale=False).shape == (*SIZE, 3) for p in overlays)
 
 
-def test_predict_mode_writes_masks_for_unlabelled_images(finetuned, labelled, tmp_path):
+def test_predict_mode_writes_masks_for_unlabelled_images(finetuned, labelled, tmp_path, write_dicom):
     new_images = tmp_path / "new"
     for i, size in enumerate([(80, 150), (120, 240)]):
         write_png(new_images / f"xray{i}.png", generate_panoramic(500 + i, *size)[0])
+    write_dicom(new_images / "xray2.dcm", generate_panoramic(502, 90, 180)[0].astype(np.uint16) * 16, BitsStored=12,
+                HighBit=11)  # as a 12-bit X-ray unit exports it
     eval_script.main(["--checkpoint", str(finetuned / "best.pth"), "--images-dir", str(new_images),
                       "--save-preds", str(tmp_path / "masks"), "--tta", "--cpu", "--workers", "0"])
     written = {p.name: read_image(p).shape for p in (tmp_path / "masks").glob("*.png")}
-    assert written == {"xray0.png": (80, 150), "xray1.png": (120, 240)}
+    assert written == {"xray0.png": (80, 150), "xray1.png": (120, 240), "xray2.png": (90, 180)}
+    # The DICOM's mask is the one its 8-bit rendering gets: the same X-ray as a PNG.
+    write_png(tmp_path / "as_png" / "xray2.png", read_image(new_images / "xray2.dcm"))
+    eval_script.main(["--checkpoint", str(finetuned / "best.pth"), "--images-dir", str(tmp_path / "as_png"),
+                      "--save-preds", str(tmp_path / "png_masks"), "--tta", "--cpu", "--workers", "0"])
+    dicom_mask = read_image(tmp_path / "masks" / "xray2.png")
+    assert dicom_mask.any() and np.array_equal(dicom_mask, read_image(tmp_path / "png_masks" / "xray2.png"))
 
 
 def test_finetune_learns_above_chance(finetuned):

@@ -148,6 +148,26 @@ def test_folder_pair_source(tmp_path, capsys):
     assert "split (images): train 6 " in printed and "val 1 " in printed and "test 1 " in printed
 
 
+def test_dicom_images_pair_with_png_masks(tmp_path, capsys, write_dicom):
+    images, masks = folder_pair(tmp_path / "src", 3)
+    stored = np.random.default_rng(0).integers(0, 4096, (24, 48)).astype(np.uint16)  # 12-bit values
+    for i in range(3):
+        (images / f"p{i:03d}.png").unlink()
+        write_dicom(images / f"p{i:03d}.dcm", stored + i, BitsStored=12, HighBit=11,
+                    PhotometricInterpretation="MONOCHROME1" if i == 2 else "MONOCHROME2")
+    run(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(tmp_path / "out")], capsys)
+    written = {r["pair_id"]: cv2.imread(str(tmp_path / "out" / PROCESSED_NAME / r["rel_path"]), cv2.IMREAD_UNCHANGED)
+               for r in read_index(tmp_path / "out" / INDEX_NAME) if not r["is_mask"]}
+    share = (stored - stored.min()) / (stored.max() - stored.min())  # no window: the whole range fills 0..255
+    assert np.array_equal(written["p000"], np.rint(share * 255).astype(np.uint8))
+    assert np.array_equal(written["p002"], np.rint((1 - share) * 255).astype(np.uint8))  # MONOCHROME1: inverted
+
+    (images / "p001.dcm").write_bytes(b"DICOM in name only")
+    message = error_of(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(tmp_path / "bad")])
+    assert message.startswith(f"{images / 'p001.dcm'}: cannot read as DICOM (") and "replace or remove it" not in message
+    assert message.endswith("; fix or remove it, or pass --skip-bad to leave bad files out")
+
+
 def test_pairs_by_name_not_by_order(tmp_path, capsys):
     """Sorted, the masks [a, b2, b_mask] don't line up with the images [a, b, b2]: pairing by
     stem (with the `_mask` suffix) must still give each image its own mask."""

@@ -49,3 +49,37 @@ def test_help_shows_every_default_also_of_options_without_help_text():
     assert "--with-text N some number (default: 3)" in shown
     assert "--bare P default: 0.4" in shown  # argparse alone prints no line for it
     assert "default: False" not in shown and "default: None" not in shown
+
+
+def test_dicom_is_read_as_a_viewer_shows_it(tmp_path, write_dicom):
+    stored = np.array([[0, 1000, 2000], [3000, 4000, 4095]], np.uint16)  # a 12-bit detector in 16-bit words
+    # No window: the whole range of values fills 0..255 (divided by 257 as 16-bit, this X-ray would be black).
+    plain = read_image(write_dicom(tmp_path / "plain.dcm", stored, BitsStored=12, HighBit=11))
+    assert plain.dtype == np.uint8 and np.array_equal(plain, np.rint(stored / 4095 * 255).astype(np.uint8))
+    # The file's window, in rescaled units (stored * 2 - 1000): 0..4000 → 0..255, clipped outside.
+    windowed = read_image(write_dicom(tmp_path / "windowed.dcm", stored, RescaleSlope=2, RescaleIntercept=-1000,
+                                      WindowCenter=2000, WindowWidth=4000))
+    expected = np.clip((stored.astype(float) * 2 - 1000) / 4000, 0, 1) * 255
+    assert np.array_equal(windowed, np.rint(expected).astype(np.uint8))
+    # MONOCHROME1 stores bone dark; it is inverted so that teeth are bright as in every other format.
+    inverted = read_image(write_dicom(tmp_path / "m1.dcm", stored, PhotometricInterpretation="MONOCHROME1"))
+    assert np.array_equal(inverted, np.rint((1 - stored / 4095) * 255).astype(np.uint8))
+    # Found by its "DICM" marker whatever its name.
+    assert np.array_equal(read_image(write_dicom(tmp_path / "IM0001", stored)), plain)
+
+
+def test_unusable_dicom_files_are_one_line_naming_the_fix(tmp_path, write_dicom):
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "text.dcm").write_bytes(b"not a DICOM file")
+    with pytest.raises(ToothSegError, match=r"text.dcm: cannot read as DICOM \(.*\); replace or remove it$"):
+        read_image(tmp_path / "text.dcm")
+    frames = write_dicom(tmp_path / "cine.dcm", np.zeros((2, 3), np.uint8), NumberOfFrames=2)
+    with pytest.raises(ToothSegError, match="cine.dcm: a DICOM file of 2 frames; export the panoramic as one frame"):
+        read_image(frames)
+    with pytest.raises(ToothSegError, match="rtplan.dcm: a DICOM file without an image"):
+        read_image(get_testdata_file("rtplan.dcm"))
+    # 12-bit lossy JPEG: neither pydicom nor Pillow decodes it, so the line says which packages do.
+    with pytest.raises(ToothSegError, match=r"JPEG-lossy.dcm: cannot decode its DICOM pixel data \(JPEG Extended.*\); "
+                                            r"for a compressed file install the decoders: pip install pylibjpeg"):
+        read_image(get_testdata_file("JPEG-lossy.dcm"))
