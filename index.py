@@ -83,14 +83,15 @@ class Sample:
 
 
 def find_index(images_dir: str | os.PathLike, index: str | os.PathLike | None = None) -> Path | None:
-    """The index given explicitly, else sts2d_index.csv inside `images_dir` or its parent, else None."""
+    """The index given explicitly, else sts2d_index.csv inside `images_dir` or its parent (the parent of the
+    folder a link points to too: a link to a data root's processed_2d has the data root's index), else None."""
     if index is not None:
         index = Path(index)
         if not index.is_file():
             raise ToothSegError(f"{index}: index file not found; check --index or run prepare_sts2d.py")
         return index
     images_dir = Path(images_dir)
-    for candidate in (images_dir / INDEX_NAME, images_dir.parent / INDEX_NAME):
+    for candidate in (images_dir / INDEX_NAME, images_dir.parent / INDEX_NAME, images_dir.resolve().parent / INDEX_NAME):
         if candidate.is_file():
             return candidate
     return None

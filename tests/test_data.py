@@ -133,3 +133,11 @@ def test_a_missing_masks_folder_is_named(tmp_path):
     root = bare_tree(tmp_path, ["a"], ("images",))
     with pytest.raises(ToothSegError, match=f"{tmp_path / 'nope'}: masks folder not found; check --masks-dir"):
         samples_from_folders(root / "images", tmp_path / "nope")
+
+
+def test_a_link_to_processed_2d_uses_the_index_beside_its_target(phantom_data_root, tmp_path):
+    (tmp_path / "my_data").symlink_to(phantom_data_root / "processed_2d")  # no index beside the link
+    splits, linked = (segmentation_splits(folder) for folder in (phantom_data_root / "processed_2d", tmp_path / "my_data"))
+    for name in ("train", "val", "test"):  # the index's splits, not a file-name split of a bare tree
+        assert [s.pair_id for s in linked[name]] == [s.pair_id for s in splits[name]] != []
+        assert all(s.image.is_relative_to(tmp_path / "my_data") for s in linked[name])
