@@ -10,7 +10,8 @@ What is scored:
   --images-dir with an index        that index's --split (default test)
   --images-dir + --masks-dir        every pair in the folder (a new clinic's test set), unless --split
                                     names a part of its file-name split (the training run's ratios and seed)
-  --images-dir without masks        predict mode: masks written to --save-preds (default OUT_DIR/preds)
+  --images-dir without masks        predict mode: masks written to --save-preds (default OUT_DIR/preds),
+                                    and OUT_DIR/summary.json with the model and settings that made them
   --split unlabelled                the unlabelled pool of the training data (or of --images-dir's index):
                                     the index's unlabelled images plus the training pairs the model's
                                     --label-fraction left out; predict mode
@@ -343,6 +344,22 @@ def choose_min_component(predictors: list, args, device, scored_images: list) ->
     return choice
 
 
+def how_predicted(args, predictors: list, union_predictors: list, min_component: dict | None) -> dict:
+    """The models, data and settings behind a run's masks, for its summary.json (scored or predicted)."""
+    ckpt, per_tooth = predictors[0].checkpoint, bool(predictors[0].classes)
+    return {
+        "threshold": args.threshold, "tta": args.tta, "tta_rotate": args.tta_rotate, "min_component": min_component,
+        "one_region_per_tooth": args.one_region_per_tooth if per_tooth else None,
+        "arch_order": args.arch_order if per_tooth else None,
+        "join_strays": args.join_strays if per_tooth else None,
+        "union_from": [str(p.path) for p in union_predictors] or None,
+        "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch, "ensemble": [str(p.path) for p in predictors],
+        "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
+        "window": list(ckpt.data.window) if ckpt.data.window else None, "window_overlap": ckpt.data.window_overlap,
+        "images_dir": str(args.images_dir or ckpt.data.images_dir), "masks_dir": str(args.masks_dir) if args.masks_dir else None,
+    }
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -435,9 +452,15 @@ def main(argv=None):
         print(f"skipped {len(skipped)} bad files, unreadable or a mask that does not fit its image (listed in "
               f"{out_dir / 'skipped.csv'}); first: {skipped[0]['reason']}")
     if predict:
+        summary = {"n_images": len(samples) - len(skipped), "n_found": found, "n_skipped": len(skipped), "split": split,
+                   "preds_dir": str(save_preds) if save_preds is not None else None,
+                   "probs_dir": str(args.save_probs) if args.save_probs is not None else None,
+                   **how_predicted(args, predictors, union_predictors, min_component), "seconds": round(time.time() - started, 1)}
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         if save_preds is not None:
             print(f"wrote {len(samples) - len(skipped)} of {len(samples)} {'label maps and tooth charts' if classes else 'masks'} "
                   f"to {save_preds}")
+        print(f"wrote {out_dir / 'summary.json'} (the model and settings that made them)")
         return
     if not rows:
         raise ToothSegError(f"{where}: no image could be scored; see {out_dir / 'skipped.csv'}")
@@ -450,16 +473,7 @@ def main(argv=None):
         "by_age_group": {g: summarize([r for r in rows if r["age_group"] == g], METRIC_NAMES)
                          for g in sorted({r["age_group"] for r in rows})},
         "n_images": len(rows), "n_found": found, "n_skipped": len(skipped), "split": split,
-        "threshold": args.threshold, "tta": args.tta, "tta_rotate": args.tta_rotate, "min_component": min_component,
-        "one_region_per_tooth": args.one_region_per_tooth if classes else None,
-        "arch_order": args.arch_order if classes else None,
-        "join_strays": args.join_strays if classes else None,
-        "union_from": [str(p.path) for p in union_predictors] or None,
-        "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch, "ensemble": [str(p.path) for p in predictors],
-        "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
-        "window": list(ckpt.data.window) if ckpt.data.window else None, "window_overlap": ckpt.data.window_overlap,
-        "images_dir": str(args.images_dir or ckpt.data.images_dir), "masks_dir": str(args.masks_dir) if args.masks_dir else None,
-        "seconds": round(time.time() - started, 1),
+        **how_predicted(args, predictors, union_predictors, min_component), "seconds": round(time.time() - started, 1),
         "hd_empty_penalty": "image diagonal in pixels when exactly one of prediction and truth is empty",
         "assd": ASSD_DEFINITION,
     }

@@ -86,6 +86,9 @@ def test_predict_mode_writes_masks_for_unlabelled_images(finetuned, labelled, tm
                       "--save-preds", str(tmp_path / "masks"), "--tta", "--cpu", "--workers", "0"])
     written = {p.name: read_image(p).shape for p in (tmp_path / "masks").glob("*.png")}
     assert written == {"xray0.png": (80, 150), "xray1.png": (120, 240), "xray2.png": (90, 180)}
+    record = json.loads((finetuned / "eval_predict" / "summary.json").read_text())  # what made the masks
+    assert record["n_images"] == 3 and record["split"] == "predict" and record["tta"] is True
+    assert record["preds_dir"] == str(tmp_path / "masks") and record["ensemble"] == [str(finetuned / "best.pth")]
     # The DICOM's mask is the one its 8-bit rendering gets: the same X-ray as a PNG.
     write_png(tmp_path / "as_png" / "xray2.png", read_image(new_images / "xray2.dcm"))
     eval_script.main(["--checkpoint", str(finetuned / "best.pth"), "--images-dir", str(tmp_path / "as_png"),
