@@ -251,9 +251,20 @@ def default_mask_threshold(path: str | os.PathLike) -> int:
 
 def read_mask(path: str | os.PathLike, threshold: int | None = None) -> np.ndarray:
     """A binary mask as uint8 0/1: pixels > `threshold` (None: default_mask_threshold(path)) are foreground."""
+    return binarise_mask(read_image(path), path, threshold)
+
+
+def binarise_mask(mask: np.ndarray, path: str | os.PathLike, threshold: int | None = None) -> np.ndarray:
+    """`mask` > `threshold` as uint8 0/1 (None: default_mask_threshold(path)). A JPEG mask that marks tooth
+    with small values (1, 2, ...) would come out empty by the default > 127 rule: it is refused instead."""
     if threshold is None:
         threshold = default_mask_threshold(path)
-    return (read_image(path) > threshold).astype(np.uint8)
+        if threshold and mask.any() and mask.max() <= threshold:
+            raise ToothSegError(f"{path}: a JPEG mask whose marked pixels are all at most {mask.max()}, so the rule for "
+                                f"JPEG masks (tooth > {threshold}) leaves it empty; if it marks tooth with small values, "
+                                f"prepare it with prepare_sts2d.py --mask-threshold 0 (--mask-threshold {threshold} "
+                                f"keeps it empty)")
+    return (mask > threshold).astype(np.uint8)
 
 
 def source_mask_threshold(samples: list[Sample], index_path: Path | None) -> int | None:

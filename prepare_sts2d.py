@@ -77,8 +77,8 @@ from tqdm import tqdm
 
 import phantom
 import teeth
-from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, default_mask_threshold,
-                   list_images, read_index, write_index)
+from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, binarise_mask,
+                   default_mask_threshold, list_images, read_index, write_index)
 from utils import (ToothSegError, atomic_write_bytes, atomic_write_text, check_output_dir, decode_image, is_image_file,
                    make_parser, run_cli, to_uint8)
 
@@ -560,9 +560,14 @@ def _decode(file: SourceFile, grayscale: bool = True) -> np.ndarray:
     data = _read(file)
     try:
         return decode_image(data, file.name, grayscale=grayscale)
-    except ToothSegError as exc:  # keep decode_image's reason (a DICOM one names its own fix); fail_or_keep adds the rest
-        reason = str(exc).removeprefix(f"{file.name}: ").removesuffix("; replace or remove it")
-        raise BadInput(file.name, reason) from None
+    except ToothSegError as exc:
+        raise bad_input(file, exc) from None
+
+
+def bad_input(file: SourceFile, exc: ToothSegError) -> BadInput:
+    """A file's error as BadInput, keeping its reason (a DICOM or mask one names its own fix); fail_or_keep
+    adds the file's name and the general fix back."""
+    return BadInput(file.name, str(exc).removeprefix(f"{file.name}: ").removesuffix("; replace or remove it"))
 
 
 @dataclass(frozen=True)
@@ -619,7 +624,10 @@ def convert_pair(entry: Entry, out_dir: Path, mask_threshold: int | None) -> tup
             raise BadInput(entry.mask.name, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image's "
                                             f"{width}x{height} ({entry.image.name})")
         threshold = default_mask_threshold(entry.mask.name) if mask_threshold is None else mask_threshold
-        arrays["masks"] = np.where(mask > threshold, 255, 0).astype(np.uint8)
+        try:
+            arrays["masks"] = binarise_mask(mask, entry.mask.name, mask_threshold) * 255
+        except ToothSegError as exc:
+            raise bad_input(entry.mask, exc) from None
     elif entry.teeth is not None:  # no mask files (Source.masks_from_teeth): the mask is the teeth' union
         if label_map is None:
             raise BadInput(entry.teeth.name, "no polygons, so no tooth is labelled and there is no mask to derive; "

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
@@ -122,22 +123,31 @@ def is_image_file(path: Path) -> bool:
 
 
 def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray:
-    """Decode encoded image bytes, keeping 8/16-bit depth. 3/4-channel images become grayscale. DICOM
-    (by its "DICM" marker or a .dcm/.dicom name) becomes 8-bit grey as a viewer shows it (`decode_dicom`)."""
+    """Decode encoded image bytes as a viewer shows them: upright by the EXIF orientation (a phone or
+    scanner JPEG stored on its side), keeping 8/16-bit depth. With `grayscale`, colour becomes grey and a
+    transparent PNG is shown on black (a mask painted on a transparent layer is its paint). DICOM (by its
+    "DICM" marker or a .dcm/.dicom name) becomes 8-bit grey (`decode_dicom`)."""
     if data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_EXTENSIONS:
         return decode_dicom(data, name)
     buf = np.frombuffer(data, dtype=np.uint8)
+    # IMREAD_UNCHANGED would ignore the EXIF orientation; these flags apply it and keep depth, not alpha.
+    alpha = data[:8] == PNG_SIGNATURE and data[25:26] in (b"\x04", b"\x06")  # IHDR colour type: grey or RGB + alpha
+    flags = cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
     # OpenCV warns on stderr about a truncated file before failing; the failure is told below, in one line.
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+        img = cv2.imdecode(buf, flags) if buf.size else None
     finally:
         cv2.utils.logging.setLogLevel(level)
     if img is None:
         raise ToothSegError(f"{name}: cannot decode image (corrupt or not an image); replace or remove it")
     if grayscale and img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+        grey = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+        if img.shape[2] == 4:
+            opacity = img[..., 3].astype(np.float64) / np.iinfo(img.dtype).max
+            grey = np.rint(grey * opacity).astype(img.dtype)
+        img = grey
     return img
 
 
@@ -193,12 +203,14 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Scale a 16-bit or float image to uint8; uint8 passes through unchanged."""
+    """An 8-bit image passes through unchanged; a deeper one (16-bit, float) is stretched from its own lowest
+    to its highest value onto 0-255. A fixed scale would lose it: a 12-bit X-ray (0-4095) in a 16-bit file
+    divided by 257 keeps 17 grey levels, and a float TIFF in 0-1 clipped to 0-255 is black."""
     if img.dtype == np.uint8:
         return img
-    if img.dtype == np.uint16:
-        return (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    low, high = float(img.min()), float(img.max())
+    share = (img.astype(np.float64) - low) / (high - low) if high > low else np.zeros(img.shape)
+    return np.rint(share * 255.0).astype(np.uint8)
 
 
 @contextmanager

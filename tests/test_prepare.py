@@ -142,7 +142,8 @@ def test_folder_pair_source(tmp_path, capsys):
             assert np.array_equal(arr, expected_mask(int(r["pair_id"][1:])))
     source16 = cv2.imdecode(np.frombuffer(image_bytes(0, dtype=np.uint16), np.uint8), cv2.IMREAD_UNCHANGED)
     written16 = cv2.imread(str(out / PROCESSED_NAME / "adult/labeled/images/p000.png"), cv2.IMREAD_UNCHANGED)
-    assert np.abs(written16.astype(int) - source16 / 257).max() <= 1
+    stretched = (source16 - source16.min()) / (source16.max() - source16.min()) * 255  # its own range onto 0..255
+    assert np.abs(written16.astype(int) - stretched).max() <= 0.5
     for line in ("age_group: adult 16 / children 0", "label_status: labeled 16 / unlabeled 0", "is_mask: False 8 / True 8"):
         assert line in printed
     assert "split (images): train 6 " in printed and "val 1 " in printed and "test 1 " in printed
@@ -401,6 +402,23 @@ def test_jpeg_masks_are_binarised_at_the_middle_and_the_threshold_is_recorded(tm
     rows = {r["pair_id"]: r for r in read_index(out / INDEX_NAME) if r["is_mask"]}
     assert read_mask(out / PROCESSED_NAME / rows["p0"]["rel_path"]).sum() == noisy_area
     assert {r["mask_threshold"] for r in rows.values()} == {0}
+
+
+def test_a_jpeg_mask_marking_tooth_with_small_values_is_refused_not_emptied(tmp_path, capsys):
+    mask = np.zeros((24, 48), np.uint8)
+    mask[5:15, 10:30] = 1  # tooth as 1: the JPEG rule (> 127) would leave nothing
+    write_files(tmp_path / "src", {"images/p0.png": image_bytes(0), "masks/p0.jpg": cv2.imencode(".jpg", mask)[1].tobytes(),
+                                   "images/p1.png": image_bytes(1), "masks/p1.jpg": cv2.imencode(".jpg", 0 * mask)[1].tobytes()})
+    argv = ["--images-dir", str(tmp_path / "src/images"), "--masks-dir", str(tmp_path / "src/masks")]
+    message = error_of([*argv, "--data-root", str(tmp_path / "out")])
+    assert message.startswith(f"{tmp_path / 'src/masks/p0.jpg'}: a JPEG mask whose marked pixels are all at most ")
+    assert "prepare it with prepare_sts2d.py --mask-threshold 0" in message
+    with pytest.raises(ToothSegError, match="p0.jpg: a JPEG mask whose marked pixels"):  # eval/finetune on the folder
+        read_mask(tmp_path / "src/masks/p0.jpg")
+    run([*argv, "--data-root", str(tmp_path / "out"), "--mask-threshold", "0"], capsys)
+    rows = {r["pair_id"]: r for r in read_index(tmp_path / "out" / INDEX_NAME) if r["is_mask"]}
+    assert read_mask(tmp_path / "out" / PROCESSED_NAME / rows["p0"]["rel_path"]).sum() >= 200
+    assert read_mask(tmp_path / "src/masks/p1.jpg").sum() == 0  # an all-black JPEG mask (no teeth) stays empty
 
 
 def test_an_index_without_mask_threshold_still_reads(tmp_path, capsys):

@@ -83,3 +83,34 @@ def test_unusable_dicom_files_are_one_line_naming_the_fix(tmp_path, write_dicom)
     with pytest.raises(ToothSegError, match=r"JPEG-lossy.dcm: cannot decode its DICOM pixel data \(JPEG Extended.*\); "
                                             r"for a compressed file install the decoders: pip install pylibjpeg"):
         read_image(get_testdata_file("JPEG-lossy.dcm"))
+
+
+def test_images_are_read_upright_and_deep_ones_keep_their_contrast(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from utils import to_uint8
+
+    wide = np.zeros((20, 40), np.uint8)
+    wide[:5, :10] = 255  # a bright corner: top left as the viewer shows it
+    stored = Image.fromarray(np.rot90(wide, 1))  # stored on its side (20 wide, 40 high) with "rotate 90° clockwise"
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    (tmp_path / "phone.jpg").write_bytes(buffer.getvalue())
+    upright = read_image(tmp_path / "phone.jpg")
+    assert upright.shape == (20, 40) and upright[:5, :10].mean() > 200 and upright[5:, 10:].mean() < 30
+
+    twelve_bit = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 372)  # 0..4092 in a 16-bit PNG
+    write_png(tmp_path / "deep.png", twelve_bit)
+    assert np.array_equal(to_uint8(read_image(tmp_path / "deep.png")), np.rint(np.arange(12).reshape(3, 4) / 11 * 255))
+    assert np.array_equal(to_uint8(np.array([[0.0, 0.5], [0.25, 1.0]])), [[0, 128], [64, 255]])  # a float TIFF in 0..1
+    assert not to_uint8(np.full((2, 2), 700, np.uint16)).any()  # one value: nothing to stretch
+
+    painted = np.full((6, 8, 4), 255, np.uint8)  # white paint everywhere, visible only where opaque
+    painted[..., 3] = 0
+    painted[2:4, 3:6, 3] = 255
+    write_png(tmp_path / "layer.png", painted)
+    assert np.array_equal(read_image(tmp_path / "layer.png") > 0, painted[..., 3] > 0)
