@@ -179,6 +179,18 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
     return sorted(samples, key=lambda s: s.pair_id) if split == "all" else samples, split, where, found
 
 
+def check_apart_from_inputs(samples: list, args, save_preds: Path | None) -> None:
+    """Refuse a --save-preds/--save-probs folder among the run's inputs: its PNGs, named after the images, would
+    overwrite X-rays or masks there, or be taken for X-rays by the next run on a folder read whole."""
+    holding_inputs = {p.parent.resolve() for s in samples for p in (s.image, s.mask, s.teeth) if p is not None}
+    read_whole = [Path(d).resolve() for d in (args.images_dir, args.masks_dir) if d is not None]
+    for folder, flag in ((save_preds, "--save-preds"), (args.save_probs, "--save-probs")):
+        target = Path(folder).resolve() if folder is not None else None
+        if target is not None and (target in holding_inputs or any(target.is_relative_to(d) for d in read_whole)):
+            raise ToothSegError(f"{folder}: {flag} lies among the images (or masks) this run reads, and its PNGs would "
+                                f"overwrite or join them; choose a folder outside them")
+
+
 def load_ensemble(paths: list[Path], device) -> list:
     """Predictors of one or more checkpoints; an ensemble must share the input size to average at it, and the
     intensity standardisation and image resizing, since its members see one transformed image."""
@@ -402,6 +414,7 @@ def main(argv=None):
         where += f" ({len(samples)} of the split's {labelled} have per-tooth labels)" if len(samples) < labelled else ""
     out_dir = args.out_dir or ckpt.path.parent / f"eval_{split}"
     save_preds = args.save_preds or (out_dir / "preds" if predict and args.save_probs is None else None)
+    check_apart_from_inputs(samples, args, save_preds)
     what = f"{len(samples)} images from {where}" if predict else \
         f"{len(samples)} of the {found} labelled images found in {where} (split {split})"
     windows = [p.checkpoint.data.window for p in predictors]

@@ -303,6 +303,21 @@ def test_split_seed_is_apart_from_the_seed(labelled, tmp_path):
     assert {s.pair_id for s in open_checkpoint(tmp_path / "other").data.labelled_splits()["test"]} != tests[0]
 
 
+@pytest.mark.parametrize("where, flag", [("new", "--save-preds"), ("new/masks_out", "--save-preds"),
+                                         ("labelled/masks", "--save-preds"), ("new", "--save-probs")])
+def test_predictions_are_never_written_among_the_inputs(finetuned, labelled, tmp_path, cli_error, where, flag):
+    folder = tmp_path / "new"
+    write_png(folder / "case00.png", generate_panoramic(700, 80, 160)[0])  # the name of a labelled image too
+    shutil.copytree(labelled, tmp_path / "labelled")
+    inputs = ["--images-dir", str(tmp_path / "labelled/images"), "--masks-dir", str(tmp_path / "labelled/masks")] \
+        if where.startswith("labelled") else ["--images-dir", str(folder)]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
+    line = cli_error(eval_script.main, ["--checkpoint", str(finetuned), *inputs, flag, str(tmp_path / where), "--cpu",
+                                        "--workers", "0", "--out-dir", str(tmp_path / "out")])
+    assert f"{tmp_path / where}: {flag} lies among the images (or masks) this run reads" in line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before  # nothing overwritten or added
+
+
 def test_predict_mode_names_a_corrupt_image_or_skips_it(finetuned, tmp_path):
     folder = tmp_path / "new"
     for i in range(3):
