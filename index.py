@@ -134,9 +134,22 @@ def in_label_folder(relative: Path) -> bool:
     return any(part.lower() in LABEL_FOLDERS for part in relative.parts[:-1])
 
 
+def files_below(folder: Path) -> list[Path]:
+    """Every file below `folder`, sorted, through links to folders too (Path.rglob skips them before Python
+    3.13: a linked sub-folder of X-rays went unread), but into no folder twice (a link loop)."""
+    found, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            folders.clear()
+            continue
+        seen.add(os.path.realpath(root))
+        found += [path for path in (Path(root) / name for name in names) if path.is_file()]
+    return sorted(found)
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files below `folder`, sorted, skipping anything inside a folder named 'masks' or 'teeth'."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not in_label_folder(p.relative_to(folder)))
+    return [p for p in files_below(folder) if is_image_file(p) and not in_label_folder(p.relative_to(folder))]
 
 
 def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
@@ -149,6 +162,13 @@ def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
                                 f"saved by stem; rename one, or move it out of {flag}")
         found[path.stem] = path
     return found
+
+
+def list_masks(masks_dir: Path, same_tree: bool = False) -> list[Path]:
+    """Mask files below `masks_dir`, sorted; in `same_tree` (one folder holding images/ and masks/) only those
+    in a 'masks' folder, not the images beside them nor per-tooth label maps in 'teeth'."""
+    return [p for p in files_below(masks_dir) if is_image_file(p) and not (
+        same_tree and "masks" not in (part.lower() for part in p.relative_to(masks_dir).parts[:-1]))]
 
 
 def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> list[Sample]:
@@ -165,11 +185,7 @@ def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> lis
     masks_dir = Path(masks_dir)
     if not masks_dir.is_dir():
         raise ToothSegError(f"{masks_dir}: masks folder not found; check --masks-dir")
-    # One tree holding both (images/ and masks/ below it): the masks are the files in a 'masks' folder, not
-    # the images beside them nor per-tooth label maps in 'teeth'.
-    same_tree = masks_dir.resolve() == images_dir.resolve()
-    masks = by_stem([p for p in sorted(masks_dir.rglob("*")) if p.is_file() and is_image_file(p) and not (
-        same_tree and "masks" not in (part.lower() for part in p.relative_to(masks_dir).parts[:-1]))], "--masks-dir")
+    masks = by_stem(list_masks(masks_dir, same_tree=masks_dir.resolve() == images_dir.resolve()), "--masks-dir")
     unpaired = [p for p in images if p.stem not in masks]
     if unpaired:
         raise ToothSegError(f"{unpaired[0]}: no mask named {unpaired[0].stem}.* in {masks_dir} "

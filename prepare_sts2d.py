@@ -78,7 +78,7 @@ from tqdm import tqdm
 import phantom
 import teeth
 from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, binarise_mask,
-                   default_mask_threshold, list_images, read_index, write_index)
+                   default_mask_threshold, files_below, list_images, list_masks, read_index, write_index)
 from utils import (ToothSegError, atomic_write_bytes, atomic_write_text, check_output_dir, decode_image, is_image_file,
                    make_parser, run_cli, to_uint8)
 
@@ -205,8 +205,9 @@ def is_teeth_file(path: Path) -> bool:
 
 
 def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Path | None = None) -> Source:
-    """A flat folder of images, with one of same-named masks and/or one of same-named per-tooth label
-    files (label maps or labelme files), taken as adult/labeled."""
+    """A folder of images, with one of same-named masks and/or one of same-named per-tooth label files
+    (label maps or labelme files), taken as adult/labeled. Each folder is read with its sub-folders, as eval
+    reads it (index.list_images, index.list_masks), so an image in a sub-folder is paired, not left out."""
     folders = {"image": ("--images-dir", images_dir), "mask": ("--masks-dir", masks_dir), "teeth": ("--teeth-dir", teeth_dir)}
     files = []
     for kind, (flag, folder) in folders.items():
@@ -214,9 +215,9 @@ def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Pat
             continue
         if not folder.is_dir():
             raise ToothSegError(f"{folder}: folder not found; check {flag}")
-        accepts = is_teeth_file if kind == "teeth" else is_image_file
-        found = [Found("adult", "labeled", kind, p.stem, _file_on_disk(p)) for p in sorted(folder.iterdir())
-                 if p.is_file() and accepts(p)]
+        paths = list_images(folder) if kind == "image" else [p for p in files_below(folder) if is_teeth_file(p)] \
+            if kind == "teeth" else list_masks(folder, same_tree=folder.resolve() == images_dir.resolve())
+        found = [Found("adult", "labeled", kind, p.stem, _file_on_disk(p)) for p in paths]
         if kind == "teeth" and not found:
             raise ToothSegError(f"{folder}: no label maps or labelme files found; check {flag}")
         files += found
@@ -428,12 +429,13 @@ def pool_folders(specs: list[str]) -> list[tuple[str, Path]]:
     return list(pools.items())
 
 
-def source_from_pool(name: str, folder: Path) -> Source:
-    """Every image below `folder` (index.list_images) as adult/unlabeled; the stem keeps the
-    sub-folders, so same-named files in different sub-folders stay apart."""
+def source_from_pool(name: str, folder: Path, data_root: Path) -> Source:
+    """Every image below `folder` (index.list_images) as adult/unlabeled, except this preparation's own
+    outputs when the data root lies inside it; the stem keeps the sub-folders, so same-named files in
+    different sub-folders stay apart."""
     if not folder.is_dir():
         raise ToothSegError(f"{folder}: folder not found; check --unlabelled-dir")
-    images = list_images(folder)
+    images = [p for p in list_images(folder) if not p.resolve().is_relative_to(data_root.resolve())]
     if not images:
         raise ToothSegError(f"{folder}: no images found below it (mask folders are skipped); check --unlabelled-dir")
     files = [Found("adult", "unlabeled", "image", p.relative_to(folder).with_suffix("").as_posix(), _file_on_disk(p))
@@ -909,7 +911,7 @@ def main(argv=None):
     check_output_dir(args.data_root, "--data-root")
     source = load_source(args)
     try:
-        prepare(source, [source_from_pool(name, folder) for name, folder in pool_folders(args.unlabelled_dirs or [])], args)
+        prepare(source, [source_from_pool(name, folder, args.data_root) for name, folder in pool_folders(args.unlabelled_dirs or [])], args)
     finally:
         source.close()
 

@@ -574,6 +574,25 @@ def pool_rows(rows) -> dict[str, dict]:
     return {r["pair_id"]: r for r in rows if r["source"].startswith("unlabelled:")}
 
 
+def test_sub_folders_and_linked_folders_are_read_and_the_data_root_is_no_pool(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "lab", 4)
+    write_files(tmp_path / "lab", {"images/2024/q0.png": image_bytes(10), "masks/2024/q0.png": mask_bytes(10)})
+    write_files(tmp_path / "elsewhere", {"more/q1.png": image_bytes(11), "pool/u0.png": image_bytes(12)})
+    (images / "linked").symlink_to(tmp_path / "elsewhere/more", target_is_directory=True)
+    (masks / "q1.png").write_bytes(mask_bytes(11))
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "linked").symlink_to(tmp_path / "elsewhere/pool", target_is_directory=True)
+    (tmp_path / "pool" / "loop").symlink_to(tmp_path / "pool", target_is_directory=True)  # read once, not forever
+    argv = ["--images-dir", str(images), "--masks-dir", str(masks), "--unlabelled-dir", str(tmp_path / "pool"),
+            "--data-root", str(tmp_path / "pool" / "prepared")]  # its outputs must not join the pool on a rerun
+    run(argv, capsys)
+    first = read_index(tmp_path / "pool" / "prepared" / INDEX_NAME)
+    labelled = {r["pair_id"] for r in first if r["label_status"] == "labeled" and not r["is_mask"]}
+    assert labelled == {"p000", "p001", "p002", "p003", "q0", "q1"}  # q0 in a sub-folder, q1 in a linked one
+    assert set(pool_rows(first)) == {"linked_u0"}
+    assert "up to date" in run(argv, capsys)
+
+
 def test_pools_join_a_folder_pair(tmp_path, capsys):
     images, masks = folder_pair(tmp_path / "lab", 6)
     colour_jpeg = image_bytes(50, shape=(24, 48, 3), ext=".jpg")
