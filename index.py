@@ -256,7 +256,7 @@ def subset_fraction(samples: list[Sample], fraction: float, seed: int) -> list[S
 # JPEG rings around edges, so a mask saved as JPEG has stray low values beside the tooth: `> 0` grows a
 # Tufts mask by 10-20 % of its area, while the middle of the range keeps the drawn outline. Lossless
 # masks may mark tooth with any non-zero value (1, 255, a label number), so there only 0 is background.
-LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # the lossy ones among utils.IMAGE_EXTENSIONS
+LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")  # the (possibly) lossy ones among utils.IMAGE_EXTENSIONS
 LOSSY_MASK_THRESHOLD = 127
 
 
@@ -271,13 +271,13 @@ def read_mask(path: str | os.PathLike, threshold: int | None = None) -> np.ndarr
 
 
 def binarise_mask(mask: np.ndarray, path: str | os.PathLike, threshold: int | None = None) -> np.ndarray:
-    """`mask` > `threshold` as uint8 0/1 (None: default_mask_threshold(path)). A JPEG mask that marks tooth
+    """`mask` > `threshold` as uint8 0/1 (None: default_mask_threshold(path)). A lossy mask that marks tooth
     with small values (1, 2, ...) would come out empty by the default > 127 rule: it is refused instead."""
     if threshold is None:
         threshold = default_mask_threshold(path)
         if threshold and mask.any() and mask.max() <= threshold:
-            raise ToothSegError(f"{path}: a JPEG mask whose marked pixels are all at most {mask.max()}, so the rule for "
-                                f"JPEG masks (tooth > {threshold}) leaves it empty; if it marks tooth with small values, "
+            raise ToothSegError(f"{path}: a JPEG/WebP mask whose marked pixels are all at most {mask.max()}, so the rule "
+                                f"for these lossy formats (tooth > {threshold}) leaves it empty; if it marks tooth with small values, "
                                 f"prepare it with prepare_sts2d.py --mask-threshold 0 (--mask-threshold {threshold} "
                                 f"keeps it empty)")
     return (mask > threshold).astype(np.uint8)

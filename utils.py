@@ -21,7 +21,7 @@ import numpy as np
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", *DICOM_EXTENSIONS)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 

@@ -411,9 +411,9 @@ def test_a_jpeg_mask_marking_tooth_with_small_values_is_refused_not_emptied(tmp_
                                    "images/p1.png": image_bytes(1), "masks/p1.jpg": cv2.imencode(".jpg", 0 * mask)[1].tobytes()})
     argv = ["--images-dir", str(tmp_path / "src/images"), "--masks-dir", str(tmp_path / "src/masks")]
     message = error_of([*argv, "--data-root", str(tmp_path / "out")])
-    assert message.startswith(f"{tmp_path / 'src/masks/p0.jpg'}: a JPEG mask whose marked pixels are all at most ")
+    assert message.startswith(f"{tmp_path / 'src/masks/p0.jpg'}: a JPEG/WebP mask whose marked pixels are all at most ")
     assert "prepare it with prepare_sts2d.py --mask-threshold 0" in message
-    with pytest.raises(ToothSegError, match="p0.jpg: a JPEG mask whose marked pixels"):  # eval/finetune on the folder
+    with pytest.raises(ToothSegError, match="p0.jpg: a JPEG/WebP mask whose marked pixels"):  # eval/finetune on the folder
         read_mask(tmp_path / "src/masks/p0.jpg")
     run([*argv, "--data-root", str(tmp_path / "out"), "--mask-threshold", "0"], capsys)
     rows = {r["pair_id"]: r for r in read_index(tmp_path / "out" / INDEX_NAME) if r["is_mask"]}

@@ -88,9 +88,10 @@ def test_unusable_dicom_files_are_one_line_naming_the_fix(tmp_path, write_dicom)
 def test_images_are_read_upright_and_deep_ones_keep_their_contrast(tmp_path):
     import io
 
+    import cv2
     from PIL import Image
 
-    from utils import to_uint8
+    from utils import is_image_file, to_uint8
 
     wide = np.zeros((20, 40), np.uint8)
     wide[:5, :10] = 255  # a bright corner: top left as the viewer shows it
@@ -108,6 +109,9 @@ def test_images_are_read_upright_and_deep_ones_keep_their_contrast(tmp_path):
     assert np.array_equal(to_uint8(read_image(tmp_path / "deep.png")), np.rint(np.arange(12).reshape(3, 4) / 11 * 255))
     assert np.array_equal(to_uint8(np.array([[0.0, 0.5], [0.25, 1.0]])), [[0, 128], [64, 255]])  # a float TIFF in 0..1
     assert not to_uint8(np.full((2, 2), 700, np.uint16)).any()  # one value: nothing to stretch
+
+    (tmp_path / "scan.webp").write_bytes(cv2.imencode(".webp", wide, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes())
+    assert is_image_file(tmp_path / "scan.webp") and np.array_equal(read_image(tmp_path / "scan.webp"), wide)
 
     painted = np.full((6, 8, 4), 255, np.uint8)  # white paint everywhere, visible only where opaque
     painted[..., 3] = 0
