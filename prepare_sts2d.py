@@ -975,7 +975,9 @@ def prepare(source: Source, pools: list[Source], args) -> None:
                           "sha1": entry_rows[0]["sha1"], "mask_sha1": mask_rows[0]["sha1"] if mask_rows else "",
                           "image_rel_path": entry_rows[0]["rel_path"], "preset_split": entry.preset_split})
         if not rows:
-            raise ToothSegError(f"{source.description}: no usable images (all {len(rejects)} files were rejected)")
+            name, reason = rejects[0]
+            raise ToothSegError(f"{source.description}: no usable images (all {len(rejects)} files were rejected; "
+                                f"first {name}: {reason})")
 
         assigned = assign_splits(pairs, args.val_ratio, args.test_ratio, args.seed)
         for row in rows:

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -358,6 +359,11 @@ def test_skip_bad_writes_rejected_csv(tmp_path, capsys):
     assert sorted(r["file"] for r in rejected) == sorted(map(str, bad)) and all(r["reason"] for r in rejected)
     assert "skipped 4 bad files" in printed
     assert sorted(images_by(read_index(out / INDEX_NAME))) == ["p000", "p004", "p005", "p006", "p007"]
+
+    for image in images.iterdir():  # nothing usable left: the error says why, not only how many
+        image.write_bytes(b"not an image")
+    message = error_of(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out), "--skip-bad"])
+    assert re.search(r"no usable images \(all \d+ files were rejected; first \S+: (cannot decode image|mask without)", message)
 
 
 def test_needs_exactly_one_source(tmp_path):
