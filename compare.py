@@ -39,13 +39,13 @@ class Statistic:
     denominator: Callable[[Columns], np.ndarray]
     higher_is_better: bool = True
     if_empty: float = 1.0  # summarize_teeth's figure when nothing is counted (no teeth predicted, matched, ...)
-    zero_if_any: str | None = None  # ... but 0 when this count is not 0 (no tooth predicted where there are some)
+    zero_if_any: tuple[str, ...] = ()  # ... but 0 when one of these counts is not 0 (no tooth predicted where there are some)
 
     def of(self, columns: Columns, rows: np.ndarray) -> np.ndarray:
         """The figure of each resample (each row of `rows` indexes images)."""
         num, den = self.numerator(columns)[rows].sum(axis=-1), self.denominator(columns)[rows].sum(axis=-1)
-        empty = self.if_empty if self.zero_if_any is None else \
-            np.where(columns[self.zero_if_any][rows].sum(axis=-1) > 0, 0.0, self.if_empty)
+        counted = sum((columns[name][rows].sum(axis=-1) for name in self.zero_if_any), 0)
+        empty = np.where(counted > 0, 0.0, self.if_empty)
         return np.where(den > 0, num / np.where(den > 0, den, 1), empty)
 
 
@@ -66,11 +66,12 @@ TOOTH_STATISTICS = {
     "tooth_dice": Statistic("per-tooth Dice", lambda c: c["tooth_dice"] * c["true_teeth"], lambda c: c["true_teeth"],
                             if_empty=0.0),
     "detection_precision": Statistic("detection precision", lambda c: c["matched"], lambda c: c["pred_teeth"],
-                                     zero_if_any="true_teeth"),
+                                     zero_if_any=("true_teeth",)),
     "detection_recall": Statistic("detection recall", lambda c: c["matched"], lambda c: c["true_teeth"],
-                                  zero_if_any="pred_teeth"),
+                                  zero_if_any=("pred_teeth",)),
     "detection_f1": Statistic("detection F1", lambda c: 2 * c["matched"], lambda c: c["true_teeth"] + c["pred_teeth"]),
-    "numbering_accuracy": Statistic("numbering accuracy", lambda c: c["numbered_right"], lambda c: c["matched"]),
+    "numbering_accuracy": Statistic("numbering accuracy", lambda c: c["numbered_right"], lambda c: c["matched"],
+                                    zero_if_any=("true_teeth", "pred_teeth")),
     **{name: BINARY_STATISTICS[name] for name in ("dice", "hd95")},
 }
 TOOTH_COLUMNS = ("tooth_dice", "true_teeth", "pred_teeth", "matched", "numbered_right")

@@ -279,7 +279,8 @@ def masked_l1_loss(
 #   their numbers (greedy by IoU; above 0.5 a match is unique anyway, since teeth do not overlap).
 #   Unmatched predictions are false positives, unmatched true teeth misses. Precision, recall and F1 over
 #   a dataset pool the counts of all images (micro average).
-# * Numbering accuracy: the share of matched teeth whose predicted number is the true one.
+# * Numbering accuracy: the share of matched teeth whose predicted number is the true one; with no tooth
+#   matched it is 0 (nothing was numbered right), unless there were no teeth and none were predicted (1).
 DETECTION_IOU = 0.5
 TOOTH_SUMMARY_NAMES = ("tooth_dice", "detection_precision", "detection_recall", "detection_f1", "numbering_accuracy")
 
@@ -322,7 +323,7 @@ def tooth_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
             "tooth_dice": float(np.mean(list(dice.values()))) if dice else float(not n_pred),
             "detection_precision": precision, "detection_recall": recall,
             "detection_f1": _ratio(2 * precision * recall, precision + recall, 0.0),
-            "numbering_accuracy": _ratio(numbered_right, matched, 1.0),
+            "numbering_accuracy": _ratio(numbered_right, matched, float(not n_true and not n_pred)),
             "dice_by_fdi": dice}
 
 
@@ -343,7 +344,8 @@ def summarize_teeth(per_image: Sequence[dict]) -> dict:
     return {"tooth_dice": float(np.mean(all_dice)) if all_dice else 0.0,
             "detection_precision": precision, "detection_recall": recall,
             "detection_f1": _ratio(2 * precision * recall, precision + recall, 0.0),
-            "numbering_accuracy": _ratio(counts["numbered_right"], counts["matched"], 1.0),
+            "numbering_accuracy": _ratio(counts["numbered_right"], counts["matched"],
+                                         float(not counts["true_teeth"] and not counts["pred_teeth"])),
             **counts, "n_images": len(per_image),
             "by_fdi": {n: {"dice": float(np.mean(v)), "teeth": len(v)} for n, v in sorted(by_fdi.items())}}
 

@@ -82,8 +82,10 @@ def test_one_image_is_summarised_as_it_is_scored(case):
     empty = np.zeros_like(gt)
     pred, truth = {"nothing predicted": (empty, gt), "nothing true": (gt, empty), "both empty": (empty, empty)}[case]
     row, summary = tooth_metrics(pred, truth), summarize_teeth([tooth_metrics(pred, truth)])
-    for name in ("detection_precision", "detection_recall", "detection_f1"):
+    for name in ("detection_precision", "detection_recall", "detection_f1", "numbering_accuracy"):
         assert summary[name] == row[name], name
+    # Nothing matched numbers nothing right (it once read a vacuous 1); only an empty image predicted empty is 1.
+    assert row["numbering_accuracy"] == (1.0 if case == "both empty" else 0.0)
 
 
 def test_summary_pools_teeth_over_images():
