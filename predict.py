@@ -371,6 +371,9 @@ def mean_probabilities(predictors: list[Predictor], batch: torch.Tensor, tta: bo
 def ensemble_mask(predictors: list[Predictor], image: np.ndarray, threshold: float = 0.5, tta: bool = False,
                   min_component: float = 0.0, rotations: tuple[float, ...] = ()) -> np.ndarray:
     """What eval.py predicts for one image with binary checkpoints (averaged): the mask at the image's own size."""
+    if predictors[0].classes:  # channel 0 of a per-tooth model is its background
+        raise ToothSegError(f"{predictors[0].path}: is a per-tooth model; its mask is the union of its teeth "
+                            f"(ensemble_chart's label map > 0)")
     probs = mean_probabilities(predictors, predictors[0].network_input(image), tta, rotations)
     return mask_at_size(probs, image.shape[:2], threshold, min_component)
 

@@ -240,6 +240,9 @@ def best_worst_gallery(per_image_csv: str | os.PathLike, k: int = 3, device: str
     re-predicted with the evaluated checkpoints (an ensemble averaged) and eval's threshold, TTA and
     --min-component (from summary.json)."""
     rows, summary = read_eval_run(per_image_csv)
+    if "tooth_dice" in rows[0]:
+        raise ToothSegError(f"{per_image_csv}: a per-tooth evaluation; show it with tooth_chart_gallery (numbered "
+                            f"teeth and their chart)")
     members = evaluated_predictors(summary, device)
     min_component = (summary.get("min_component") or {}).get("fraction", 0.0)  # older summaries have none
     ranked = sorted(rows, key=lambda r: float(r["dice"]), reverse=True)
@@ -404,6 +407,17 @@ def study_cells(run_dir: str | os.PathLike, task: str = "binary", required: bool
     return cells
 
 
+def choose_cell(cells: dict[str, dict], name: str | None, setting: str) -> str | None:
+    """`name` if it is one of `cells` (the first cell, or None without cells, when `name` is None or empty),
+    else one line listing the valid names: a mistyped notebook `setting` once failed sections later as a bare
+    KeyError."""
+    if not name:
+        return next(iter(cells), None)
+    if name not in cells:
+        raise ToothSegError(f"{setting}={name}: no such finished cell; choose one of: {', '.join(cells) or 'none'}")
+    return name
+
+
 def pretraining_runs(run_dir: str | os.PathLike) -> dict[str, Path]:
     """The finished pretraining folders of a run_study.py folder: name (e.g. mim_unet) -> folder."""
     return {p.parent.name: p.parent for p in sorted((Path(run_dir) / "pretrain").glob("*/done.json"))}
@@ -412,9 +426,7 @@ def pretraining_runs(run_dir: str | os.PathLike) -> dict[str, Path]:
 def cells_across_inits(cells: dict[str, dict], cell: str) -> dict[str, Path]:
     """method -> folder of the cells sharing `cell`'s model, label fraction and seed: the initialisations
     (scratch, mim, ...) and, where the study ran them, the ways of using unlabelled images (scratch + pseudo, ...)."""
-    if cell not in cells:
-        raise ToothSegError(f"no finished cell {cell!r}; choose one of: {', '.join(cells)}")
-    ref = cells[cell]
+    ref = cells[choose_cell(cells, cell, "cell")]
     same = lambda r: (r["model"], r["label_fraction"], r["seed"]) == (ref["model"], ref["label_fraction"], ref["seed"])
     method = lambda r: r["init"] if r.get("semi", "none") == "none" else f"{r['init']} + {r['semi']}"
     return {method(r): r["dir"] for r in cells.values() if same(r)}

@@ -15,7 +15,7 @@ import torch
 import visualizer as vz
 from checkpoints import open_checkpoint
 from index import hold_out, pretraining_samples
-from predict import ensemble_mask, get_saliency_map, predict_probabilities
+from predict import ensemble_mask, get_saliency_map, load_predictor, predict_probabilities
 from utils import ToothSegError
 
 
@@ -246,6 +246,13 @@ def test_best_worst_gallery(tiny_study, tmp_path):
         vz.best_worst_gallery(stale / "per_image.csv", k=1)
     with pytest.raises(ToothSegError, match="cannot read"):
         vz.best_worst_gallery(tmp_path / "nowhere" / "per_image.csv")
+    # A per-tooth run is pointed to its own gallery (it was re-predicted from the background channel and
+    # called stale), and a per-tooth model has no binary mask of its own.
+    teeth_eval = tiny_study / "cells" / "unet_scratch_teeth_f1_s0" / "eval_test"
+    with pytest.raises(ToothSegError, match="a per-tooth evaluation; show it with tooth_chart_gallery"):
+        vz.best_worst_gallery(teeth_eval / "per_image.csv", k=1)
+    with pytest.raises(ToothSegError, match="is a per-tooth model; its mask is the union of its teeth"):
+        ensemble_mask([load_predictor(teeth_eval.parent / "best.pth", "cpu")], np.zeros((64, 128), np.uint8))
 
 
 def test_best_worst_gallery_re_predicts_with_the_whole_ensemble(tiny_study, tmp_path, monkeypatch):
@@ -291,8 +298,11 @@ def test_run_folder_helpers(tiny_study, tmp_path):
     assert sorted(cells) == ["unet_fullimage_f1_s0", "unet_mim_f1_s0", "unet_scratch_f1_s0"]
     assert cells["unet_mim_f1_s0"]["init"] == "mim" and cells["unet_mim_f1_s0"]["dir"].is_dir()
     assert sorted(vz.pretraining_runs(tiny_study)) == ["fullimage_unet", "mim_unet"]
-    with pytest.raises(ToothSegError, match="no finished cell 'unet_x'"):
+    with pytest.raises(ToothSegError, match="cell=unet_x: no such finished cell; choose one of: unet_fullimage_f1_s0, "):
         vz.cells_across_inits(cells, "unet_x")
+    assert vz.choose_cell(cells, "", "TOOTHSEG_CELL") == "unet_fullimage_f1_s0" and vz.choose_cell({}, None, "X") is None
+    with pytest.raises(ToothSegError, match="TOOTHSEG_CELL=unet_scratch_teeth: no such finished cell; choose one of: "):
+        vz.choose_cell(cells, "unet_scratch_teeth", "TOOTHSEG_CELL")  # a mistyped name, before any section runs
     with pytest.raises(ToothSegError, match="no finished study cells"):
         vz.study_cells(tmp_path)
     with pytest.raises(ToothSegError, match="no best.pth in this folder"):
