@@ -48,8 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 from index import INDEX_NAME, find_index, in_label_folder
-from utils import (ToothSegError, atomic_path, atomic_write_bytes, check_output_dir, decode_image, is_image_file, make_parser,
-                   run_cli)
+from utils import (DICOM_EXTENSIONS, ToothSegError, atomic_path, atomic_write_bytes, check_output_dir, decode_image,
+                   is_image_file, make_parser, run_cli)
 
 METHODS = ("grid", "opencv", "exact")
 BACKENDS = ("numpy", "torch")
@@ -333,7 +333,7 @@ def find_jobs(input_dir: Path, output_dir: Path) -> tuple[list[Job], int]:
         if not source.is_file():
             continue
         relative = source.relative_to(input_dir)
-        if not is_image_file(source):
+        if not is_image_file(source) or source.suffix.lower() in DICOM_EXTENSIONS:  # a mirror keeps formats; not DICOM's
             others += relative.name != INDEX_NAME
             continue
         copy_only = in_label_folder(relative)

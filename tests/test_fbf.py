@@ -224,6 +224,13 @@ def test_16_bit_png_is_written_as_16_bit(tmp_path):
     assert np.array_equal(written, bilateral_filter(image16, 3, 20))
 
 
+def test_a_dicom_file_is_left_out_and_counted_not_a_crash(dataset, tmp_path, write_dicom, capsys):
+    write_dicom(dataset / "adult" / "unlabeled" / "images" / "scan.dcm", np.zeros((8, 8), np.uint16))
+    fbf.main(["--input-dir", str(dataset), "--output-dir", str(tmp_path / "out"), "--backend", "numpy", "--workers", "1"])
+    assert "1 non-image files left out" in capsys.readouterr().out  # a mirror cannot write DICOM back
+    assert files_under(tmp_path / "out") == files_under(dataset) - {"adult/unlabeled/images/scan.dcm"} | {"sts2d_index.csv"}
+
+
 def test_bad_files_are_named_counted_and_the_rest_still_written(dataset, tmp_path):
     bad = dataset / "adult" / "unlabeled" / "images" / "broken.png"
     bad.write_bytes(b"\x89PNG truncated")
