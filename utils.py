@@ -108,6 +108,12 @@ def probability(text: str) -> float:
     return value
 
 
+def recorded_path(path: str | os.PathLike) -> str:
+    """A path as checkpoints and summaries record it: absolute (links not resolved, so a linked folder keeps
+    its place), so that a later stage or the notebook, run from another folder, finds it."""
+    return os.path.abspath(os.fspath(path))
+
+
 def check_output_dir(path: Path, flag: str) -> None:
     """Fail before any work when an output folder's path, or a folder above it, is taken by a file."""
     existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
@@ -169,19 +175,21 @@ def decode_dicom(data: bytes, name: str | os.PathLike) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # a compression pydicom has no decoder for (JPEG-LS, JPEG 2000) or broken data
-        syntax = getattr(getattr(ds.file_meta, "TransferSyntaxUID", None), "name", "unknown transfer syntax")
-        raise ToothSegError(f"{name}: cannot decode its DICOM pixel data ({syntax}: {_one_line(exc)}); for a "
-                            "compressed file install the decoders: pip install pylibjpeg pylibjpeg-libjpeg "
-                            "pylibjpeg-openjpeg") from None
-    if pixels.ndim == 3:
-        return cv2.cvtColor(pixels.astype(np.uint8), cv2.COLOR_RGB2GRAY)
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
-                         for v in (ds.WindowCenter, ds.WindowWidth))
-        low, high = center - width / 2, center + width / 2
+        syntax = getattr(ds.file_meta, "TransferSyntaxUID", None)
+        fix = "for a compressed file install the decoders: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg" \
+            if syntax is not None and syntax.is_compressed else "replace or remove it"
+        raise ToothSegError(f"{name}: cannot decode its DICOM pixel data ({getattr(syntax, 'name', 'no transfer syntax')}"
+                            f": {_one_line(exc)}); {fix}") from None
+    if pixels.ndim == 3:  # colour: grey on the scale of its bits (a 12-bit one is not cut to 8 bits)
+        values = cv2.cvtColor(pixels.astype(np.float32), cv2.COLOR_RGB2GRAY).astype(np.float64)
+        low, high = 0.0, float(2 ** int(ds.get("BitsStored") or 8) - 1)
     else:
+        values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
         low, high = float(values.min()), float(values.max())
+        window = [ds.get(keyword) for keyword in ("WindowCenter", "WindowWidth")]
+        if all(v not in (None, "") for v in window):  # an empty element is no window
+            center, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v) for v in window)
+            low, high = center - width / 2, center + width / 2
     shown = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":  # low values are bright
         shown = 1.0 - shown

@@ -113,7 +113,7 @@ def write_dicom():
         ds = Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.Rows, ds.Columns = pixels.shape
+        ds.Rows, ds.Columns = pixels.shape[:2]
         ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
         ds.BitsAllocated = pixels.dtype.itemsize * 8
         ds.BitsStored, ds.HighBit = ds.BitsAllocated, ds.BitsAllocated - 1

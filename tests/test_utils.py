@@ -64,6 +64,11 @@ def test_dicom_is_read_as_a_viewer_shows_it(tmp_path, write_dicom):
     # MONOCHROME1 stores bone dark; it is inverted so that teeth are bright as in every other format.
     inverted = read_image(write_dicom(tmp_path / "m1.dcm", stored, PhotometricInterpretation="MONOCHROME1"))
     assert np.array_equal(inverted, np.rint((1 - stored / 4095) * 255).astype(np.uint8))
+    # Empty window elements are no window; a 12-bit colour image keeps its scale (cast to 8 bits it wrapped).
+    assert np.array_equal(read_image(write_dicom(tmp_path / "empty.dcm", stored, WindowCenter="", WindowWidth="")), plain)
+    colour = np.repeat(np.array([[4000, 4095]], np.uint16)[..., None], 3, axis=2)
+    assert read_image(write_dicom(tmp_path / "rgb.dcm", colour, SamplesPerPixel=3, PhotometricInterpretation="RGB",
+                                  PlanarConfiguration=0, BitsStored=12, HighBit=11)).tolist() == [[249, 255]]
     # Found by its "DICM" marker whatever its name.
     assert np.array_equal(read_image(write_dicom(tmp_path / "IM0001", stored)), plain)
 
@@ -74,6 +79,10 @@ def test_unusable_dicom_files_are_one_line_naming_the_fix(tmp_path, write_dicom)
     (tmp_path / "text.dcm").write_bytes(b"not a DICOM file")
     with pytest.raises(ToothSegError, match=r"text.dcm: cannot read as DICOM \(.*\); replace or remove it$"):
         read_image(tmp_path / "text.dcm")
+    unknown = write_dicom(tmp_path / "bare.dcm", np.zeros((2, 3), np.uint8))  # uncompressed, but undecodable
+    with pytest.raises(ToothSegError, match=r"bare.dcm: cannot decode its DICOM pixel data \(Explicit VR Little Endian: "
+                                            r".*\); replace or remove it$"):
+        read_image(unknown.write_bytes(unknown.read_bytes()[:-2]) and unknown)  # pixel data cut short
     frames = write_dicom(tmp_path / "cine.dcm", np.zeros((2, 3), np.uint8), NumberOfFrames=2)
     with pytest.raises(ToothSegError, match="cine.dcm: a DICOM file of 2 frames; export the panoramic as one frame"):
         read_image(frames)
