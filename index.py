@@ -134,22 +134,26 @@ def in_label_folder(relative: Path) -> bool:
     return any(part.lower() in LABEL_FOLDERS for part in relative.parts[:-1])
 
 
-def files_below(folder: Path) -> list[Path]:
+def files_below(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
     """Every file below `folder`, sorted, through links to folders too (Path.rglob skips them before Python
-    3.13: a linked sub-folder of X-rays went unread), but into no folder twice (a link loop)."""
-    found, seen = [], set()
+    3.13: a linked sub-folder of X-rays went unread), but into no folder twice (a link loop; folders are
+    visited in name order, so which path a file is listed by does not depend on the file system), and not
+    into hidden folders or the `exclude` folders (another input, or outputs, that lie inside it)."""
+    found, seen = [], {os.path.realpath(p) for p in exclude} - {os.path.realpath(folder)}
     for root, folders, names in os.walk(folder, followlinks=True):
         if os.path.realpath(root) in seen:
             folders.clear()
             continue
         seen.add(os.path.realpath(root))
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
         found += [path for path in (Path(root) / name for name in names) if path.is_file()]
     return sorted(found)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files below `folder`, sorted, skipping anything inside a folder named 'masks' or 'teeth'."""
-    return [p for p in files_below(folder) if is_image_file(p) and not in_label_folder(p.relative_to(folder))]
+def list_images(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Image files below `folder`, sorted, skipping anything inside a folder named 'masks' or 'teeth' or an
+    `exclude` folder."""
+    return [p for p in files_below(folder, exclude) if is_image_file(p) and not in_label_folder(p.relative_to(folder))]
 
 
 def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
@@ -176,7 +180,7 @@ def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> lis
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise ToothSegError(f"{images_dir}: images folder not found; check --images-dir")
-    images = list_images(images_dir)
+    images = list_images(images_dir, exclude=[masks_dir] if masks_dir is not None else [])
     if not images:
         raise ToothSegError(f"{images_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); check --images-dir")
     by_stem(images, "--images-dir")

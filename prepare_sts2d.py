@@ -69,7 +69,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -204,10 +204,12 @@ def is_teeth_file(path: Path) -> bool:
     return is_image_file(path) or (path.suffix.lower() == LABELME_EXTENSION and not path.name.startswith("."))
 
 
-def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Path | None = None) -> Source:
+def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Path | None = None,
+                        not_images: Iterable[Path] = ()) -> Source:
     """A folder of images, with one of same-named masks and/or one of same-named per-tooth label files
     (label maps or labelme files), taken as adult/labeled. Each folder is read with its sub-folders, as eval
-    reads it (index.list_images, index.list_masks), so an image in a sub-folder is paired, not left out."""
+    reads it (index.list_images, index.list_masks), so an image in a sub-folder is paired, not left out; the
+    other folders and `not_images` (pools, this preparation's outputs) are not read as images when inside it."""
     folders = {"image": ("--images-dir", images_dir), "mask": ("--masks-dir", masks_dir), "teeth": ("--teeth-dir", teeth_dir)}
     files = []
     for kind, (flag, folder) in folders.items():
@@ -215,8 +217,12 @@ def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Pat
             continue
         if not folder.is_dir():
             raise ToothSegError(f"{folder}: folder not found; check {flag}")
-        paths = list_images(folder) if kind == "image" else [p for p in files_below(folder) if is_teeth_file(p)] \
-            if kind == "teeth" else list_masks(folder, same_tree=folder.resolve() == images_dir.resolve())
+        if kind == "image":
+            paths = list_images(folder, [f for f in (masks_dir, teeth_dir, *not_images) if f is not None])
+        elif kind == "teeth":
+            paths = [p for p in files_below(folder) if is_teeth_file(p)]
+        else:
+            paths = list_masks(folder, same_tree=folder.resolve() == images_dir.resolve())
         found = [Found("adult", "labeled", kind, p.stem, _file_on_disk(p)) for p in paths]
         if kind == "teeth" and not found:
             raise ToothSegError(f"{folder}: no label maps or labelme files found; check {flag}")
@@ -431,11 +437,11 @@ def pool_folders(specs: list[str]) -> list[tuple[str, Path]]:
 
 def source_from_pool(name: str, folder: Path, data_root: Path) -> Source:
     """Every image below `folder` (index.list_images) as adult/unlabeled, except this preparation's own
-    outputs when the data root lies inside it; the stem keeps the sub-folders, so same-named files in
+    outputs when they lie inside it; the stem keeps the sub-folders, so same-named files in
     different sub-folders stay apart."""
     if not folder.is_dir():
         raise ToothSegError(f"{folder}: folder not found; check --unlabelled-dir")
-    images = [p for p in list_images(folder) if not p.resolve().is_relative_to(data_root.resolve())]
+    images = list_images(folder, exclude=[data_root / PROCESSED_NAME])
     if not images:
         raise ToothSegError(f"{folder}: no images found below it (mask folders are skipped); check --unlabelled-dir")
     files = [Found("adult", "unlabeled", "image", p.relative_to(folder).with_suffix("").as_posix(), _file_on_disk(p))
@@ -855,7 +861,8 @@ def load_source(args) -> Source:
     if args.raw_dir is not None:
         return source_from_raw(args.raw_dir)
     if args.images_dir is not None:
-        return source_from_folders(args.images_dir, args.masks_dir, args.teeth_dir)
+        pools = [folder for _, folder in pool_folders(args.unlabelled_dirs or [])]
+        return source_from_folders(args.images_dir, args.masks_dir, args.teeth_dir, [args.data_root / PROCESSED_NAME, *pools])
     if args.tg3k_dir is not None:
         return source_from_tg3k(args.tg3k_dir)
     match = re.fullmatch(r"(\d+)x(\d+)", args.synthetic_size)

@@ -599,6 +599,26 @@ def test_sub_folders_and_linked_folders_are_read_and_the_data_root_is_no_pool(tm
     assert "up to date" in run(argv, capsys)
 
 
+def test_folders_inside_the_images_folder_are_not_read_as_images(tmp_path, capsys):
+    images, _ = folder_pair(tmp_path / "lab", 3)
+    (tmp_path / "lab" / "masks").rename(images / "gt")  # the masks inside the images folder, not named masks
+    write_files(images / "prep_pool", {"u0.png": image_bytes(20)})
+    argv = ["--images-dir", str(images), "--masks-dir", str(images / "gt"), "--data-root", str(images / "prep"),
+            "--unlabelled-dir", str(images / "prep_pool")]  # the outputs inside the images folder too
+    for _ in range(2):  # the rerun must not read the first run's outputs as more images
+        run(argv, capsys)
+        rows = read_index(images / "prep" / INDEX_NAME)
+        assert sorted(r["pair_id"] for r in rows if not r["is_mask"]) == ["p000", "p001", "p002", "u0"]
+
+
+def test_a_pool_inside_the_data_root_is_read(tmp_path, capsys):
+    images, masks = folder_pair(tmp_path / "lab", 3)
+    write_files(tmp_path / "root" / "raw_pool", {"u0.png": image_bytes(20), "u1.png": image_bytes(21)})
+    run(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(tmp_path / "root"),
+         "--unlabelled-dir", str(tmp_path / "root" / "raw_pool")], capsys)
+    assert set(pool_rows(read_index(tmp_path / "root" / INDEX_NAME))) == {"u0", "u1"}
+
+
 def test_pools_join_a_folder_pair(tmp_path, capsys):
     images, masks = folder_pair(tmp_path / "lab", 6)
     colour_jpeg = image_bytes(50, shape=(24, 48, 3), ext=".jpg")
