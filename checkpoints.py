@@ -105,9 +105,7 @@ class DataSpec:
         from index import segmentation_splits
 
         if images_dir is None:
-            if self.images_dir is None:
-                raise ToothSegError("this checkpoint records no images folder; pass --images-dir")
-            images_dir, masks_dir, index = self.images_dir, self.masks_dir, self.split.index
+            images_dir, masks_dir, index = self.recorded_images_dir(), self.masks_dir, self.split.index
         return segmentation_splits(images_dir, masks_dir, index=index, val_ratio=self.split.val_ratio,
                                    test_ratio=self.split.test_ratio, seed=self.split.seed)
 
@@ -117,7 +115,17 @@ class DataSpec:
 
         if self.images_dir is None or self.holdout is None:
             raise ToothSegError("this checkpoint records no pretraining hold-out; is it a pretraining checkpoint?")
-        return hold_out(pretraining_samples(self.images_dir, self.split.index), self.holdout, minimum=2)[1]
+        return hold_out(pretraining_samples(self.recorded_images_dir(), self.split.index), self.holdout, minimum=2)[1]
+
+    def recorded_images_dir(self) -> str:
+        """The images folder the run trained on. Checkpoints before absolute paths recorded it as typed,
+        relative to the folder training ran in: from elsewhere that is named, not reported as a missing index."""
+        if self.images_dir is None:
+            raise ToothSegError("this checkpoint records no images folder; pass --images-dir")
+        if not os.path.isabs(self.images_dir) and not os.path.isdir(self.images_dir):
+            raise ToothSegError(f"{self.images_dir}: this checkpoint records its images folder relative to the folder it "
+                                f"was trained in ({os.getcwd()} is not it); run from there, or pass --images-dir")
+        return self.images_dir
 
 
 @dataclass(frozen=True)

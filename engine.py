@@ -26,7 +26,7 @@ from tqdm import tqdm
 from checkpoints import (BEST, LAST, Checkpoint, DataSpec, ModelSpec, Precision, SplitSpec, TrainingState,
                          open_checkpoint, plain, resume_path, save_checkpoint, unwrap)
 from data import NORM_MEAN, NORM_STD, denormalize
-from utils import ToothSegError, check_output_dir, non_negative_int, positive_int, probability, select_device
+from utils import ToothSegError, check_output_dir, non_negative_int, positive_int, probability, recorded_path, select_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -273,9 +273,9 @@ def data_spec(args: argparse.Namespace, *, modality: str = "xray", split: SplitS
     """The checkpoint's data section: what eval, predict and the notebook need to preprocess and predict
     exactly as in training, and to find the run's data and splits again."""
     return DataSpec(input_size=(args.img_height, args.img_width), norm_mean=NORM_MEAN, norm_std=NORM_STD,
-                    modality=modality, mask_threshold=mask_threshold, images_dir=str(args.images_dir),
-                    masks_dir=str(args.masks_dir) if getattr(args, "masks_dir", None) else None,
-                    split=split or SplitSpec(index=str(args.index) if args.index else None), holdout=holdout,
+                    modality=modality, mask_threshold=mask_threshold, images_dir=recorded_path(args.images_dir),
+                    masks_dir=recorded_path(args.masks_dir) if getattr(args, "masks_dir", None) else None,
+                    split=split or SplitSpec(index=recorded_path(args.index) if args.index else None), holdout=holdout,
                     seed=args.seed, window=window, window_overlap=window_overlap,
                     intensity_landmarks=intensity_landmarks, image_resize=image_resize)
 

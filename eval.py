@@ -11,7 +11,7 @@ What is scored:
   --images-dir + --masks-dir        every pair in the folder (a new clinic's test set), unless --split
                                     names a part of its file-name split (the training run's ratios and seed)
   --images-dir without masks        predict mode: masks written to --save-preds (default OUT_DIR/preds),
-                                    and OUT_DIR/summary.json with the model and settings that made them
+                                    with summary.json (the model and settings that made them) beside them
   --split unlabelled                the unlabelled pool of the training data (or of --images-dir's index):
                                     the index's unlabelled images plus the training pairs the model's
                                     --label-fraction left out; predict mode
@@ -57,6 +57,7 @@ import io
 import itertools
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -74,7 +75,7 @@ from predict import (clean_mask, load_predictor, mask_at_size, mean_probabilitie
 from semi import PseudoLabel, mean_entropy, write_manifest
 from teeth import read_label_map
 from utils import (ToothSegError, atomic_write_text, check_output_dir, make_parser, non_negative_int, positive_int,
-                   probability, read_image, run_cli, to_uint8, write_png)
+                   probability, read_image, recorded_path, run_cli, to_uint8, write_png)
 
 SPLIT_CHOICES = ("train", "val", "test", "all", "unlabelled")
 # --min-component auto tries these shares of the image area. They reach past the smallest true tooth components
@@ -102,7 +103,9 @@ def parse_args(argv=None):
     inputs.add_argument("--skip-bad", action="store_true",
                         help="leave out unreadable images (and masks), list them in OUT_DIR/skipped.csv, go on with the rest")
     outputs = parser.add_argument_group("outputs")
-    outputs.add_argument("--out-dir", type=Path, metavar="DIR", help="default: CHECKPOINT_DIR/eval_SPLIT (or predict)")
+    outputs.add_argument("--out-dir", type=Path, metavar="DIR",
+                         help="default: CHECKPOINT_DIR/eval_SPLIT; in predict mode the --save-preds (or --save-probs) "
+                              "folder, else CHECKPOINT_DIR/eval_predict")
     outputs.add_argument("--save-preds", type=Path, metavar="DIR", help="also write predicted masks (PNG, original size)")
     outputs.add_argument("--save-probs", type=Path, metavar="DIR",
                          help="also write tooth probabilities (8-bit PNG 255*p, original size) and pseudo_labels.json")
@@ -183,7 +186,8 @@ def check_apart_from_inputs(samples: list, args, save_preds: Path | None) -> Non
     """Refuse a --save-preds/--save-probs folder among the run's inputs: its PNGs, named after the images, would
     overwrite X-rays or masks there, or be taken for X-rays by the next run on a folder read whole."""
     holding_inputs = {p.parent.resolve() for s in samples for p in (s.image, s.mask, s.teeth) if p is not None}
-    read_whole = [Path(d).resolve() for d in (args.images_dir, args.masks_dir) if d is not None]
+    bare = args.images_dir is not None and find_index(args.images_dir, args.index) is None  # read whole, not by index
+    read_whole = [Path(d).resolve() for d in (args.images_dir, args.masks_dir) if d is not None and bare]
     for folder, flag in ((save_preds, "--save-preds"), (args.save_probs, "--save-probs")):
         target = Path(folder).resolve() if folder is not None else None
         if target is not None and (target in holding_inputs or any(target.is_relative_to(d) for d in read_whole)):
@@ -364,11 +368,13 @@ def how_predicted(args, predictors: list, union_predictors: list, min_component:
         "one_region_per_tooth": args.one_region_per_tooth if per_tooth else None,
         "arch_order": args.arch_order if per_tooth else None,
         "join_strays": args.join_strays if per_tooth else None,
-        "union_from": [str(p.path) for p in union_predictors] or None,
-        "checkpoint": str(ckpt.path), "checkpoint_epoch": ckpt.epoch, "ensemble": [str(p.path) for p in predictors],
+        "union_from": [recorded_path(p.path) for p in union_predictors] or None,
+        "checkpoint": recorded_path(ckpt.path), "checkpoint_epoch": ckpt.epoch,
+        "ensemble": [recorded_path(p.path) for p in predictors],
         "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
         "window": list(ckpt.data.window) if ckpt.data.window else None, "window_overlap": ckpt.data.window_overlap,
-        "images_dir": str(args.images_dir or ckpt.data.images_dir), "masks_dir": str(args.masks_dir) if args.masks_dir else None,
+        "images_dir": recorded_path(images_dir) if (images_dir := args.images_dir or ckpt.data.images_dir) else None,
+        "masks_dir": recorded_path(args.masks_dir) if args.masks_dir else None,
     }
 
 
@@ -404,6 +410,9 @@ def main(argv=None):
 
     # Data: a labelled split or folder, or predict mode for a folder without masks (or the unlabelled pool).
     samples, split, where, found = choose_samples(args, ckpt)
+    # Absolute paths in per_image.csv, charts and pseudo-label manifests: the notebook and a student read them.
+    samples = [replace(s, **{k: Path(recorded_path(getattr(s, k))) for k in ("image", "mask", "teeth") if getattr(s, k)})
+               for s in samples]
     predict = split in ("predict", "unlabelled")
     if classes and not predict:
         labelled = len(samples)
@@ -412,7 +421,8 @@ def main(argv=None):
             raise ToothSegError(f"{where}: none of the {labelled} images of split {split!r} has a per-tooth label map; "
                                 f"prepare the data with prepare_sts2d.py --teeth-dir")
         where += f" ({len(samples)} of the split's {labelled} have per-tooth labels)" if len(samples) < labelled else ""
-    out_dir = args.out_dir or ckpt.path.parent / f"eval_{split}"
+    # Predictions keep their record (summary.json, skipped.csv) beside them, not in the checkpoint's folder.
+    out_dir = args.out_dir or (predict and (args.save_preds or args.save_probs)) or ckpt.path.parent / f"eval_{split}"
     save_preds = args.save_preds or (out_dir / "preds" if predict and args.save_probs is None else None)
     check_apart_from_inputs(samples, args, save_preds)
     what = f"{len(samples)} images from {where}" if predict else \
@@ -458,7 +468,7 @@ def main(argv=None):
         if save_preds is not None:
             outputs.save(save_preds, sample, pred, confidence)
     if args.save_probs is not None:
-        write_manifest(args.save_probs, pseudo, [str(p.path) for p in predictors], args.tta, args.tta_rotate)
+        write_manifest(args.save_probs, pseudo, [recorded_path(p.path) for p in predictors], args.tta, args.tta_rotate)
         print(f"wrote {len(pseudo)} probability maps and {args.save_probs / 'pseudo_labels.json'}")
     if skipped:
         write_csv(out_dir / "skipped.csv", skipped)
@@ -466,8 +476,8 @@ def main(argv=None):
               f"{out_dir / 'skipped.csv'}); first: {skipped[0]['reason']}")
     if predict:
         summary = {"n_images": len(samples) - len(skipped), "n_found": found, "n_skipped": len(skipped), "split": split,
-                   "preds_dir": str(save_preds) if save_preds is not None else None,
-                   "probs_dir": str(args.save_probs) if args.save_probs is not None else None,
+                   "preds_dir": recorded_path(save_preds) if save_preds is not None else None,
+                   "probs_dir": recorded_path(args.save_probs) if args.save_probs is not None else None,
                    **how_predicted(args, predictors, union_predictors, min_component), "seconds": round(time.time() - started, 1)}
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         if save_preds is not None:

@@ -50,7 +50,8 @@ from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
 from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
 from teeth import mirror_closed, read_label_map
-from utils import ToothSegError, make_parser, non_negative_int, positive_int, probability, run_cli, set_seed
+from utils import (ToothSegError, make_parser, non_negative_int, positive_int, probability, recorded_path, run_cli,
+                   set_seed)
 
 
 TASKS = ("binary", "teeth")
@@ -334,7 +335,7 @@ def pseudo_labelled_samples(args, splits: dict, pool: list[Sample]) -> tuple[lis
         raise ToothSegError(f"{args.pseudo_labels}: none of its {len(labels)} pseudo-labels is an image of this run's "
                             f"unlabelled pool; write them with eval.py --split unlabelled on this data")
     kept = most_confident(usable, args.pseudo_keep)
-    record = {"dir": str(args.pseudo_labels), "teachers": teachers, "kept": len(kept), "usable": len(usable),
+    record = {"dir": recorded_path(args.pseudo_labels), "teachers": teachers, "kept": len(kept), "usable": len(usable),
               "keep": args.pseudo_keep, "weight": args.pseudo_weight, "student_noise": args.student_noise,
               "labelled_share": 0.5 if args.labelled_share is None else args.labelled_share,
               "max_mean_entropy": max(label.mean_entropy for label in kept)}
@@ -448,11 +449,11 @@ def main(argv=None):
     model = prepare_model(model, device, dist, args.compile)
 
     # Loop: best by validation Dice, optional early stopping and encoder freezing.
-    split = SplitSpec(str(index) if index else None, args.val_ratio, args.test_ratio, args.split_seed)
+    split = SplitSpec(recorded_path(index) if index else None, args.val_ratio, args.test_ratio, args.split_seed)
     settings = {"task": args.task, "classes": classes, "lambda_dice": args.lambda_dice, "label_fraction": args.label_fraction,
                 "labelled_pairs": sorted(s.pair_id for s in train_samples), "augment": args.augment,
                 "mask_resize": args.mask_resize,
-                "init_from": args.init_from, "steps_per_epoch": len(train_loader),
+                "init_from": recorded_path(args.init_from) if args.init_from else None, "steps_per_epoch": len(train_loader),
                 "freeze_encoder_epochs": args.freeze_encoder_epochs, "pseudo_labels": pseudo_record,
                 "semi": {"method": "mean teacher, weak-to-strong consistency", "unlabelled": len(pool),
                          "ema_decay": args.ema_decay, "confidence": args.confidence, "weight": args.unlabelled_weight,

@@ -248,7 +248,8 @@ def external_command(args, cell: Path) -> list[str]:
 def external_done(args, cell: Path) -> bool:
     """Scored on this --external-test set (a summary of another set is redone)."""
     summary = cell / "eval_external" / "summary.json"
-    return summary.exists() and json.loads(summary.read_text())["images_dir"] == str(args.external_test)
+    return summary.exists() and \
+        Path(json.loads(summary.read_text())["images_dir"]).resolve() == Path(args.external_test).resolve()
 
 
 def pretrainings(args):

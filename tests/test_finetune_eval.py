@@ -86,7 +86,7 @@ def test_predict_mode_writes_masks_for_unlabelled_images(finetuned, labelled, tm
                       "--save-preds", str(tmp_path / "masks"), "--tta", "--cpu", "--workers", "0"])
     written = {p.name: read_image(p).shape for p in (tmp_path / "masks").glob("*.png")}
     assert written == {"xray0.png": (80, 150), "xray1.png": (120, 240), "xray2.png": (90, 180)}
-    record = json.loads((finetuned / "eval_predict" / "summary.json").read_text())  # what made the masks
+    record = json.loads((tmp_path / "masks" / "summary.json").read_text())  # what made the masks, beside them
     assert record["n_images"] == 3 and record["split"] == "predict" and record["tta"] is True
     assert record["preds_dir"] == str(tmp_path / "masks") and record["ensemble"] == [str(finetuned / "best.pth")]
     # The DICOM's mask is the one its 8-bit rendering gets: the same X-ray as a PNG.
@@ -316,6 +316,36 @@ def test_predictions_are_never_written_among_the_inputs(finetuned, labelled, tmp
                                         "--workers", "0", "--out-dir", str(tmp_path / "out")])
     assert f"{tmp_path / where}: {flag} lies among the images (or masks) this run reads" in line
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before  # nothing overwritten or added
+
+
+def test_a_run_made_with_relative_paths_is_evaluated_from_any_folder(labelled, tmp_path, monkeypatch, cli_error):
+    shutil.copytree(labelled, tmp_path / "work" / "data")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    finetune_seg.main(["--images-dir", "data/images", "--masks-dir", "data/masks", "--checkpoint-dir", "run", *NET,
+                       "--base-channels", "2", "--epochs", "1"])
+    data = open_checkpoint("run").data
+    assert (data.images_dir, data.masks_dir) == (str(tmp_path / "work/data/images"), str(tmp_path / "work/data/masks"))
+    monkeypatch.chdir(tmp_path / "elsewhere")  # eval, and what reads its outputs, from another folder
+    eval_script.main(["--checkpoint", str(tmp_path / "work/run"), "--out-dir", "out", "--cpu", "--workers", "0"])
+    rows = list(csv.DictReader(open("out/per_image.csv")))
+    summary = json.loads(Path("out/summary.json").read_text())
+    assert rows and all(Path(r["image"]).is_absolute() and Path(r["mask"]).is_file() for r in rows)
+    assert summary["ensemble"] == [str(tmp_path / "work/run/best.pth")]
+
+    # A checkpoint from before absolute paths says where its data was meant to be, not "index file not found".
+    old = torch.load(tmp_path / "work/run/best.pth", weights_only=True)
+    old["data"]["images_dir"], old["data"]["masks_dir"] = "data/images", "data/masks"
+    torch.save(old, tmp_path / "old.pth")
+    line = cli_error(eval_script.main, ["--checkpoint", str(tmp_path / "old.pth"), "--cpu", "--workers", "0"])
+    assert "data/images: this checkpoint records its images folder relative to the folder it was trained in" in line
+
+
+def test_predictions_beside_a_data_root_read_by_its_index_are_allowed(finetuned, phantom_data_root, tmp_path):
+    shutil.copytree(phantom_data_root, tmp_path / "root")  # read through its index: root/preds is never an input
+    eval_script.main(["--checkpoint", str(finetuned), "--images-dir", str(tmp_path / "root"), "--save-preds",
+                      str(tmp_path / "root" / "preds"), "--cpu", "--workers", "0", "--out-dir", str(tmp_path / "out")])
+    assert list((tmp_path / "root" / "preds").glob("*.png"))
 
 
 def test_predict_mode_names_a_corrupt_image_or_skips_it(finetuned, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 import finetune_seg
 import prepare_sts2d
+import run_study
 from checkpoints import open_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,3 +190,18 @@ def test_binary_init_needs_the_per_tooth_task(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_study.main(["--images-dir", str(tmp_path), "--inits", "binary"])
     assert "--inits binary starts a per-tooth cell from its binary twin" in capsys.readouterr().err
+
+
+def test_an_external_evaluation_is_found_done_whatever_path_named_its_set(tmp_path, monkeypatch):
+    """eval records the absolute path; run_study was given a relative one (it redid the evaluation every time
+    and left it out of the report)."""
+    from argparse import Namespace
+
+    (tmp_path / "other" / "processed_2d").mkdir(parents=True)
+    (tmp_path / "cell" / "eval_external").mkdir(parents=True)
+    summary = tmp_path / "cell" / "eval_external" / "summary.json"
+    monkeypatch.chdir(tmp_path)
+    summary.write_text(json.dumps({"images_dir": str(tmp_path / "other" / "processed_2d")}))
+    assert run_study.external_done(Namespace(external_test=Path("other/processed_2d")), Path("cell"))
+    summary.write_text(json.dumps({"images_dir": str(tmp_path / "elsewhere")}))  # another set is redone
+    assert not run_study.external_done(Namespace(external_test=Path("other/processed_2d")), Path("cell"))
