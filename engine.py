@@ -26,7 +26,8 @@ from tqdm import tqdm
 from checkpoints import (BEST, LAST, Checkpoint, DataSpec, ModelSpec, Precision, SplitSpec, TrainingState,
                          open_checkpoint, plain, resume_path, save_checkpoint, unwrap)
 from data import NORM_MEAN, NORM_STD, denormalize
-from utils import ToothSegError, check_output_dir, non_negative_int, positive_int, probability, recorded_path, select_device
+from utils import (ToothSegError, check_output_dir, non_negative_int, non_negative_number, positive_int, positive_number,
+                   probability, recorded_path, select_device)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -220,8 +221,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=epochs, metavar="N", help="training epochs (the schedule spans all of them)")
     optim.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="B", help="per process; global batch = B x processes")
-    optim.add_argument("--lr", type=float, default=lr, metavar="LR", help="AdamW learning rate for the global batch")
-    optim.add_argument("--weight-decay", type=float, default=weight_decay, metavar="WD", help="AdamW decoupled weight decay (not on norms and biases)")
+    optim.add_argument("--lr", type=positive_number, default=lr, metavar="LR", help="AdamW learning rate for the global batch")
+    optim.add_argument("--weight-decay", type=non_negative_number, default=weight_decay, metavar="WD",
+                       help="AdamW decoupled weight decay (not on norms and biases)")
     optim.add_argument("--scheduler", choices=("cosine", "plateau", "none"), default=scheduler,
                        help="cosine: per-step decay to 1%% of --lr; plateau: halve on a stalled validation metric")
     optim.add_argument("--amp", choices=AMP_CHOICES, default="auto",
@@ -230,8 +232,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     optim.add_argument("--compile", action="store_true", help="torch.compile the model (slow first epoch)")
 
     runtime = parser.add_argument_group("runtime and logging")
-    runtime.add_argument("--checkpoint-dir", "--save-dir", dest="checkpoint_dir", type=Path, default=Path(checkpoint_dir),
-                         metavar="DIR", help=f"{BEST} (best validation) and {LAST} go here")
+    runtime.add_argument("--checkpoint-dir", "--save-dir", dest="checkpoint_dir", type=Path, metavar="DIR",
+                         help=f"{BEST} (best validation) and {LAST} go here (default: the --resume run's folder, "
+                              f"else {checkpoint_dir})")
+    parser.set_defaults(new_run_dir=Path(checkpoint_dir))  # taken out again by parse_training_args
     runtime.add_argument("--log-dir", "--tensorboard-dir", dest="log_dir", type=Path, metavar="DIR",
                          help="TensorBoard folder (default: CHECKPOINT_DIR/tensorboard)")
     runtime.add_argument("--seed", type=int, default=42, metavar="S", help="seed for initialisation, data order, augmentation and masks")
@@ -251,8 +255,12 @@ def add_pretraining_args(groups: dict) -> None:
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse, then check what argparse cannot: the output folder must be a folder."""
+    """Parse, then settle what argparse cannot: a resumed run goes on in its own folder unless told otherwise (it
+    wrote into ./checkpoints/..., over whatever run was there), and the output folder must be a folder."""
     args = parser.parse_args(argv)
+    new_run_dir = vars(args).pop("new_run_dir")
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = args.resume.parent if args.resume is not None else new_run_dir
     check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
     if args.log_dir is not None:
         check_output_dir(args.log_dir, "--log-dir")
@@ -348,8 +356,26 @@ class Task(Protocol):
     #   a task with figures pooled over the validation set (ratios of sums) has summarise(means) -> figures.
 
 
-# The flags that shape the learning-rate schedule; --resume continues the run's own (train longer: --init-from).
-SCHEDULE_FLAGS = ("epochs", "steps_per_epoch", "batch_size", "scheduler")
+# The flags that shape the learning-rate schedule and the optimiser; --resume continues the run's own (train longer:
+# --init-from): the schedule is rebuilt from them, and the restored optimiser state would ignore a new --lr or
+# --weight-decay that the checkpoint then recorded.
+RESUME_FIXED_FLAGS = ("epochs", "steps_per_epoch", "batch_size", "scheduler", "lr", "weight_decay")
+# What a fine-tune learns from and how, from its checkpoint's task settings (absent for pretraining: equal).
+RESUME_FIXED_TASK = {"task": "--task", "classes": "the tooth classes", "labelled_pairs": "labelled training images "
+                     "(--label-fraction, --label-seed, --train-subset-size, or the folder's images)",
+                     "semi": "--semi", "pseudo_labels": "--pseudo-labels", "init_from": "--init-from",
+                     "augment": "--augment", "mask_resize": "--mask-resize", "lambda_dice": "--lambda-dice",
+                     "freeze_encoder_epochs": "--freeze-encoder-epochs"}
+
+
+def task_field(task: dict, name: str):
+    """A checkpoint's task setting as resume compares it: the --init-from and --pseudo-labels paths resolved."""
+    value = task.get(name)
+    if name == "init_from" and value:
+        return Path(value).resolve()
+    if name == "pseudo_labels" and value:
+        return {**value, "dir": Path(value["dir"]).resolve()}
+    return value
 
 
 def data_field(spec: DataSpec, name: str):
@@ -393,9 +419,11 @@ class Trainer:
         compared = ("input_size", "window", "intensity_landmarks", "image_resize") + \
             (("images_dir", "masks_dir", "split", "holdout", "seed") if saved.format >= 2 else ())
         changed = [name for name in compared if data_field(saved.data, name) != data_field(self.record.data, name)]
-        # Nor the schedule: the learning rate's curve is rebuilt from these flags.
-        changed += [f"--{name.replace('_', '-')}" for name in SCHEDULE_FLAGS if saved.format >= 2
+        # Nor the schedule and optimiser, nor what and how it learns.
+        changed += [f"--{name.replace('_', '-')}" for name in RESUME_FIXED_FLAGS if saved.format >= 2
                     and saved.run_args.get(name) != self.record.run_args.get(name)]
+        changed += [label for name, label in RESUME_FIXED_TASK.items() if saved.format >= 2
+                    and task_field(saved.task, name) != task_field(self.record.task, name)]
         if changed:
             raise ToothSegError(f"{path}: this run's {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
                                 f"from the checkpoint's; resume with the "
