@@ -150,7 +150,7 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
     """(samples, split name, where they came from, how many images were found there); split "predict" or
     "unlabelled" means there are no masks to score against."""
     data = ckpt.data
-    index = find_index(args.images_dir, args.index) if args.images_dir is not None else None
+    index = find_index(args.images_dir, args.index, args.masks_dir) if args.images_dir is not None else None
     if args.images_dir is None:
         splits, where = data.labelled_splits(), f"the training data ({data.images_dir})"
     elif args.masks_dir is None and index is None:
@@ -161,9 +161,11 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
         return samples, "predict", str(args.images_dir), len(samples)
     else:
         splits, where = data.labelled_splits(args.images_dir, args.masks_dir, args.index), str(args.images_dir)
+    trained_here = data.images_dir is not None and args.images_dir is not None and \
+        Path(args.images_dir).resolve() == Path(data.images_dir).resolve()
     if args.split == "unlabelled":
         # The teacher's own pool: what its label fraction left out of training, and the unlabelled images.
-        labelled = ckpt.task.get("labelled_pairs") if args.images_dir is None else None
+        labelled = ckpt.task.get("labelled_pairs") if args.images_dir is None or trained_here else None
         labelled = labelled if labelled is not None else [s.pair_id for s in splits["train"]]
         pool = unlabelled_pool(args.images_dir or data.images_dir, args.index if args.images_dir else data.split.index,
                                splits["train"], labelled)
@@ -171,8 +173,6 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
             raise ToothSegError(f"{where}: has no unlabelled images (prepare_sts2d.py --unlabelled-dir adds some)")
         return pool, "unlabelled", where, len(pool)
     # A labelled folder without an index is scored whole, unless it is the folder the model trained on.
-    trained_here = data.images_dir is not None and args.images_dir is not None and \
-        Path(args.images_dir).resolve() == Path(data.images_dir).resolve()
     bare_folder = args.images_dir is not None and index is None and not trained_here
     split = args.split or ("all" if bare_folder else "test")
     found = sum(len(part) for part in splits.values())
@@ -186,7 +186,7 @@ def check_apart_from_inputs(samples: list, args, save_preds: Path | None) -> Non
     """Refuse a --save-preds/--save-probs folder among the run's inputs: its PNGs, named after the images, would
     overwrite X-rays or masks there, or be taken for X-rays by the next run on a folder read whole."""
     holding_inputs = {p.parent.resolve() for s in samples for p in (s.image, s.mask, s.teeth) if p is not None}
-    bare = args.images_dir is not None and find_index(args.images_dir, args.index) is None  # read whole, not by index
+    bare = args.images_dir is not None and find_index(args.images_dir, args.index, args.masks_dir) is None  # read whole
     read_whole = [Path(d).resolve() for d in (args.images_dir, args.masks_dir) if d is not None and bare]
     for folder, flag in ((save_preds, "--save-preds"), (args.save_probs, "--save-probs")):
         target = Path(folder).resolve() if folder is not None else None

@@ -50,8 +50,8 @@ from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
 from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
 from teeth import mirror_closed, read_label_map
-from utils import (ToothSegError, make_parser, non_negative_int, positive_int, probability, recorded_path, run_cli,
-                   set_seed)
+from utils import (ToothSegError, make_parser, non_negative_int, non_negative_number, positive_int, positive_number,
+                   probability, recorded_path, run_cli, set_seed, share_below_one)
 
 
 TASKS = ("binary", "teeth")
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     model, data, optim = groups["model"], groups["data"], groups["optim"]
     model.add_argument("--init-from", type=Path, metavar="CKPT",
                        help="pretrained weights (a MIM or full-image run's best.pth, or a bare state_dict); scratch if omitted")
-    model.add_argument("--freeze-encoder-epochs", type=int, default=0, metavar="N",
+    model.add_argument("--freeze-encoder-epochs", type=non_negative_int, default=0, metavar="N",
                        help="keep encoder + bottleneck fixed for the first N epochs")
     model.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, default=None,
                        help="U-Nets: also supervise the 1/8, 1/4 and 1/2 decoder stages through 1x1 heads (nnU-Net's "
@@ -77,8 +77,8 @@ def parse_args(argv=None):
                             "head only; default: the --init-from checkpoint's, else off")
     data.add_argument("--masks-dir", type=Path, metavar="DIR",
                       help="masks with the images' file names (used only without an index; default: --images-dir)")
-    data.add_argument("--val-ratio", type=float, default=0.1, metavar="F", help="without an index: share for validation")
-    data.add_argument("--test-ratio", type=float, default=0.1, metavar="F", help="without an index: share for test")
+    data.add_argument("--val-ratio", type=share_below_one, default=0.1, metavar="F", help="without an index: share for validation")
+    data.add_argument("--test-ratio", type=share_below_one, default=0.1, metavar="F", help="without an index: share for test")
     data.add_argument("--split-seed", type=int, default=0, metavar="S",
                       help="without an index: seed of the file-name split (kept apart from --seed, so runs with "
                            "different seeds share one test set)")
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     data.add_argument("--label-seed", type=int, metavar="S",
                       help="the seed that draws the --label-fraction share; default: --seed. Teachers to fuse "
                            "(eval.py --save-probs with several checkpoints) share the labels and differ in --seed")
-    data.add_argument("--train-subset-size", type=int, metavar="N", help="then keep at most N training pairs")
+    data.add_argument("--train-subset-size", type=positive_int, metavar="N", help="then keep at most N training pairs")
     data.add_argument("--steps-per-epoch", type=positive_int, metavar="N",
                       help="an epoch is N optimiser steps drawn from the training set, whatever its size (each image "
                            "equally often, augmented anew each time), as nnU-Net's 250 iterations per epoch: the budget, "
@@ -118,10 +118,10 @@ def parse_args(argv=None):
                       help="match each image's histogram to the training images' mean one (histogram standardisation, "
                            "recorded in the checkpoint, so eval.py and the notebook do the same): another clinic's "
                            "exposure and contrast curve then look like the training clinic's")
-    optim.add_argument("--lambda-dice", type=float, metavar="L",
+    optim.add_argument("--lambda-dice", type=non_negative_number, metavar="L",
                        help="loss = BCE + L * soft Dice (binary, default 0.2), or cross-entropy + L * soft Dice over the "
                             "tooth classes (teeth, default 1.0, as nnU-Net)")
-    optim.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better val Dice")
+    optim.add_argument("--patience", type=positive_int, metavar="N", help="stop after N epochs without a better val Dice")
     optim.add_argument("--select-by", choices=("dice", "dice_pooled"), default="dice",
                        help="the validation figure that picks best.pth: dice, the mean over images; dice_pooled, all "
                             "pixels at once (nnU-Net's pseudo-Dice), which a few images without teeth cannot dominate "
@@ -132,7 +132,7 @@ def parse_args(argv=None):
     unlabelled.add_argument("--pseudo-labels", type=Path, metavar="DIR",
                             help="offline: also train on the pool images a teacher labelled (eval.py --save-probs DIR), "
                                  "with its soft probabilities as targets")
-    unlabelled.add_argument("--pseudo-weight", type=float, default=1.0, metavar="W", help="loss weight of a pseudo-labelled image")
+    unlabelled.add_argument("--pseudo-weight", type=positive_number, default=1.0, metavar="W", help="loss weight of a pseudo-labelled image")
     unlabelled.add_argument("--pseudo-keep", type=float, default=1.0, metavar="F",
                             help="keep this share of the pseudo-labels, the most confident (lowest mean entropy)")
     unlabelled.add_argument("--labelled-share", type=probability, metavar="F",
@@ -144,10 +144,10 @@ def parse_args(argv=None):
     unlabelled.add_argument("--semi", action="store_true",
                             help="online: a mean teacher labels a weak view of each pool image, the student learns it "
                                  "on a strong view where the teacher is confident (FixMatch/UniMatch style)")
-    unlabelled.add_argument("--ema-decay", type=float, default=0.99, metavar="D", help="--semi: teacher = EMA of the student")
+    unlabelled.add_argument("--ema-decay", type=probability, default=0.99, metavar="D", help="--semi: teacher = EMA of the student")
     unlabelled.add_argument("--confidence", type=probability, default=0.95, metavar="T",
                             help="--semi: learn only pixels the teacher is this sure of")
-    unlabelled.add_argument("--unlabelled-weight", type=float, default=1.0, metavar="W", help="--semi: weight of the consistency loss")
+    unlabelled.add_argument("--unlabelled-weight", type=non_negative_number, default=1.0, metavar="W", help="--semi: weight of the consistency loss")
     unlabelled.add_argument("--rampup-epochs", type=non_negative_int, default=2, metavar="N",
                             help="--semi: raise the consistency weight linearly over the first N epochs")
     args = parse_training_args(parser, argv)
@@ -161,6 +161,9 @@ def parse_args(argv=None):
         parser.error("--mask-resize area is for the binary task; tooth numbers are labels that must not be blended")
     if args.task == "teeth" and args.select_by != "dice":
         parser.error("--select-by dice_pooled is for the binary task; the per-tooth task picks by its mean tooth Dice")
+    if args.val_ratio + args.test_ratio >= 1:
+        parser.error(f"--val-ratio and --test-ratio leave no training images (they sum to "
+                     f"{args.val_ratio + args.test_ratio:g}); keep their sum below 1")
     if args.lambda_dice is None:
         args.lambda_dice = 1.0 if args.task == "teeth" else 0.2
     if args.window is not None:
@@ -384,7 +387,7 @@ def main(argv=None):
     set_seed(args.seed)
 
     # Data: the index's splits (or a file-name split); optionally fewer labels for low-label studies.
-    index = find_index(args.images_dir, args.index)
+    index = find_index(args.images_dir, args.index, args.masks_dir)
     splits = segmentation_splits(args.images_dir, args.masks_dir, index=index, val_ratio=args.val_ratio,
                                  test_ratio=args.test_ratio, seed=args.split_seed)
     teeth = args.task == "teeth"
@@ -396,8 +399,8 @@ def main(argv=None):
     train_samples = subset_fraction(splits["train"], args.label_fraction,
                                     args.seed if args.label_seed is None else args.label_seed)[:args.train_subset_size]
     if not splits["val"]:
-        raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; "
-                            f"rebuild the index with a larger --val-ratio")
+        fix = "rebuild the index with prepare_sts2d.py --val-ratio larger" if index else "give a larger --val-ratio"
+        raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; {fix}")
     modality = modality_of(train_samples)
     # The labelled training images set the reference, so a student of the same labels shares its teacher's.
     landmarks = intensity_landmarks(train_samples) if args.standardize_intensity else None

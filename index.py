@@ -82,14 +82,19 @@ class Sample:
     teeth: Path | None = None   # the per-tooth label map, where the index lists one
 
 
-def find_index(images_dir: str | os.PathLike, index: str | os.PathLike | None = None) -> Path | None:
+def find_index(images_dir: str | os.PathLike, index: str | os.PathLike | None = None,
+               masks_dir: str | os.PathLike | None = None) -> Path | None:
     """The index given explicitly, else sts2d_index.csv inside `images_dir` or its parent (the parent of the
-    folder a link points to too: a link to a data root's processed_2d has the data root's index), else None."""
+    folder a link points to too: a link to a data root's processed_2d has the data root's index), else None.
+    A `masks_dir` given without an index means bare folders: no index is looked for (one beside the images
+    folder took over and the masks given were ignored)."""
     if index is not None:
         index = Path(index)
         if not index.is_file():
             raise ToothSegError(f"{index}: index file not found; check --index or run prepare_sts2d.py")
         return index
+    if masks_dir is not None:
+        return None
     images_dir = Path(images_dir)
     for candidate in (images_dir / INDEX_NAME, images_dir.parent / INDEX_NAME, images_dir.resolve().parent / INDEX_NAME):
         if candidate.is_file():
@@ -223,7 +228,7 @@ def segmentation_splits(images_dir: str | os.PathLike, masks_dir: str | os.PathL
                         index: str | os.PathLike | None = None, val_ratio: float = 0.1, test_ratio: float = 0.1,
                         seed: int = 0) -> dict[str, list[Sample]]:
     """Labelled train/val/test samples: from the index when there is one, else split by file name."""
-    index_path = find_index(images_dir, index)
+    index_path = find_index(images_dir, index, masks_dir)
     if index_path is not None:
         base = index_base_dir(images_dir, index_path)
         splits = {name: samples_from_index(index_path, base, (name,), labeled_only=True) for name in ("train", "val", "test")}

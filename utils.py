@@ -97,15 +97,23 @@ def _int_at_least(lowest: int):
 positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
-def probability(text: str) -> float:
-    """An argparse type for a threshold strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
-    return value
+def _number_where(accepts: Callable[[float], bool], wanted: str):
+    """An argparse type for a finite number that `accepts` (NaN and infinities never pass)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (np.isfinite(value) and accepts(value)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+    return parse
+
+
+probability = _number_where(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")  # a threshold or a share
+share_below_one = _number_where(lambda v: 0 <= v < 1, "at least 0 and below 1")      # a split's share of the images
+positive_number = _number_where(lambda v: v > 0, "above 0")
+non_negative_number = _number_where(lambda v: v >= 0, "at least 0")
 
 
 def recorded_path(path: str | os.PathLike) -> str:

@@ -20,7 +20,7 @@ import eval as eval_script
 import finetune_seg
 import mim_pretrain
 from checkpoints import open_checkpoint
-from index import Sample, subset_fraction
+from index import Sample, segmentation_splits, subset_fraction
 from models import build_model
 from phantom import generate_panoramic
 from predict import load_predictor, remove_small_components
@@ -170,7 +170,7 @@ def test_masks_resize_by_area_unless_a_resumed_run_started_otherwise(finetuned, 
     assert resumed.epoch == 2 and resumed.task["mask_resize"] == "nearest"
 
 
-def test_resume_refuses_another_model_or_other_data_in_one_line(labelled, tmp_path, interrupted_run):
+def test_resume_refuses_another_model_or_other_data_in_one_line(labelled, tmp_path, interrupted_run, monkeypatch):
     run = tmp_path / "run"
     flags = ["--checkpoint-dir", str(run), *NET, "--base-channels", "4", "--epochs", "2"]
     interrupted_run(finetune_seg.main, [*data_flags(labelled), *flags])
@@ -185,9 +185,48 @@ def test_resume_refuses_another_model_or_other_data_in_one_line(labelled, tmp_pa
         finetune_seg.main([*data_flags(labelled), *flags, *resume, "--seed", "1"])
     with pytest.raises(ToothSegError, match="this run's --epochs differs from"):  # the cosine schedule would bend
         finetune_seg.main([*data_flags(labelled), *flags[:-1], "3", *resume])
+    with pytest.raises(ToothSegError, match="this run's --lr differs from"):  # the optimiser state would ignore it
+        finetune_seg.main([*data_flags(labelled), *flags, *resume, "--lr", "0.5"])
+    with pytest.raises(ToothSegError, match=r"this run's labelled training images \(--label-fraction"):
+        finetune_seg.main([*data_flags(labelled), *flags, *resume, "--label-fraction", "0.5"])
     (tmp_path / "same").symlink_to(labelled)  # the same data by another path is the same
-    finetune_seg.main([*data_flags(tmp_path / "same"), *flags, *resume])
-    assert open_checkpoint(run / "last.pth").epoch == 2
+    monkeypatch.chdir(tmp_path)  # without --checkpoint-dir the run goes on in its own folder, not ./checkpoints/
+    finetune_seg.main([*data_flags(tmp_path / "same"), *flags[2:], *resume])
+    assert open_checkpoint(run / "last.pth").epoch == 2 and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--patience", "0"], "--patience: must be at least 1, got 0"),  # it trained nothing and exited 0
+    (["--train-subset-size", "-1"], "--train-subset-size: must be at least 1, got -1"),  # it dropped one pair
+    (["--test-ratio", "-0.2"], "--test-ratio: must be at least 0 and below 1, got -0.2"),
+    (["--lr", "nan"], "--lr: must be above 0, got nan"),  # an AdamW traceback
+    (["--lambda-dice", "-5"], "--lambda-dice: must be at least 0, got -5.0"),
+    (["--val-ratio", "0.95"], "--val-ratio and --test-ratio leave no training images (they sum to 1.05)"),
+])
+def test_numbers_out_of_range_are_refused_before_any_work(labelled, tmp_path, capsys, flags, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path), *NET, *flags])
+    stderr = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and expected in stderr and len(stderr.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_masks_given_mean_bare_folders_even_beside_an_index(labelled, tmp_path):
+    shutil.copytree(labelled, tmp_path / "data")
+    (tmp_path / "data" / "sts2d_index.csv").write_text("rel_path,split\n")  # a stray index beside images/
+    splits = segmentation_splits(tmp_path / "data/images", tmp_path / "data/masks")
+    assert sum(len(part) for part in splits.values()) == 20  # the pairs given, not the index's (none)
+
+
+def test_a_teachers_pool_is_the_same_with_its_training_folder_named(labelled, tmp_path):
+    finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path / "teacher"), *NET, "--base-channels", "2",
+                       "--epochs", "1", "--label-fraction", "0.5"])
+    pools = []
+    for named in ([], data_flags(labelled)):  # named, it once found no pool: the label fraction was forgotten
+        eval_script.main(["--checkpoint", str(tmp_path / "teacher"), *named, "--split", "unlabelled", "--save-probs",
+                          str(tmp_path / f"probs{len(pools)}"), "--cpu", "--workers", "0"])
+        pools.append(sorted(p.name for p in (tmp_path / f"probs{len(pools)}").glob("*.png")))
+    assert pools[0] == pools[1] != []
 
 
 def test_label_fractions_are_deterministic_and_nested():
