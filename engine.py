@@ -26,7 +26,7 @@ from tqdm import tqdm
 from checkpoints import (BEST, LAST, Checkpoint, DataSpec, ModelSpec, Precision, SplitSpec, TrainingState,
                          open_checkpoint, plain, resume_path, save_checkpoint, unwrap)
 from data import NORM_MEAN, NORM_STD, denormalize
-from utils import (ToothSegError, check_output_dir, non_negative_int, non_negative_number, positive_int, positive_number,
+from utils import (ToothSegError, check_output_dir, non_negative_int, non_negative_number, positive_int,
                    probability, recorded_path, select_device)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -221,7 +221,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=epochs, metavar="N", help="training epochs (the schedule spans all of them)")
     optim.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="B", help="per process; global batch = B x processes")
-    optim.add_argument("--lr", type=positive_number, default=lr, metavar="LR", help="AdamW learning rate for the global batch")
+    optim.add_argument("--lr", type=non_negative_number, default=lr, metavar="LR", help="AdamW learning rate for the global batch")
     optim.add_argument("--weight-decay", type=non_negative_number, default=weight_decay, metavar="WD",
                        help="AdamW decoupled weight decay (not on norms and biases)")
     optim.add_argument("--scheduler", choices=("cosine", "plateau", "none"), default=scheduler,

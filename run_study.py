@@ -359,7 +359,9 @@ def main(argv=None):
                   **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
                   **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {}),
                   "n_test": summary["n_images"], "best_epoch": summary["checkpoint_epoch"],
-                  "seconds": round(time.time() - cell_start, 1), "settings": settings(commands, args)}
+                  "seconds": round(time.time() - cell_start, 1), "settings": settings(commands, args),
+                  "extra": {"finetune_args": args.finetune_args, "semi_args": args.semi_args if semi != "none" else None,
+                            "pseudo_rounds": args.pseudo_rounds if semi == "pseudo" else None}}
         atomic_write_text(cell / "cell.json", json.dumps(record, indent=2))
         ran += 1
         print(f"  {name}: test {score_name(args)} {record[score_name(args)]:.4f}, hd95 {record['hd95']:.1f} px", flush=True)
@@ -386,7 +388,7 @@ def main(argv=None):
 def collect(args) -> list[dict]:
     """The records of every finished cell of this task in OUT_DIR, this grid's and earlier runs' alike, so a
     study run in parts (say, the semi-supervised cells for scratch only) is tabulated as one."""
-    records = [{"task": "binary", "semi": "none", **json.loads(p.read_text())}  # older cells: binary, supervised
+    records = [{"name": p.parent.name, "task": "binary", "semi": "none", **json.loads(p.read_text())}  # older: binary
                for p in sorted((args.out_dir / "cells").glob("*/cell.json"))]
     return [r for r in records if r["task"] == args.task]
 
@@ -463,7 +465,8 @@ def external_records(args, records: list[dict]) -> list[dict]:
 def write_outputs(args, records: list[dict]) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+    columns = list(dict.fromkeys(key for r in records for key in r))  # older cells lack the newer fields
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
     atomic_write_text(output_path(args, "study.csv"), buf.getvalue())
@@ -478,11 +481,8 @@ def write_outputs(args, records: list[dict]) -> None:
     text = ["# Study: unlabelled images and pretraining" + (", per-tooth task" if teeth else ""), "", f"Images: `{args.images_dir}`, input "
             f"{args.img_height}x{args.img_width}, base {args.base_channels}, {pretraining}"
             f"fine-tuning {args.finetune_epochs} epochs"
-            f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''} (extra flags: "
-            f"`{args.finetune_args or 'none'}`), {args.pseudo_rounds} round(s) of "
-            f"pseudo-labels (pseudo/online extra flags: "
-            f"`{args.semi_args or 'none'}`), "
-            f"batch {args.batch_size}.", "", *lines, ""]
+            f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''}, batch {args.batch_size}; "
+            f"{cell_extras(records)}.", "", *lines, ""]
     text += [paired, "", *diffs, ""] if diffs else []
     panels = [(f"test split of {args.images_dir.parent.name}", group_cells(records))]
     external = external_records(args, records) if args.external_test is not None else []
@@ -496,6 +496,28 @@ def write_outputs(args, records: list[dict]) -> None:
     plot(args, panels)
     print("\n".join(text[4:]))
     print(f"wrote {output_path(args, 'study.csv')}, {output_path(args, 'study.md')} and {output_path(args, 'study_dice.png')}")
+
+
+def cell_extras(records: list[dict]) -> str:
+    """The extra flags (and pseudo-label rounds) of the tabulated cells, as each cell recorded them: a grid run in
+    parts with other extras is described as it ran, not as the last command asked."""
+    def described(rows: list[dict], key: str, show) -> str:
+        found: dict[str, list[str]] = {}
+        for r in rows:
+            value = (r.get("extra") or {}).get(key, "?")
+            found.setdefault("not recorded" if value == "?" else show(value), []).append(r["name"])
+        return next(iter(found)) if len(found) == 1 else \
+            "; ".join(f"{text} ({', '.join(names)})" for text, names in found.items())
+
+    flags = lambda value: f"`{value or 'none'}`"
+    parts = [f"extra fine-tuning flags {described(records, 'finetune_args', flags)}"]
+    pseudo, online = ([r for r in records if r["semi"] == way] for way in ("pseudo", "online"))
+    if pseudo:
+        parts.append(f"pseudo-label cells: {described(pseudo, 'pseudo_rounds', lambda n: f'{n} round(s)')}, extra "
+                     f"flags {described(pseudo, 'semi_args', flags)}")
+    if online:
+        parts.append(f"online cells: extra flags {described(online, 'semi_args', flags)}")
+    return "; ".join(parts)
 
 
 def method_label(init: str, semi: str) -> str:

@@ -199,7 +199,7 @@ def test_resume_refuses_another_model_or_other_data_in_one_line(labelled, tmp_pa
     (["--patience", "0"], "--patience: must be at least 1, got 0"),  # it trained nothing and exited 0
     (["--train-subset-size", "-1"], "--train-subset-size: must be at least 1, got -1"),  # it dropped one pair
     (["--test-ratio", "-0.2"], "--test-ratio: must be at least 0 and below 1, got -0.2"),
-    (["--lr", "nan"], "--lr: must be above 0, got nan"),  # an AdamW traceback
+    (["--lr", "nan"], "--lr: must be at least 0, got nan"),  # an AdamW traceback
     (["--lambda-dice", "-5"], "--lambda-dice: must be at least 0, got -5.0"),
     (["--val-ratio", "0.95"], "--val-ratio and --test-ratio leave no training images (they sum to 1.05)"),
 ])

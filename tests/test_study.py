@@ -143,7 +143,7 @@ def test_study_outputs_summarise_every_cell(tiny_study):
         assert float(row["dice"]) == cell["dice"] == summary["metrics"]["dice"]["mean"]
     table = (tiny_study / "study.md").read_text()
     assert "| unet | mim | none | 1 | 1 |" in table and "Dice − supervised scratch" in table
-    assert "base 4, pretraining 1 epochs, fine-tuning 2 epochs (extra flags: `none`)" in table  # what every stage ran with
+    assert "base 4, pretraining 1 epochs, fine-tuning 2 epochs, batch 4; extra fine-tuning flags `none`." in table
     figure = cv2.imread(str(tiny_study / "study_dice.png"))
     assert figure is not None and figure.shape[0] > 200
 
@@ -205,3 +205,16 @@ def test_an_external_evaluation_is_found_done_whatever_path_named_its_set(tmp_pa
     assert run_study.external_done(Namespace(external_test=Path("other/processed_2d")), Path("cell"))
     summary.write_text(json.dumps({"images_dir": str(tmp_path / "elsewhere")}))  # another set is redone
     assert not run_study.external_done(Namespace(external_test=Path("other/processed_2d")), Path("cell"))
+
+
+def test_the_table_describes_each_cell_as_it_ran():
+    """A grid run in parts (the README's pseudo cells with two rounds, then the online cells): the header once
+    described every cell by the last command's flags."""
+    cells = [{"name": "a", "semi": "none", "extra": {"finetune_args": "--augment=strong"}},
+             {"name": "b", "semi": "pseudo", "extra": {"finetune_args": "--augment=strong", "pseudo_rounds": 2,
+                                                       "semi_args": "--labelled-share=0.5"}},
+             {"name": "c", "semi": "online", "extra": {"finetune_args": "--augment=strong", "semi_args": ""}},
+             {"name": "d", "semi": "online"}]  # a cell from before the record
+    assert run_study.cell_extras(cells) == (
+        "extra fine-tuning flags `--augment=strong` (a, b, c); not recorded (d); pseudo-label cells: 2 round(s), "
+        "extra flags `--labelled-share=0.5`; online cells: extra flags `none` (c); not recorded (d)")
