@@ -419,11 +419,11 @@ class Trainer:
         compared = ("input_size", "window", "intensity_landmarks", "image_resize") + \
             (("images_dir", "masks_dir", "split", "holdout", "seed") if saved.format >= 2 else ())
         changed = [name for name in compared if data_field(saved.data, name) != data_field(self.record.data, name)]
-        # Nor the schedule and optimiser, nor what and how it learns.
-        changed += [f"--{name.replace('_', '-')}" for name in RESUME_FIXED_FLAGS if saved.format >= 2
-                    and saved.run_args.get(name) != self.record.run_args.get(name)]
-        changed += [label for name, label in RESUME_FIXED_TASK.items() if saved.format >= 2
-                    and task_field(saved.task, name) != task_field(self.record.task, name)]
+        if saved.format >= 2:  # nor the schedule and optimiser, nor what and how it learns
+            changed += [f"--{name.replace('_', '-')}" for name in RESUME_FIXED_FLAGS
+                        if saved.run_args.get(name) != self.record.run_args.get(name)]
+            changed += [label for name, label in RESUME_FIXED_TASK.items()
+                        if task_field(saved.task, name) != task_field(self.record.task, name)]
         if changed:
             raise ToothSegError(f"{path}: this run's {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
                                 f"from the checkpoint's; resume with the "

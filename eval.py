@@ -146,11 +146,10 @@ def parse_args(argv=None):
     return args
 
 
-def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
-    """(samples, split name, where they came from, how many images were found there); split "predict" or
-    "unlabelled" means there are no masks to score against."""
+def choose_samples(args, ckpt, index: Path | None) -> tuple[list, str, str, int]:
+    """(samples, split name, where they came from, how many images were found there), `index` being --images-dir's
+    (None: none, or no --images-dir); split "predict" or "unlabelled" means there are no masks to score against."""
     data = ckpt.data
-    index = find_index(args.images_dir, args.index, args.masks_dir) if args.images_dir is not None else None
     if args.images_dir is None:
         splits, where = data.labelled_splits(), f"the training data ({data.images_dir})"
     elif args.masks_dir is None and index is None:
@@ -182,15 +181,16 @@ def choose_samples(args, ckpt) -> tuple[list, str, str, int]:
     return sorted(samples, key=lambda s: s.pair_id) if split == "all" else samples, split, where, found
 
 
-def check_apart_from_inputs(samples: list, args, save_preds: Path | None) -> None:
+def check_apart_from_inputs(samples: list, args, index: Path | None, save_preds: Path | None) -> None:
     """Refuse a --save-preds/--save-probs folder among the run's inputs: its PNGs, named after the images, would
-    overwrite X-rays or masks there, or be taken for X-rays by the next run on a folder read whole."""
+    overwrite X-rays or masks there, or be taken for X-rays by the next run on a folder read whole (no `index`)."""
     holding_inputs = {p.parent.resolve() for s in samples for p in (s.image, s.mask, s.teeth) if p is not None}
-    bare = args.images_dir is not None and find_index(args.images_dir, args.index, args.masks_dir) is None  # read whole
-    read_whole = [Path(d).resolve() for d in (args.images_dir, args.masks_dir) if d is not None and bare]
+    read_whole = [Path(d).resolve() for d in (args.images_dir, args.masks_dir) if d is not None and index is None]
     for folder, flag in ((save_preds, "--save-preds"), (args.save_probs, "--save-probs")):
-        target = Path(folder).resolve() if folder is not None else None
-        if target is not None and (target in holding_inputs or any(target.is_relative_to(d) for d in read_whole)):
+        if folder is None:
+            continue
+        target = Path(folder).resolve()
+        if target in holding_inputs or any(target.is_relative_to(d) for d in read_whole):
             raise ToothSegError(f"{folder}: {flag} lies among the images (or masks) this run reads, and its PNGs would "
                                 f"overwrite or join them; choose a folder outside them")
 
@@ -409,7 +409,8 @@ def main(argv=None):
                             "removes; add one of them")
 
     # Data: a labelled split or folder, or predict mode for a folder without masks (or the unlabelled pool).
-    samples, split, where, found = choose_samples(args, ckpt)
+    index = find_index(args.images_dir, args.index, args.masks_dir) if args.images_dir is not None else None
+    samples, split, where, found = choose_samples(args, ckpt, index)
     # Absolute paths in per_image.csv, charts and pseudo-label manifests: the notebook and a student read them.
     samples = [replace(s, **{k: Path(recorded_path(getattr(s, k))) for k in ("image", "mask", "teeth") if getattr(s, k)})
                for s in samples]
@@ -424,7 +425,7 @@ def main(argv=None):
     # Predictions keep their record (summary.json, skipped.csv) beside them, not in the checkpoint's folder.
     out_dir = args.out_dir or (predict and (args.save_preds or args.save_probs)) or ckpt.path.parent / f"eval_{split}"
     save_preds = args.save_preds or (out_dir / "preds" if predict and args.save_probs is None else None)
-    check_apart_from_inputs(samples, args, save_preds)
+    check_apart_from_inputs(samples, args, index, save_preds)
     what = f"{len(samples)} images from {where}" if predict else \
         f"{len(samples)} of the {found} labelled images found in {where} (split {split})"
     windows = [p.checkpoint.data.window for p in predictors]

@@ -843,7 +843,9 @@ def build_parser():
     return parser
 
 
-def load_source(args) -> Source:
+def load_source(args, pool_dirs: list[Path]) -> Source:
+    """The labelled source the flags name; a folder source leaves `pool_dirs` (the --unlabelled-dir folders) and
+    this preparation's outputs out of its images when they lie inside it."""
     given = [name for name in ("zip_dir", "raw_dir", "images_dir", "tg3k_dir", "synthetic") if getattr(args, name) is not None]
     if not given and args.unlabelled_dirs:
         raise ToothSegError("--unlabelled-dir adds unlabelled images to a labelled source; give one as well: "
@@ -861,8 +863,7 @@ def load_source(args) -> Source:
     if args.raw_dir is not None:
         return source_from_raw(args.raw_dir)
     if args.images_dir is not None:
-        pools = [folder for _, folder in pool_folders(args.unlabelled_dirs or [])]
-        return source_from_folders(args.images_dir, args.masks_dir, args.teeth_dir, [args.data_root / PROCESSED_NAME, *pools])
+        return source_from_folders(args.images_dir, args.masks_dir, args.teeth_dir, [args.data_root / PROCESSED_NAME, *pool_dirs])
     if args.tg3k_dir is not None:
         return source_from_tg3k(args.tg3k_dir)
     match = re.fullmatch(r"(\d+)x(\d+)", args.synthetic_size)
@@ -916,9 +917,10 @@ def main(argv=None):
         raise ToothSegError(f"--mask-threshold must be in 0..254 (a mask pixel is tooth when its value > T), "
                             f"got {args.mask_threshold}; or leave it out for the default of each mask's format")
     check_output_dir(args.data_root, "--data-root")
-    source = load_source(args)
+    pools = pool_folders(args.unlabelled_dirs or [])
+    source = load_source(args, [folder for _, folder in pools])
     try:
-        prepare(source, [source_from_pool(name, folder, args.data_root) for name, folder in pool_folders(args.unlabelled_dirs or [])], args)
+        prepare(source, [source_from_pool(name, folder, args.data_root) for name, folder in pools], args)
     finally:
         source.close()
 
