@@ -21,6 +21,7 @@ import numpy as np
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", *DICOM_EXTENSIONS)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
@@ -156,6 +157,8 @@ def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True
         cv2.utils.logging.setLogLevel(level)
     if img is None:
         raise ToothSegError(f"{name}: cannot decode image (corrupt or not an image); replace or remove it")
+    if data[:4] in TIFF_SIGNATURES:
+        _check_one_tiff_page(buf, img, name)
     if grayscale and img.ndim == 3:
         grey = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
         if img.shape[2] == 4:
@@ -163,6 +166,15 @@ def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True
             grey = np.rint(grey * opacity).astype(img.dtype)
         img = grey
     return img
+
+
+def _check_one_tiff_page(buf: np.ndarray, first_page: np.ndarray, name: str | os.PathLike) -> None:
+    """OpenCV reads a TIFF's first page. Smaller later pages are thumbnails, which viewers skip too; a page as
+    large as the first (a stack of X-rays, or a thumbnail put first) leaves unclear which image is meant."""
+    ok, pages = cv2.imdecodemulti(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    area = first_page.shape[0] * first_page.shape[1]
+    if ok and any(page.shape[0] * page.shape[1] >= area for page in pages[1:]):
+        raise ToothSegError(f"{name}: a TIFF of {len(pages)} full-size pages; save each X-ray as a one-page file")
 
 
 def decode_dicom(data: bytes, name: str | os.PathLike) -> np.ndarray:

@@ -127,3 +127,16 @@ def test_images_are_read_upright_and_deep_ones_keep_their_contrast(tmp_path):
     painted[2:4, 3:6, 3] = 255
     write_png(tmp_path / "layer.png", painted)
     assert np.array_equal(read_image(tmp_path / "layer.png") > 0, painted[..., 3] > 0)
+
+
+def test_a_tiff_with_several_full_size_pages_is_refused_and_a_thumbnail_is_skipped(tmp_path):
+    import cv2
+
+    xray, other = np.full((20, 30), 200, np.uint8), np.full((20, 30), 9, np.uint8)
+    (tmp_path / "stack.tif").write_bytes(cv2.imencodemulti(".tif", [xray, other])[1].tobytes())
+    with pytest.raises(ToothSegError, match="stack.tif: a TIFF of 2 full-size pages; save each X-ray as a one-page file"):
+        read_image(tmp_path / "stack.tif")
+    (tmp_path / "thumb.tif").write_bytes(cv2.imencodemulti(".tif", [xray, other[:5, :8]])[1].tobytes())
+    assert np.array_equal(read_image(tmp_path / "thumb.tif"), xray)
+    (tmp_path / "one.tiff").write_bytes(cv2.imencode(".tiff", xray)[1].tobytes())
+    assert np.array_equal(read_image(tmp_path / "one.tiff"), xray)
