@@ -51,7 +51,7 @@ from predict import network_logits
 from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
 from teeth import mirror_closed, read_label_map
 from utils import (ToothSegError, make_parser, non_negative_int, non_negative_number, positive_int, positive_number,
-                   probability, recorded_path, run_cli, set_seed, share_below_one)
+                   probability, recorded_path, run_cli, set_seed, share_below_one, share_of_all)
 
 
 TASKS = ("binary", "teeth")
@@ -133,7 +133,7 @@ def parse_args(argv=None):
                             help="offline: also train on the pool images a teacher labelled (eval.py --save-probs DIR), "
                                  "with its soft probabilities as targets")
     unlabelled.add_argument("--pseudo-weight", type=positive_number, default=1.0, metavar="W", help="loss weight of a pseudo-labelled image")
-    unlabelled.add_argument("--pseudo-keep", type=float, default=1.0, metavar="F",
+    unlabelled.add_argument("--pseudo-keep", type=share_of_all, default=1.0, metavar="F",
                             help="keep this share of the pseudo-labels, the most confident (lowest mean entropy)")
     unlabelled.add_argument("--labelled-share", type=probability, metavar="F",
                             help="--pseudo-labels: this share of the training draws are the truly labelled pairs, the "

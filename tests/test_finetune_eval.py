@@ -201,6 +201,7 @@ def test_resume_refuses_another_model_or_other_data_in_one_line(labelled, tmp_pa
     (["--test-ratio", "-0.2"], "--test-ratio: must be at least 0 and below 1, got -0.2"),
     (["--lr", "nan"], "--lr: must be at least 0, got nan"),  # an AdamW traceback
     (["--lambda-dice", "-5"], "--lambda-dice: must be at least 0, got -5.0"),
+    (["--pseudo-keep", "0"], "--pseudo-keep: must be above 0 and at most 1, got 0.0"),  # found only after the teacher's files were read
     (["--val-ratio", "0.95"], "--val-ratio and --test-ratio leave no training images (they sum to 1.05)"),
 ])
 def test_numbers_out_of_range_are_refused_before_any_work(labelled, tmp_path, capsys, flags, expected):
