@@ -269,16 +269,17 @@ class SegmentationDataset(_ImageDataset):
             raise ToothSegError(f"{unlabelled[0]}: has no mask; segmentation needs labelled pairs")
         super().__init__(samples, transform, **kwargs)
         self.soft, self.soft_weight, self.noise = set(soft), soft_weight, noise
-        self._masks = SharedImages([self._read_target(i) for i in range(len(self.samples))]) \
+        # Cached, a pair of unequal sizes is found here, by every process alike, not when one rank draws it.
+        self._masks = SharedImages([self._read_target(i, self._images.shapes[i]) for i in range(len(self.samples))]) \
             if self._images is not None else None
 
-    def _read_target(self, index: int) -> np.ndarray:
+    def _read_target(self, index: int, size: tuple[int, int]) -> np.ndarray:
         sample = self.samples[index]
-        return to_uint8(read_image(sample.mask)) if sample.pair_id in self.soft else read_mask(sample.mask) * 255
+        target = to_uint8(read_image(sample.mask)) if sample.pair_id in self.soft else read_mask(sample.mask) * 255
+        return check_same_size(target, size, sample.mask)
 
     def _mask(self, index: int, image: np.ndarray) -> np.ndarray:
-        mask = self._masks[index] if self._masks is not None else self._read_target(index)
-        return check_same_size(mask, image.shape, self.samples[index].mask)
+        return self._masks[index] if self._masks is not None else self._read_target(index, image.shape)
 
     def _item(self, index: int, rng: np.random.Generator):
         image = self._image(index)
@@ -304,16 +305,15 @@ class TeethDataset(_ImageDataset):
         super().__init__(samples, transform, **kwargs)
         self.mirror = mirror
         self.lookup = class_lookup(classes, IGNORE_INDEX)
-        self._labels = SharedImages([self._read_labels(i) for i in range(len(self.samples))]) \
+        self._labels = SharedImages([self._read_labels(i, self._images.shapes[i]) for i in range(len(self.samples))]) \
             if self._images is not None else None
 
-    def _read_labels(self, index: int) -> np.ndarray:
-        return read_label_map(self.samples[index].teeth)
+    def _read_labels(self, index: int, size: tuple[int, int]) -> np.ndarray:
+        return check_same_size(read_label_map(self.samples[index].teeth), size, self.samples[index].teeth, "label map")
 
     def _item(self, index: int, rng: np.random.Generator):
         image = self._image(index)
-        labels = self._labels[index] if self._labels is not None else self._read_labels(index)
-        check_same_size(labels, image.shape, self.samples[index].teeth, "label map")
+        labels = self._labels[index] if self._labels is not None else self._read_labels(index, image.shape)
         if self.mirror and rng.random() < 0.5:
             image, labels = np.ascontiguousarray(image[:, ::-1]), mirror_label_map(labels)
         out = self._augment(rng, image=image, mask=labels)

@@ -121,6 +121,22 @@ def test_one_tree_pairs_each_image_with_its_mask_not_its_label_map(tmp_path):
         assert [(s.image.parent.name, s.mask.parent.name) for s in samples] == [("images", "masks")] * 5
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_mask_of_another_size_is_named_and_cached_sets_name_it_before_training(tmp_path, cache):
+    root = bare_tree(tmp_path, ["a", "b"], folders=("images", "masks"))
+    write_png(root / "masks" / "b.png", np.zeros((8, 9), np.uint8))
+    samples = samples_from_folders(root / "images", root / "masks")
+    unequal = r"b.png: mask size \(9, 8\) differs from its image \(8, 8\); fix the pair"
+    if cache:  # found while caching, by every torchrun process alike, not by the one rank that draws the pair
+        with pytest.raises(ToothSegError, match=unequal):
+            SegmentationDataset(samples, build_eval_transform(8, 8), cache=True)
+    else:
+        uncached = SegmentationDataset(samples, build_eval_transform(8, 8))
+        assert uncached[0][1].shape == (1, 8, 8)
+        with pytest.raises(ToothSegError, match=unequal):
+            uncached[1]
+
+
 @pytest.mark.parametrize("where, flag", [("images", "--images-dir"), ("masks", "--masks-dir")])
 def test_two_files_with_one_stem_are_refused_in_one_line(tmp_path, where, flag):
     root = bare_tree(tmp_path, ["a", "b"], ("images", "masks"))
