@@ -38,14 +38,15 @@ class Statistic:
     numerator: Callable[[Columns], np.ndarray]
     denominator: Callable[[Columns], np.ndarray]
     higher_is_better: bool = True
-    if_empty: float = 1.0  # summarize_teeth's figure when nothing is counted (no teeth predicted, matched, ...)
-    zero_if_any: tuple[str, ...] = ()  # ... but 0 when one of these counts is not 0 (no tooth predicted where there are some)
+    # When nothing is counted (no teeth predicted, matched, ...) summarize_teeth's figure is 1, but 0 when one of
+    # these counts is not 0 (no tooth predicted where there are some).
+    zero_if_any: tuple[str, ...] = ()
 
     def of(self, columns: Columns, rows: np.ndarray) -> np.ndarray:
         """The figure of each resample (each row of `rows` indexes images)."""
         num, den = self.numerator(columns)[rows].sum(axis=-1), self.denominator(columns)[rows].sum(axis=-1)
         counted = sum((columns[name][rows].sum(axis=-1) for name in self.zero_if_any), 0)
-        empty = np.where(counted > 0, 0.0, self.if_empty)
+        empty = np.where(counted > 0, 0.0, 1.0)
         return np.where(den > 0, num / np.where(den > 0, den, 1), empty)
 
 
@@ -64,7 +65,7 @@ BINARY_STATISTICS = {
 # What summarize_teeth reports, from the counts each per-tooth per_image.csv row carries.
 TOOTH_STATISTICS = {
     "tooth_dice": Statistic("per-tooth Dice", lambda c: c["tooth_dice"] * c["true_teeth"], lambda c: c["true_teeth"],
-                            if_empty=0.0),
+                            zero_if_any=("pred_teeth",)),
     "detection_precision": Statistic("detection precision", lambda c: c["matched"], lambda c: c["pred_teeth"],
                                      zero_if_any=("true_teeth",)),
     "detection_recall": Statistic("detection recall", lambda c: c["matched"], lambda c: c["true_teeth"],
@@ -91,6 +92,9 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
+SAME_IMAGE_COLUMNS = ("height", "width", "gt_pixels", "true_teeth")  # those that each evaluation recorded
+
+
 def per_image_path(path: Path) -> Path:
     csv_path = path / "per_image.csv" if path.is_dir() else path
     if not csv_path.is_file():
@@ -152,6 +156,14 @@ def compare(base_path: Path, other_path: Path, n: int, seed: int) -> list[dict]:
     if set(base) != set(other):
         raise ToothSegError(f"{base_path} and {other_path} scored different images ({len(set(base) - set(other))} "
                             f"only in A, {len(set(other) - set(base))} only in B); compare evaluations of one split")
+    # Pair ids are file names, which two folders can share (1.png of two clinics): one image has one size and
+    # one ground truth in both evaluations.
+    same_image = [c for c in SAME_IMAGE_COLUMNS if c in next(iter(base.values())) and c in next(iter(other.values()))]
+    unlike = [i for i in sorted(base) if any(base[i][c] != other[i][c] for c in same_image)]
+    if unlike:
+        raise ToothSegError(f"{base_path} and {other_path}: {unlike[0]} has another {'/'.join(same_image)} in each "
+                            f"({len(unlike)} of {len(base)} images), so they are other images of the same names; "
+                            f"compare evaluations of the same images")
     teeth = [all(c in next(iter(rows.values())) for c in TOOTH_COLUMNS) for rows in (base, other)]
     if teeth[0] != teeth[1]:
         raise ToothSegError(f"{base_path} and {other_path}: one is a per-tooth evaluation and the other a binary one; "

@@ -10,7 +10,8 @@ own resolution; `summarize(rows)` then averages over images. Conventions:
   mask touching the image edge has a surface there). This is medpy's default.
 * HD95 = max(P95(d_pg), P95(d_gp)), where d_pg holds, for every pred surface pixel, the distance to
   the nearest gt surface pixel (and d_gp the reverse); P95 is `np.percentile` with linear
-  interpolation. This is the convention of medpy's `hd95` and MONAI's `compute_hausdorff_distance`.
+  interpolation. This is MONAI's `compute_hausdorff_distance(percentile=95)`. medpy's `hd95` differs:
+  one percentile of d_pg and d_gp pooled, at most ours and lower where the two directions differ.
 * ASSD = (mean(d_pg) + mean(d_gp)) / 2, as medpy's `assd`: each surface weighs equally, however
   many pixels it has. This is not MONAI's symmetric average surface distance, which pools d_pg and
   d_gp into one mean (mean(d_pg ∪ d_gp)) and so weighs the larger surface more: on 101 real tooth
@@ -341,7 +342,7 @@ def summarize_teeth(per_image: Sequence[dict]) -> dict:
     # As each image scores them: no tooth predicted where there are some is precision 0, not a vacuous 1.
     precision = _ratio(counts["matched"], counts["pred_teeth"], 1.0 if not counts["true_teeth"] else 0.0)
     recall = _ratio(counts["matched"], counts["true_teeth"], 1.0 if not counts["pred_teeth"] else 0.0)
-    return {"tooth_dice": float(np.mean(all_dice)) if all_dice else 0.0,
+    return {"tooth_dice": float(np.mean(all_dice)) if all_dice else float(not counts["pred_teeth"]),  # as each image
             "detection_precision": precision, "detection_recall": recall,
             "detection_f1": _ratio(2 * precision * recall, precision + recall, 0.0),
             "numbering_accuracy": _ratio(counts["numbered_right"], counts["matched"],

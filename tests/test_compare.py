@@ -31,7 +31,7 @@ def write_rows(folder: Path, rows: list[dict]) -> Path:
 def binary_rows(rng: np.random.Generator, n: int = 12) -> list[dict]:
     return [{"pair_id": f"img{i:02d}", "dice": rng.uniform(0.8, 0.95), "iou": rng.uniform(0.7, 0.9),
              "precision": rng.uniform(0.8, 1), "recall": rng.uniform(0.8, 1), "hd95": rng.uniform(5, 20),
-             "assd": rng.uniform(1, 3)} for i in range(n)]
+             "assd": rng.uniform(1, 3), "gt_pixels": 9000 + i, "height": 512, "width": 512} for i in range(n)]
 
 
 def run_compare(*args) -> subprocess.CompletedProcess:
@@ -80,11 +80,12 @@ def test_the_ci_is_the_paired_bootstrap_of_the_differences(tmp_path):
     assert (dice["low"], dice["high"]) == pytest.approx(mean_ci(delta, 2000, np.random.default_rng(3)))
 
 
-def tooth_rows(rng: np.random.Generator, n: int = 10) -> list[dict]:
-    """Per-image rows as tooth_metrics gives them, with different numbers of teeth (and one image without)."""
+def tooth_rows(rng: np.random.Generator, n: int = 10, true_counts: list[int] | None = None) -> list[dict]:
+    """Per-image rows as tooth_metrics gives them, with different numbers of teeth (and one image without), or
+    with `true_counts` true teeth (another model's rows for the same images)."""
     rows = []
     for i in range(n):  # image 0 has no true teeth, image 1 no predicted ones
-        true_teeth = 0 if i == 0 else int(rng.integers(3, 30))
+        true_teeth = (0 if i == 0 else int(rng.integers(3, 30))) if true_counts is None else true_counts[i]
         dice = {11 + k: float(rng.uniform(0.6, 0.95)) for k in range(true_teeth)}
         matched = 0 if i == 1 else int(rng.integers(0, true_teeth + 1))
         rows.append({"pair_id": f"t{i}", "dice": rng.uniform(0.8, 0.95), "hd95": rng.uniform(5, 20),
@@ -97,10 +98,8 @@ def tooth_rows(rng: np.random.Generator, n: int = 10) -> list[dict]:
 
 def test_per_tooth_figures_are_pooled_as_the_summary_pools_them(tmp_path):
     rng = np.random.default_rng(4)
-    a_rows, b_rows = tooth_rows(rng), tooth_rows(rng)
-    for rows in (a_rows, b_rows):  # the same images
-        for i, row in enumerate(rows):
-            row["pair_id"] = f"t{i}"
+    a_rows = tooth_rows(rng)
+    b_rows = tooth_rows(rng, true_counts=[r["true_teeth"] for r in a_rows])  # the same images
     results = {r["metric"]: r for r in compare.compare(
         write_rows(tmp_path / "a", [{k: v for k, v in r.items() if k != "dice_by_fdi"} for r in a_rows]) / "per_image.csv",
         write_rows(tmp_path / "b", [{k: v for k, v in r.items() if k != "dice_by_fdi"} for r in b_rows]) / "per_image.csv",
@@ -114,7 +113,7 @@ def test_per_tooth_figures_are_pooled_as_the_summary_pools_them(tmp_path):
     columns = {k: np.array([float(r[k]) for r in a_rows]) for k in (*compare.TOOTH_COLUMNS, "dice", "hd95")}
     for i in range(3):
         summary = summarize_teeth([a_rows[i]])
-        for name in ("detection_precision", "detection_recall", "detection_f1", "numbering_accuracy"):
+        for name in ("tooth_dice", "detection_precision", "detection_recall", "detection_f1", "numbering_accuracy"):
             figure = compare.TOOTH_STATISTICS[name].of(columns, np.array([[i]]))[0]
             assert figure == pytest.approx(summary[name]), (i, name)
 
@@ -144,6 +143,7 @@ def per_tooth_rows_of(images: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("case, message", [("other images", "scored different images"), ("other task", "one task"),
+                                           ("other images of the same names", "img03 has another height/width/gt_pixels"),
                                            ("no file", "not found"), ("not an eval", "not an eval.py per_image.csv"),
                                            ("columns missing", "has no iou, precision columns")])
 def test_evaluations_that_cannot_be_paired_are_refused_in_one_line(tmp_path, case, message):
@@ -151,6 +151,8 @@ def test_evaluations_that_cannot_be_paired_are_refused_in_one_line(tmp_path, cas
     a = write_rows(tmp_path / "a", rows)
     b = {"other images": lambda: write_rows(tmp_path / "b", rows[1:]),
          "other task": lambda: write_rows(tmp_path / "b", per_tooth_rows_of(rows)),
+         "other images of the same names": lambda: write_rows(tmp_path / "b", [{**r, "gt_pixels": r["gt_pixels"] + (i > 2)}
+                                                                               for i, r in enumerate(rows)]),
          "no file": lambda: tmp_path / "nowhere",
          "not an eval": lambda: write_rows(tmp_path / "b", [{"image": "x.png", "score": 1}]),
          "columns missing": lambda: write_rows(tmp_path / "b", [{k: v for k, v in r.items() if k not in ("iou", "precision")}

@@ -82,8 +82,8 @@ def test_one_image_is_summarised_as_it_is_scored(case):
     empty = np.zeros_like(gt)
     pred, truth = {"nothing predicted": (empty, gt), "nothing true": (gt, empty), "both empty": (empty, empty)}[case]
     row, summary = tooth_metrics(pred, truth), summarize_teeth([tooth_metrics(pred, truth)])
-    for name in ("detection_precision", "detection_recall", "detection_f1", "numbering_accuracy"):
-        assert summary[name] == row[name], name
+    for name in ("tooth_dice", "detection_precision", "detection_recall", "detection_f1", "numbering_accuracy"):
+        assert summary[name] == row[name], name  # per-tooth Dice of an image without teeth predicted empty: once 0
     # Nothing matched numbers nothing right (it once read a vacuous 1); only an empty image predicted empty is 1.
     assert row["numbering_accuracy"] == (1.0 if case == "both empty" else 0.0)
 
@@ -326,6 +326,7 @@ def test_eval_scores_per_tooth_as_the_predictor_predicts(teeth_run, tmp_path):
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     teeth = summary["teeth"]
     assert 0 <= teeth["tooth_dice"] <= 1 and teeth["true_teeth"] > 0 and set(TOOTH_KEYS) <= set(teeth)
+    assert not set(TOOTH_KEYS) & set(summary["metrics"])  # per-image means under the same names read differently
     rows = list(csv.DictReader((tmp_path / "ev" / "per_image.csv").open()))
     per_tooth = list(csv.DictReader((tmp_path / "ev" / "per_tooth.csv").open()))
     assert sum(int(r["teeth"]) for r in per_tooth) == teeth["true_teeth"] == sum(int(r["true_teeth"]) for r in rows)
