@@ -360,8 +360,11 @@ class Task(Protocol):
 # --init-from): the schedule is rebuilt from them, and the restored optimiser state would ignore a new --lr or
 # --weight-decay that the checkpoint then recorded.
 RESUME_FIXED_FLAGS = ("epochs", "steps_per_epoch", "batch_size", "scheduler", "lr", "weight_decay")
-# What a fine-tune learns from and how, from its checkpoint's task settings (absent for pretraining: equal).
-RESUME_FIXED_TASK = {"task": "--task", "classes": "the tooth classes", "labelled_pairs": "labelled training images "
+# What a run learns from and how, from its checkpoint's task settings (a setting of another kind of run is absent
+# from both: equal).
+RESUME_FIXED_TASK = {"masking": "masking (--mask-type, --mask-ratio, --min/max-block-size, --patch-size)",
+                     "norm_pix_loss": "--norm-pix-loss", "genesis": "perturbations (--flip-prob ... --inpaint-rate)",
+                     "task": "--task", "classes": "tooth classes", "labelled_pairs": "labelled training images "
                      "(--label-fraction, --label-seed, --train-subset-size, or the folder's images)",
                      "semi": "--semi", "pseudo_labels": "--pseudo-labels", "init_from": "--init-from",
                      "augment": "--augment", "mask_resize": "--mask-resize", "lambda_dice": "--lambda-dice",

@@ -23,7 +23,7 @@ from engine import (add_pretraining_args, add_training_args, build_trainer, clea
                     model_kwargs, parse_training_args, prepare_model, reconstruction_visuals, setup_runtime)
 from index import hold_out, pretraining_samples
 from models import build_model
-from utils import make_parser, run_cli, set_seed
+from utils import make_parser, run_cli, set_seed, zero_to_one
 
 
 def parse_args(argv=None):
@@ -35,15 +35,15 @@ def parse_args(argv=None):
                                  help="start from these weights (e.g. a MIM run's best.pth), matched by name and shape")
     defaults = GenesisConfig()
     genesis = parser.add_argument_group("Models Genesis perturbations (per-sample probabilities)")
-    genesis.add_argument("--flip-prob", type=float, default=defaults.flip_prob, metavar="P",
+    genesis.add_argument("--flip-prob", type=zero_to_one, default=defaults.flip_prob, metavar="P",
                          help="flip input and target together")
-    genesis.add_argument("--local-shuffle-prob", type=float, default=defaults.local_shuffle_prob, metavar="P",
+    genesis.add_argument("--local-shuffle-prob", type=zero_to_one, default=defaults.local_shuffle_prob, metavar="P",
                          help="shuffle pixels within small windows")
-    genesis.add_argument("--nonlinear-prob", type=float, default=defaults.nonlinear_prob, metavar="P",
+    genesis.add_argument("--nonlinear-prob", type=zero_to_one, default=defaults.nonlinear_prob, metavar="P",
                          help="a random Bezier intensity curve")
-    genesis.add_argument("--paint-prob", type=float, default=defaults.paint_prob, metavar="P",
+    genesis.add_argument("--paint-prob", type=zero_to_one, default=defaults.paint_prob, metavar="P",
                          help="in- or out-paint blocks with noise")
-    genesis.add_argument("--inpaint-rate", type=float, default=defaults.inpaint_rate, metavar="P",
+    genesis.add_argument("--inpaint-rate", type=zero_to_one, default=defaults.inpaint_rate, metavar="P",
                          help="when painting: share of in-painting (the rest is out-painting)")
     return parse_training_args(parser, argv)
 

@@ -20,7 +20,7 @@ from engine import (add_pretraining_args, add_training_args, build_trainer, clea
 from index import hold_out, pretraining_samples
 from metrics import masked_l1_loss
 from models import build_model
-from utils import make_parser, run_cli, set_seed
+from utils import make_parser, positive_int, probability, run_cli, set_seed
 
 
 def parse_args(argv=None):
@@ -30,11 +30,11 @@ def parse_args(argv=None):
     mim = parser.add_argument_group("masking")
     mim.add_argument("--mask-type", choices=("blocks", "patches"), default="blocks",
                      help="random rectangles, or a random share of a patch grid")
-    mim.add_argument("--mask-ratio", type=float, default=0.55, metavar="R", help="share of pixels hidden")
-    mim.add_argument("--min-block-size", type=int, default=32, metavar="PX", help="blocks: smallest side")
-    mim.add_argument("--max-block-size", type=int, default=96, metavar="PX", help="blocks: largest side")
-    mim.add_argument("--patch-size", type=int, default=32, metavar="PX", help="patches: grid cell size")
-    mim.add_argument("--norm-pix-loss", type=int, default=None, metavar="PX",
+    mim.add_argument("--mask-ratio", type=probability, default=0.55, metavar="R", help="share of pixels hidden")
+    mim.add_argument("--min-block-size", type=positive_int, default=32, metavar="PX", help="blocks: smallest side")
+    mim.add_argument("--max-block-size", type=positive_int, default=96, metavar="PX", help="blocks: largest side")
+    mim.add_argument("--patch-size", type=positive_int, default=32, metavar="PX", help="patches: grid cell size")
+    mim.add_argument("--norm-pix-loss", type=positive_int, default=None, metavar="PX",
                      help="compare against targets normalised per PX x PX patch (MAE/SimMIM); off by default")
     return parse_training_args(parser, argv)
 

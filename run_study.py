@@ -46,7 +46,8 @@ import numpy as np
 
 from metrics import METRIC_NAMES, TOOTH_SUMMARY_NAMES
 from models import MODELS
-from utils import ToothSegError, atomic_path, atomic_write_text, make_parser, mean_ci, positive_int, run_cli
+from utils import (ToothSegError, atomic_path, atomic_write_text, make_parser, mean_ci, non_negative_int, positive_int,
+                   run_cli, share_of_all)
 
 HERE = Path(__file__).resolve().parent
 INITS = ("scratch", "mim", "fullimage", "binary")  # binary: a per-tooth cell starts from its binary twin
@@ -66,7 +67,7 @@ def parse_args(argv=None):
     grid.add_argument("--task", choices=("binary", "teeth"), default="binary",
                       help="binary tooth masks, or every tooth by its FDI number (finetune_seg.py --task teeth; scored "
                            "by per-tooth Dice, detection F1 and numbering accuracy; supervised cells only)")
-    grid.add_argument("--label-fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0], metavar="F", help="shares of the labelled training pairs")
+    grid.add_argument("--label-fractions", nargs="+", type=share_of_all, default=[0.1, 0.3, 1.0], metavar="F", help="shares of the labelled training pairs")
     grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="S", help="fine-tuning seeds (also pick the label subsets)")
     data = parser.add_argument_group("data")
     data.add_argument("--images-dir", type=Path, required=True, metavar="DIR", help="processed_2d (with its index) or images")
@@ -74,17 +75,17 @@ def parse_args(argv=None):
     data.add_argument("--external-test", type=Path, metavar="DIR",
                       help="also score every cell on the test split of another prepared data set (a processed_2d with "
                            "its sts2d_index.csv, say another clinic's X-rays): CELL/eval_external and a table in study.md")
-    data.add_argument("--img-height", type=int, default=160, metavar="H", help="network input height")
-    data.add_argument("--img-width", type=int, default=320, metavar="W", help="network input width")
+    data.add_argument("--img-height", type=positive_int, default=160, metavar="H", help="network input height")
+    data.add_argument("--img-width", type=positive_int, default=320, metavar="W", help="network input width")
     train = parser.add_argument_group("training budget")
-    train.add_argument("--pretrain-epochs", type=int, default=30, metavar="N", help="epochs of each pretraining")
-    train.add_argument("--finetune-epochs", type=int, default=40, metavar="N", help="epochs of each fine-tune")
-    train.add_argument("--steps-per-epoch", type=int, metavar="N",
+    train.add_argument("--pretrain-epochs", type=positive_int, default=30, metavar="N", help="epochs of each pretraining")
+    train.add_argument("--finetune-epochs", type=positive_int, default=40, metavar="N", help="epochs of each fine-tune")
+    train.add_argument("--steps-per-epoch", type=positive_int, metavar="N",
                        help="each fine-tune's epoch is N steps whatever its training set's size (finetune_seg.py "
                             "--steps-per-epoch), so every label fraction and method gets the same budget; default: one "
                             "pass over the training set")
-    train.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size of every stage")
-    train.add_argument("--base-channels", type=int, default=32, metavar="C", help="model width")
+    train.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="batch size of every stage")
+    train.add_argument("--base-channels", type=positive_int, default=32, metavar="C", help="model width")
     train.add_argument("--pretrain-seed", type=int, default=0, metavar="S", help="seed of the pretraining runs")
     train.add_argument("--pretrain-args", default="", metavar="'FLAGS'", help="extra flags for both pretraining scripts")
     train.add_argument("--finetune-args", default="", metavar="'FLAGS'", help="extra flags for finetune_seg.py")
@@ -96,11 +97,11 @@ def parse_args(argv=None):
                             "probabilities averaged, as the STS 2023 winners fused two teachers")
     train.add_argument("--semi-args", default="", metavar="'FLAGS'",
                        help="extra flags for the pseudo and online fine-tunes, after --finetune-args (e.g. '--epochs 10')")
-    train.add_argument("--workers", type=int, default=2, metavar="N", help="DataLoader workers of every stage")
+    train.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="DataLoader workers of every stage")
     train.add_argument("--cpu", action="store_true", help="pass --cpu to every stage")
     out = parser.add_argument_group("output")
     out.add_argument("--out-dir", type=Path, default=Path("runs/study"), metavar="DIR", help="pretrain/, cells/ and the study tables go here")
-    out.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples for the CIs")
+    out.add_argument("--bootstrap", type=positive_int, default=2000, metavar="N", help="bootstrap resamples for the CIs")
     out.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = parser.parse_args(argv)
     # Checked before any work: a typo in the last model name must not surface after hours of pretraining.
@@ -113,6 +114,9 @@ def parse_args(argv=None):
         parser.error("--task teeth runs supervised cells only (--semi none); pseudo-labels and the online method are binary")
     if args.teachers > 1 and "pseudo" not in args.semi:
         parser.error(f"--teachers {args.teachers} fuses the teachers of pseudo cells: add pseudo to --semi")
+    if args.masks_dir is not None and any(init in PRETRAIN_SCRIPTS for init in args.inits):
+        parser.error("pretraining on folders without an index would see every image, the cells' test images too: "
+                     "prepare them with prepare_sts2d.py --images-dir ... --masks-dir ... and give its processed_2d")
     if "pseudo" in args.semi and "none" not in args.semi:
         parser.error("--semi pseudo labels with its supervised twin: add none to --semi")
     args.semi = [way for way in SEMI if way in args.semi]  # teachers (none) before their students
@@ -188,6 +192,46 @@ def refuse_stale(steps: list[tuple[Path, Path, list[list[str]]]], args) -> None:
     if stale:
         more = f" ({len(stale) - 1} more)" if len(stale) > 1 else ""
         raise ToothSegError(f"{stale[0]}{more}; use another --out-dir, or delete it to run it again")
+
+
+def budget(args, init: str) -> dict:
+    """What study.md's header states once for all the cells of the folder: the data, input, width and budget
+    (and the pretraining's epochs, for a pretrained cell)."""
+    return {"images_dir": str(args.images_dir.resolve()),
+            "masks_dir": str(args.masks_dir.resolve()) if args.masks_dir is not None else None,
+            "input": f"{args.img_height}x{args.img_width}", "base_channels": args.base_channels,
+            "batch_size": args.batch_size, "finetune_epochs": args.finetune_epochs, "steps_per_epoch": args.steps_per_epoch,
+            **({"pretrain_epochs": args.pretrain_epochs} if init in PRETRAIN_SCRIPTS else {})}
+
+
+def finished_at(folder: Path) -> float | None:
+    """When a pretraining (done.json) or a cell (cell.json) finished; None while it has not."""
+    marker = next((m for m in (folder / "done.json", folder / "cell.json") if m.exists()), None)
+    return json.loads(marker.read_text()).get("finished") if marker is not None else None
+
+
+def made_from(args, model: str, init: str, semi: str, fraction: float, seed: int, source: Path | None) -> list[Path]:
+    """The finished steps a cell starts from: its pretraining or binary twin, and a pseudo cell's teacher."""
+    teacher = [args.out_dir / "cells" / cell_name(model, init, fraction, seed)] if semi == "pseudo" else []
+    return ([source] if source is not None else []) + teacher
+
+
+def refuse_mixed(args) -> None:
+    """Refuse, before any work, a finished cell of the folder that this run's tables would misdescribe: one of
+    another budget than the header states (a grid run in parts with another size pooled its seeds in one row),
+    or one made from a pretraining or teacher that was redone or removed since (it would be kept as done).
+    Cells finished before these were recorded are taken as they are."""
+    for record in collect(args):
+        cell, now, was = cell_dir(args, record), budget(args, record["init"]), record.get("budget")
+        changed = [key for key in now if was is not None and was.get(key) != now[key]]
+        if changed:
+            raise ToothSegError(f"{cell}: finished with {changed[0]} {was.get(changed[0])}, this run asks "
+                                f"{now[changed[0]]}; the tables state one budget for all the cells of a folder: use "
+                                f"another --out-dir, or delete the cell to run it again")
+        for folder, finished in (record.get("made_from") or {}).items():
+            if finished_at(args.out_dir / folder) != finished:
+                raise ToothSegError(f"{cell}: made from {args.out_dir / folder}, which was redone or removed since; "
+                                    f"delete the cell to run it again")
 
 
 def pretrain_command(args, model: str, init: str) -> tuple[list[str], Path]:
@@ -306,6 +350,7 @@ def main(argv=None):
         refuse_stale([(folder, folder / "done.json", [cmd]) for _, _, cmd, folder in pretrainings(args)]
                      + [(cell, cell / "cell.json", cell_commands(args, model, init, semi, fraction, seed, source))
                         for model, init, semi, fraction, seed, cell, source in cells_of(args)], args)
+        refuse_mixed(args)
 
     # Pretraining, once per model and method.
     for model, init, cmd, folder in pretrainings(args):
@@ -359,7 +404,10 @@ def main(argv=None):
                   **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
                   **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {}),
                   "n_test": summary["n_images"], "best_epoch": summary["checkpoint_epoch"],
-                  "seconds": round(time.time() - cell_start, 1), "settings": settings(commands, args),
+                  "seconds": round(time.time() - cell_start, 1), "finished": time.time(),
+                  "settings": settings(commands, args), "budget": budget(args, init),
+                  "made_from": {str(folder.relative_to(args.out_dir)): finished_at(folder)
+                                for folder in made_from(args, model, init, semi, fraction, seed, source)},
                   "extra": {"finetune_args": args.finetune_args, "semi_args": args.semi_args if semi != "none" else None,
                             "pseudo_rounds": args.pseudo_rounds if semi == "pseudo" else None}}
         atomic_write_text(cell / "cell.json", json.dumps(record, indent=2))

@@ -114,6 +114,7 @@ def _number_where(accepts: Callable[[float], bool], wanted: str):
 probability = _number_where(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")  # a threshold or a share
 share_below_one = _number_where(lambda v: 0 <= v < 1, "at least 0 and below 1")      # a split's share of the images
 share_of_all = _number_where(lambda v: 0 < v <= 1, "above 0 and at most 1")          # a share kept, up to all
+zero_to_one = _number_where(lambda v: 0 <= v <= 1, "between 0 and 1")                # a chance, never or always too
 positive_number = _number_where(lambda v: v > 0, "above 0")
 non_negative_number = _number_where(lambda v: v >= 0, "at least 0")
 

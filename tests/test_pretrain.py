@@ -65,6 +65,9 @@ def test_resume_matches_uninterrupted_run(phantom_images, tmp_path, interrupted_
     mim_pretrain.main(mim_args(phantom_images, straight, "--epochs", "2"))
     interrupted_run(mim_pretrain.main, mim_args(phantom_images, resumed, "--epochs", "2"))
     assert open_checkpoint(resumed / "last.pth").epoch == 1
+    with pytest.raises(ToothSegError, match=r"this run's masking \(--mask-type.*\), --norm-pix-loss differ from"):
+        mim_pretrain.main(mim_args(phantom_images, resumed, "--epochs", "2", "--mask-ratio", "0.3", "--norm-pix-loss", "8",
+                                   "--resume", str(resumed / "last.pth")))  # it resumed, learning another loss
     mim_pretrain.main(mim_args(phantom_images, resumed, "--epochs", "2", "--resume", str(resumed / "last.pth")))
 
     a, b = open_checkpoint(straight / "last.pth"), open_checkpoint(resumed / "last.pth")
@@ -72,6 +75,18 @@ def test_resume_matches_uninterrupted_run(phantom_images, tmp_path, interrupted_
     mismatched = [k for k in a.state.weights if not torch.equal(a.state.weights[k], b.state.weights[k])]
     assert not mismatched, f"weights differ after resume: {mismatched[:5]}"
     assert a.metrics["val/loss"] == b.metrics["val/loss"]
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    (mim_pretrain, ["--patch-size", "0"], "--patch-size: must be at least 1, got 0"),  # a ZeroDivisionError mid-run
+    (mim_pretrain, ["--norm-pix-loss", "0"], "--norm-pix-loss: must be at least 1, got 0"),
+    (fullimage_pretrain, ["--flip-prob", "1.5"], "--flip-prob: must be between 0 and 1, got 1.5"),  # trained, recorded
+    (fullimage_pretrain, ["--paint-prob", "nan"], "--paint-prob: must be between 0 and 1, got nan"),
+])
+def test_settings_out_of_range_are_refused_with_the_flags(tmp_path, capsys, script, flags, expected):
+    with pytest.raises(SystemExit) as stopped:
+        script.parse_args(["--images-dir", str(tmp_path), *flags])
+    assert stopped.value.code == 2 and expected in capsys.readouterr().err
 
 
 def test_fullimage_continues_from_mim_and_reports_transfer(phantom_images, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,44 @@ def test_relative_paths_mean_the_callers_folder(phantom_data_root, tmp_path):
     assert refused.returncode == 2 and refused.stderr.strip() == (
         "error: study/cells/unet_scratch_f1_s0: finished with other settings (finetune_seg.py: --epochs was 1, this run "
         "asks 2); use another --out-dir, or delete it to run it again")
+
+
+def finished_cell(out: Path, name: str, **record) -> None:
+    """A cell.json as a finished cell writes it (nothing trained)."""
+    (out / "cells" / name).mkdir(parents=True, exist_ok=True)
+    (out / "cells" / name / "cell.json").write_text(json.dumps({"task": "binary", "model": "unet", "label_fraction": 1.0,
+                                                                "seed": 0, "semi": "none", **record}))
+
+
+@pytest.mark.parametrize("case, expected", [
+    # a grid run in parts at another size: its seeds were pooled in one row under the last command's header
+    ("another input", "unet_scratch_f1_s0: finished with input 48x96, this run asks 32x64; the tables state one budget"),
+    # the pretraining deleted and rerun, as the refusal of its changed settings advises: the cell was kept as done
+    ("pretraining redone", "unet_mim_f1_s0: made from {out}/pretrain/mim_unet, which was redone or removed since"),
+    ("teacher removed", "unet_scratch_pseudo_f1_s0: made from {out}/cells/unet_scratch_f1_s0, which was redone or removed"),
+    ("as recorded", None),
+])
+def test_finished_cells_the_tables_would_misdescribe_are_refused_before_any_work(tmp_path, case, expected):
+    out = tmp_path / "study"
+    flags = ["--images-dir", str(tmp_path), "--out-dir", str(out), *TWO_CELLS[:TWO_CELLS.index("--seeds")], "--seeds", "0",
+             *TWO_CELLS[TWO_CELLS.index("--seeds") + 3:], "--inits", "scratch", "mim"]
+    args = run_study.parse_args(flags)
+    (out / "pretrain" / "mim_unet").mkdir(parents=True)
+    (out / "pretrain" / "mim_unet" / "done.json").write_text(json.dumps({"finished": 2.0}))
+    finished_cell(out, "unet_scratch_f1_s0", init="scratch", finished=3.0,
+                  budget={**run_study.budget(args, "scratch"), **({"input": "48x96"} if case == "another input" else {})})
+    finished_cell(out, "unet_mim_f1_s0", init="mim", budget=run_study.budget(args, "mim"),
+                  made_from={"pretrain/mim_unet": 1.0 if case == "pretraining redone" else 2.0})
+    finished_cell(out, "unet_scratch_pseudo_f1_s0", init="scratch", semi="pseudo", budget=run_study.budget(args, "scratch"),
+                  made_from={"cells/unet_scratch_f1_s0": 3.0})
+    if case == "teacher removed":
+        (out / "cells" / "unet_scratch_f1_s0" / "cell.json").unlink()
+    if expected is None:
+        run_study.refuse_mixed(args)
+        return
+    with pytest.raises(run_study.ToothSegError, match=re.escape(expected.format(out=out))):
+        run_study.main(flags)
+    assert not list(out.rglob("*.log"))  # nothing ran
 
 
 def test_each_ci_of_the_study_table_is_its_own(tmp_path):
@@ -167,12 +206,21 @@ def test_tg3k_data_trains_with_the_ultrasound_transform(tmp_path):
     assert open_checkpoint(tmp_path / "ft" / "last.pth").data.modality == "ultrasound"
 
 
-def test_unknown_models_are_refused_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("flags, expected", [
+    (["--models", "unet", "unet3plus"], "unknown --models unet3plus; valid: "),
+    # each of these failed only after the pretraining had run, or (--bootstrap) at the very end
+    (["--label-fractions", "1.5"], "--label-fractions: must be above 0 and at most 1, got 1.5"),
+    (["--finetune-epochs", "0"], "--finetune-epochs: must be at least 1, got 0"),
+    (["--bootstrap", "0"], "--bootstrap: must be at least 1, got 0"),
+    # bare folders have no split for the pretraining to leave out: it pretrained on the cells' test images
+    (["--masks-dir", "masks", "--inits", "scratch", "mim"], "pretraining on folders without an index would see every image"),
+])
+def test_a_grid_that_cannot_run_is_refused_before_any_work(tmp_path, capsys, flags, expected):
     import run_study
 
     with pytest.raises(SystemExit) as stopped:
-        run_study.main(["--images-dir", str(tmp_path), "--out-dir", str(tmp_path / "study"), "--models", "unet", "unet3plus"])
-    assert stopped.value.code == 2 and "unknown --models unet3plus; valid: " in capsys.readouterr().err
+        run_study.main(["--images-dir", str(tmp_path), "--out-dir", str(tmp_path / "study"), *flags])
+    assert stopped.value.code == 2 and expected in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
 
 
