@@ -28,12 +28,14 @@ input dir, then its parent) is copied to `<output-dir>/sts2d_index.csv`. Its `re
 relative to processed_2d, so they resolve inside the output dir, and the output dir can be given to
 the training scripts as `--images-dir`.
 The index is copied unchanged: its `sha1` column still describes the unfiltered images.
-Existing outputs are kept unless `--overwrite`; every write is atomic. An image that cannot be
+Existing outputs are kept unless `--overwrite`, and the settings are recorded in
+`<output-dir>/fbf_settings.json`: a rerun with others is refused unless `--overwrite`; every write is atomic. An image that cannot be
 decoded is named on its own line and skipped, the others are still written, and the run ends with
 a one-line error counting the failures (exit status 2), so scripts notice.
 """
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -48,8 +50,8 @@ import numpy as np
 from tqdm import tqdm
 
 from index import INDEX_NAME, find_index, in_label_folder
-from utils import (DICOM_EXTENSIONS, ToothSegError, atomic_path, atomic_write_bytes, check_output_dir, decode_image,
-                   is_image_file, make_parser, run_cli)
+from utils import (DICOM_EXTENSIONS, ToothSegError, atomic_path, atomic_write_bytes, atomic_write_text, check_output_dir,
+                   decode_image, is_image_file, make_parser, run_cli)
 
 METHODS = ("grid", "opencv", "exact")
 BACKENDS = ("numpy", "torch")
@@ -57,6 +59,7 @@ SPATIAL_TRUNCATE = 3.0  # Gaussians are cut at 3 sigma: the exact/OpenCV window 
 NEAREST_VARIANCE = 1.0 / 12.0  # variance, in cells^2, added by splatting to the nearest cell
 LINEAR_VARIANCE = 1.0 / 6.0  # variance added by linear (tent) splatting or interpolation
 GRID_MAX_CELLS = 1 << 27  # about 3 GB while splatting; far beyond any useful sampling rate
+SETTINGS_NAME = "fbf_settings.json"  # the filter settings of a mirror, beside its index
 OPENCV_MAX_CHANNELS = 128  # cv2.sepFilter2D refuses images with more channels
 SLICE_BAND_PIXELS = 1 << 14  # pixels sliced per band: small enough for the band's grid to stay in cache
 
@@ -326,19 +329,36 @@ class FilterSettings:
     device: str | None
 
 
-def find_jobs(input_dir: Path, output_dir: Path) -> tuple[list[Job], int]:
-    """Every image under input_dir with its mirrored target; also how many non-image files were left out."""
-    jobs, others = [], 0
+def find_jobs(input_dir: Path, output_dir: Path) -> tuple[list[Job], int, int]:
+    """Every image under input_dir with its mirrored target; also how many DICOM and other files were left out."""
+    jobs, dicom, others = [], 0, 0
     for source in sorted(input_dir.rglob("*")):
         if not source.is_file():
             continue
         relative = source.relative_to(input_dir)
-        if not is_image_file(source) or source.suffix.lower() in DICOM_EXTENSIONS:  # a mirror keeps formats; not DICOM's
-            others += relative.name != INDEX_NAME
-            continue
-        copy_only = in_label_folder(relative)
-        jobs.append(Job(source, output_dir / relative, copy_only))
-    return jobs, others
+        if source.suffix.lower() in DICOM_EXTENSIONS:  # a mirror keeps formats; prepare_sts2d.py makes DICOM PNG
+            dicom += 1
+        elif not is_image_file(source):
+            others += relative.name not in (INDEX_NAME, SETTINGS_NAME)
+        else:
+            jobs.append(Job(source, output_dir / relative, in_label_folder(relative)))
+    return jobs, dicom, others
+
+
+def check_same_settings(output_dir: Path, settings: FilterSettings, overwrite: bool) -> None:
+    """A mirror is filtered with one setting: kept outputs of another run with other settings would be mixed with
+    this run's (an interrupted run rerun with another --sigma-color), so a rerun with other settings is refused."""
+    record = output_dir / SETTINGS_NAME
+    asked = {name: getattr(settings, name) for name in ("method", "sigma_space", "sigma_color", "sample_space", "sample_color")}
+    if record.exists() and not overwrite:
+        kept = json.loads(record.read_text())
+        changed = [name for name in asked if kept.get(name) != asked[name]]
+        if changed:
+            raise ToothSegError(f"{output_dir}: filtered with --{changed[0].replace('_', '-')} {kept.get(changed[0])}, "
+                                f"this run asks {asked[changed[0]]}; rerun with the settings in {record}, or --overwrite "
+                                f"to filter every file again")
+    else:
+        atomic_write_text(record, json.dumps(asked, indent=2))
 
 
 def process(job: Job, settings: FilterSettings) -> str | None:
@@ -443,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
                             f"pick a sibling such as {input_dir.name}_fbf")
     if args.workers < 1:
         raise ToothSegError(f"--workers must be at least 1, got {args.workers}")
-    jobs, others = find_jobs(input_dir, output_dir)
+    jobs, dicom, others = find_jobs(input_dir, output_dir)
     if not jobs:
         raise ToothSegError(f"{input_dir}: no images found; point --input-dir at processed_2d from prepare_sts2d.py")
     settings = FilterSettings(args.sigma_space, args.sigma_color, args.method, args.sample_space, args.sample_color,
@@ -453,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     if settings.backend == "torch" and args.device is not None:
         check_device(args.device)
 
+    check_same_settings(output_dir, settings, args.overwrite)
     index = find_index(input_dir)
     mirrored = output_dir / INDEX_NAME
     if index is not None and mirrored.exists() and not args.overwrite and mirrored.read_bytes() != index.read_bytes():
@@ -486,6 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     copied = sum(job.copy_only for job in todo)
     print(f"done: {len(todo) - copied - len(failures)} filtered, {copied} copied, {len(jobs) - len(todo)} already there"
           + ("" if args.overwrite else " (--overwrite redoes them)")
+          + (f", {dicom} DICOM files left out (prepare_sts2d.py converts them; filter its processed_2d)" if dicom else "")
           + (f", {others} non-image files left out" if others else "")
           + (f", index at {output_dir / INDEX_NAME}" if index else ""))
     if failures:

@@ -1,6 +1,7 @@
 """fbf.py: the bilateral grid against the exact filter, edge keeping, bit depth, and the dataset-tree CLI."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -183,7 +184,7 @@ def files_under(root: Path) -> set[str]:
 def test_tree_is_mirrored_images_filtered_masks_and_index_copied(dataset):
     fbf.main(["--input-dir", str(dataset), "--backend", "numpy", "--workers", "1", "--sigma-space", "2"])
     output = dataset.with_name("processed_2d_fbf")  # the default output is a sibling
-    assert files_under(output) == files_under(dataset) | {"sts2d_index.csv"}
+    assert files_under(output) == files_under(dataset) | {"sts2d_index.csv", "fbf_settings.json"}
     assert (output / "sts2d_index.csv").read_bytes() == (dataset.parent / "sts2d_index.csv").read_bytes()
     for source in dataset.rglob("*.png"):
         target = output / source.relative_to(dataset)
@@ -210,6 +211,14 @@ def test_existing_outputs_are_kept_unless_overwrite(dataset, tmp_path):
     assert image.read_bytes() == b"stale" and mask.read_bytes() == b"stale"
     fbf.main(arguments + ["--overwrite"])
     assert image.read_bytes() == good_image and mask.read_bytes() == good_mask
+    # Kept outputs and new ones of other settings would make a mixed mirror (an interrupted run rerun otherwise).
+    image.unlink()
+    with pytest.raises(ToothSegError, match=r"filtered with --sigma-color 20.0, this run asks 80.0; rerun with the "
+                                            r"settings in .*fbf_settings.json, or --overwrite"):
+        fbf.main(arguments + ["--sigma-color", "80"])
+    assert not image.exists()
+    fbf.main(arguments + ["--sigma-color", "80", "--overwrite"])
+    assert json.loads((output / "fbf_settings.json").read_text())["sigma_color"] == 80.0
 
 
 def test_16_bit_png_is_written_as_16_bit(tmp_path):
@@ -227,8 +236,9 @@ def test_16_bit_png_is_written_as_16_bit(tmp_path):
 def test_a_dicom_file_is_left_out_and_counted_not_a_crash(dataset, tmp_path, write_dicom, capsys):
     write_dicom(dataset / "adult" / "unlabeled" / "images" / "scan.dcm", np.zeros((8, 8), np.uint16))
     fbf.main(["--input-dir", str(dataset), "--output-dir", str(tmp_path / "out"), "--backend", "numpy", "--workers", "1"])
-    assert "1 non-image files left out" in capsys.readouterr().out  # a mirror cannot write DICOM back
-    assert files_under(tmp_path / "out") == files_under(dataset) - {"adult/unlabeled/images/scan.dcm"} | {"sts2d_index.csv"}
+    assert "1 DICOM files left out (prepare_sts2d.py converts them" in capsys.readouterr().out  # a mirror keeps formats
+    assert files_under(tmp_path / "out") == files_under(dataset) - {"adult/unlabeled/images/scan.dcm"} | \
+        {"sts2d_index.csv", "fbf_settings.json"}
 
 
 def test_bad_files_are_named_counted_and_the_rest_still_written(dataset, tmp_path):
