@@ -242,7 +242,9 @@ def segmentation_splits(images_dir: str | os.PathLike, masks_dir: str | os.PathL
 def hold_out(samples: list[Sample], fraction: float, minimum: int = 1, maximum: int = 64) -> tuple[list[Sample], list[Sample]]:
     """A small fixed validation part of the pretraining pool, chosen by a hash of the pair id."""
     if len(samples) < 2:
-        raise ToothSegError(f"need at least 2 images to hold out a validation set, found {len(samples)}")
+        where = f" in {samples[0].image.parent}" if samples else ""
+        raise ToothSegError(f"need at least 2 images to hold out a validation set, found {len(samples)}{where}; give "
+                            f"--images-dir a folder with more")
     n_val = min(max(minimum, round(len(samples) * fraction)), maximum, len(samples) - 1)
     ranked = sorted(samples, key=lambda s: hashlib.sha1(s.pair_id.encode()).hexdigest())
     held = {s.pair_id for s in ranked[:n_val]}

@@ -532,18 +532,24 @@ def write_outputs(args, records: list[dict]) -> None:
             f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''}, batch {args.batch_size}; "
             f"{cell_extras(records)}.", "", *lines, ""]
     text += [paired, "", *diffs, ""] if diffs else []
-    panels = [(f"test split of {args.images_dir.parent.name}", group_cells(records))]
+    panels = [(f"test split of {data_name(args.images_dir)}", group_cells(records))]
     external = external_records(args, records) if args.external_test is not None else []
     if external:
         external_lines, external_diffs = score_tables(args, external, "eval_external")
         text += [f"## On the external test set `{args.external_test}` (its test split, never trained on)", "",
                  *external_lines, ""]
         text += [paired, "", *external_diffs, ""] if external_diffs else []
-        panels.append((f"test split of {args.external_test.parent.name} (external)", group_cells(external)))
+        panels.append((f"test split of {data_name(args.external_test)} (external)", group_cells(external)))
     atomic_write_text(output_path(args, "study.md"), "\n".join(text))
     plot(args, panels)
     print("\n".join(text[4:]))
     print(f"wrote {output_path(args, 'study.csv')}, {output_path(args, 'study.md')} and {output_path(args, 'study_dice.png')}")
+
+
+def data_name(images_dir: Path) -> str:
+    """A data set's name for a plot: its data root's, whether the folder given is the root or its processed_2d
+    (or the fbf mirror beside it)."""
+    return images_dir.parent.name if images_dir.name.startswith("processed_2d") else images_dir.name
 
 
 def cell_extras(records: list[dict]) -> str:

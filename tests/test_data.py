@@ -157,3 +157,10 @@ def test_a_link_to_processed_2d_uses_the_index_beside_its_target(phantom_data_ro
     for name in ("train", "val", "test"):  # the index's splits, not a file-name split of a bare tree
         assert [s.pair_id for s in linked[name]] == [s.pair_id for s in splits[name]] != []
         assert all(s.image.is_relative_to(tmp_path / "my_data") for s in linked[name])
+
+
+def test_too_few_images_to_hold_out_names_the_folder_and_the_fix(tmp_path):
+    from index import Sample, hold_out
+
+    with pytest.raises(ToothSegError, match=f"found 1 in {tmp_path}; give --images-dir a folder with more"):
+        hold_out([Sample(tmp_path / "only.png", None, "only")], 0.1, minimum=2)

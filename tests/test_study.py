@@ -266,3 +266,9 @@ def test_the_table_describes_each_cell_as_it_ran():
     assert run_study.cell_extras(cells) == (
         "extra fine-tuning flags `--augment=strong` (a, b, c); not recorded (d); pseudo-label cells: 2 round(s), "
         "extra flags `--labelled-share=0.5`; online cells: extra flags `none` (c); not recorded (d)")
+
+
+@pytest.mark.parametrize("given, name", [("runs/tufts/processed_2d", "tufts"), ("runs/tufts/processed_2d_fbf", "tufts"),
+                                         ("runs/tufts", "tufts")])  # a data root given as --external-test: once "runs"
+def test_a_plot_panel_names_the_data_root_however_it_was_given(given, name):
+    assert run_study.data_name(Path(given)) == name
