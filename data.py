@@ -537,8 +537,9 @@ def _random_blocks(rng: np.random.Generator, h: int, w: int, lo: float, hi: floa
     for _ in range(max_blocks):
         if rng.random() >= 0.95:
             return
-        bh = int(rng.integers(max(1, int(h * lo)), max(2, int(h * hi)) + 1))
-        bw = int(rng.integers(max(1, int(w * lo)), max(2, int(w * hi)) + 1))
+        # At most the image: an input of one or two pixels a side drew a block of two (the draws are unchanged).
+        bh = min(h, int(rng.integers(max(1, int(h * lo)), max(2, int(h * hi)) + 1)))
+        bw = min(w, int(rng.integers(max(1, int(w * lo)), max(2, int(w * hi)) + 1)))
         yield int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1)), bh, bw
 
 

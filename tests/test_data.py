@@ -164,3 +164,14 @@ def test_too_few_images_to_hold_out_names_the_folder_and_the_fix(tmp_path):
 
     with pytest.raises(ToothSegError, match=f"found 1 in {tmp_path}; give --images-dir a folder with more"):
         hold_out([Sample(tmp_path / "only.png", None, "only")], 0.1, minimum=2)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (64, 128)])
+def test_models_genesis_perturbs_inputs_down_to_one_pixel(size):
+    from data import GenesisConfig, models_genesis  # an input of 1x1 was a numpy traceback ("high <= 0")
+
+    image = np.random.default_rng(0).random(size, dtype=np.float32)
+    always = GenesisConfig(flip_prob=1, local_shuffle_prob=1, nonlinear_prob=1, paint_prob=1)
+    for seed in range(20):
+        perturbed, target = models_genesis(image, np.random.default_rng(seed), always)
+        assert perturbed.shape == target.shape == size and np.isfinite(perturbed).all()
