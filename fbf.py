@@ -22,7 +22,7 @@ means the same thing for 8-bit and 16-bit copies of an image. Float images are t
 inside the image; OpenCV instead mirrors the image at its border.
 
 Folders: every image under `--input-dir` is filtered into the same relative path under
-`--output-dir`; files under a folder named `masks` or `teeth` (any case: binary masks and per-tooth
+`--output-dir`; files under a label folder (index.LABEL_FOLDERS, any case: binary masks and per-tooth
 label maps) are copied byte for byte, and the dataset index `sts2d_index.csv` (looked for in the
 input dir, then its parent) is copied to `<output-dir>/sts2d_index.csv`. Its `rel_path`s are
 relative to processed_2d, so they resolve inside the output dir, and the output dir can be given to

@@ -30,8 +30,10 @@ INDEX_COLUMNS = (
     "split", "width", "height", "sha1", "dup_group", "source", "mask_threshold", "teeth",
 )
 LATER_COLUMNS = ("mask_threshold", "teeth")  # added after the first indexes were written: those read as None
-# Folders that hold labels, never images: image listings skip them and fbf.py copies them unfiltered.
-LABEL_FOLDERS = ("masks", "teeth")
+# Folders that hold labels, never images, under their usual names (STS-2D-Tooth's Mask, UFBA's teeth_fdi; any
+# case): image listings skip them and fbf.py copies them unfiltered. A pool had taken their masks for X-rays.
+MASK_FOLDERS = ("masks", "mask", "labels", "label", "gt", "ground_truth")
+LABEL_FOLDERS = (*MASK_FOLDERS, "teeth", "teeth_fdi")
 AGE_GROUPS = ("adult", "children")
 LABEL_STATUSES = ("labeled", "unlabeled")
 SPLITS = ("train", "val", "test", "pretrain")
@@ -156,8 +158,8 @@ def files_below(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
 
 
 def list_images(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
-    """Image files below `folder`, sorted, skipping anything inside a folder named 'masks' or 'teeth' or an
-    `exclude` folder."""
+    """Image files below `folder`, sorted, skipping anything inside a LABEL_FOLDERS folder or an `exclude`
+    folder."""
     return [p for p in files_below(folder, exclude) if is_image_file(p) and not in_label_folder(p.relative_to(folder))]
 
 
@@ -175,9 +177,9 @@ def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
 
 def list_masks(masks_dir: Path, same_tree: bool = False) -> list[Path]:
     """Mask files below `masks_dir`, sorted; in `same_tree` (one folder holding images/ and masks/) only those
-    in a 'masks' folder, not the images beside them nor per-tooth label maps in 'teeth'."""
+    in a MASK_FOLDERS folder, not the images beside them nor per-tooth label maps in 'teeth'."""
     return [p for p in files_below(masks_dir) if is_image_file(p) and not (
-        same_tree and "masks" not in (part.lower() for part in p.relative_to(masks_dir).parts[:-1]))]
+        same_tree and not set(MASK_FOLDERS) & {part.lower() for part in p.relative_to(masks_dir).parts[:-1]})]
 
 
 def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> list[Sample]:

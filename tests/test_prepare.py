@@ -630,7 +630,9 @@ def test_pools_join_a_folder_pair(tmp_path, capsys):
     write_files(tmp_path / "more", {
         "u1.png": image_bytes(54),                 # the first pool has u1: prefixed with this pool's name
         "p001.bmp": image_bytes(55, ext=".bmp"),
-        "masks/x.png": image_bytes(56)})
+        "masks/x.png": image_bytes(56),
+        "Labeled/Mask/y.png": image_bytes(57),     # STS-2D-Tooth's masks and UFBA's label maps: no X-rays either
+        "teeth_fdi/z.png": image_bytes(58)})
     out = tmp_path / "out"
     printed = run(["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(out),
                    "--unlabelled-dir", str(tmp_path / "tufts-dev/images"), f"other={tmp_path / 'more'}"], capsys)
