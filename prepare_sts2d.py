@@ -533,10 +533,14 @@ def file_name_safe(text: str) -> str:
 def assign_pair_ids(entries: list[Entry], taken: set[str] = frozenset(), prefix: str = "") -> None:
     """pair_id = the file stem made file-name safe; where stems of one source collide across groups,
     prefixed with age group and label status; where an id is `taken` (by an earlier source), with
-    `prefix`_; any remaining clash gets a numeric suffix."""
+    `prefix`_; any remaining clash gets a numeric suffix. A labelled pair's id depends on the labelled pairs
+    only: its split is drawn by its id, and an unlabelled copy of the same name (STS-2D-Tooth repeats
+    images) renamed it and moved it, a test image to train."""
     safe = [file_name_safe(e.stem) for e in entries]
     counts = Counter(safe)
-    ids = [f"{e.age_group}_{e.label_status}_{s}" if counts[s] > 1 else s for e, s in zip(entries, safe)]
+    labelled_counts = Counter(s for e, s in zip(entries, safe) if e.label_status == "labeled")
+    ids = [f"{e.age_group}_{e.label_status}_{s}" if (labelled_counts if e.label_status == "labeled" else counts)[s] > 1
+           else s for e, s in zip(entries, safe)]
     ids = [f"{file_name_safe(prefix)}_{pid}" if pid in taken else pid for pid in ids]
     used = set(taken)
     for e, pid in sorted(zip(entries, ids), key=lambda t: (t[1], t[0].image.name)):

@@ -511,6 +511,22 @@ def test_duplicates_share_a_split_and_conflicts_are_reported(tmp_path, capsys):
     assert {p: report[p]["conflicting_masks"] for p in report} == {"c1": "True", "c2": "True", "d1": "False", "d2": "False", "d3": "False"}
 
 
+def test_an_unlabelled_copy_of_the_same_name_moves_no_labelled_image(tmp_path, capsys):
+    files = sts_files(adult=(12, 2), children=(4, 1))
+    write_files(tmp_path / "raw", files)
+    run(["--raw-dir", str(tmp_path / "raw"), "--data-root", str(tmp_path / "before")], capsys)
+    base = "SD-Tooth/STS-2D-Tooth/A-PXI"
+    for i in range(12):  # every labelled adult image again among the unlabelled, under its own name
+        write_files(tmp_path / "raw", {f"{base}/Unlabeled/Image/A{i}.png": files[f"{base}/Labeled/Image/A{i}.png"]})
+    run(["--raw-dir", str(tmp_path / "raw"), "--data-root", str(tmp_path / "after")], capsys)
+    labelled = [{(r["pair_id"], r["split"]) for r in read_index(tmp_path / root / INDEX_NAME)
+                 if r["label_status"] == "labeled"} for root in ("before", "after")]
+    assert labelled[0] == labelled[1]  # it renamed them adult_labeled_A3... and drew their splits anew
+    copies = [r for r in read_index(tmp_path / "after" / INDEX_NAME) if r["pair_id"].startswith("adult_unlabeled_A")]
+    splits = dict(labelled[1])
+    assert len(copies) == 12 and all(r["split"] == splits[r["dup_group"]] for r in copies)
+
+
 def test_same_seed_gives_identical_output(tmp_path, capsys):
     write_files(tmp_path / "raw", sts_files(adult=(20, 3), children=(6, 2)))
     roots = [tmp_path / name for name in ("a", "b", "c")]
