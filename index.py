@@ -33,7 +33,8 @@ LATER_COLUMNS = ("mask_threshold", "teeth")  # added after the first indexes wer
 # Folders that hold labels, never images, under their usual names (STS-2D-Tooth's Mask, UFBA's teeth_fdi; any
 # case): image listings skip them and fbf.py copies them unfiltered. A pool had taken their masks for X-rays.
 MASK_FOLDERS = ("masks", "mask", "labels", "label", "gt", "ground_truth")
-LABEL_FOLDERS = (*MASK_FOLDERS, "teeth", "teeth_fdi")
+TEETH_FOLDERS = ("teeth", "teeth_fdi")
+LABEL_FOLDERS = (*MASK_FOLDERS, *TEETH_FOLDERS)
 AGE_GROUPS = ("adult", "children")
 LABEL_STATUSES = ("labeled", "unlabeled")
 SPLITS = ("train", "val", "test", "pretrain")

@@ -77,8 +77,8 @@ from tqdm import tqdm
 
 import phantom
 import teeth
-from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, binarise_mask,
-                   default_mask_threshold, files_below, list_images, list_masks, read_index, write_index)
+from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, TEETH_FOLDERS,
+                   binarise_mask, default_mask_threshold, files_below, list_images, list_masks, read_index, write_index)
 from utils import (ToothSegError, atomic_write_bytes, atomic_write_text, check_output_dir, decode_image, is_image_file,
                    make_parser, run_cli, to_uint8)
 
@@ -200,8 +200,13 @@ def source_from_raw(raw_dir: Path) -> Source:
     return Source("raw", f"extracted tree {sts}", files, [])
 
 
-def is_teeth_file(path: Path) -> bool:
-    return is_image_file(path) or (path.suffix.lower() == LABELME_EXTENSION and not path.name.startswith("."))
+def is_teeth_file(path: Path, below: Path, beside_images: bool) -> bool:
+    """A labelme file, or a label map: beside the images (labelme's own layout, --teeth-dir = --images-dir) only
+    one in a TEETH_FOLDERS folder, not the X-rays."""
+    if path.suffix.lower() == LABELME_EXTENSION:
+        return not path.name.startswith(".")
+    return is_image_file(path) and (not beside_images or bool(
+        set(TEETH_FOLDERS) & {part.lower() for part in path.relative_to(below).parts[:-1]}))
 
 
 def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Path | None = None,
@@ -220,7 +225,8 @@ def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Pat
         if kind == "image":
             paths = list_images(folder, [f for f in (masks_dir, teeth_dir, *not_images) if f is not None])
         elif kind == "teeth":
-            paths = [p for p in files_below(folder) if is_teeth_file(p)]
+            beside_images = folder.resolve() == images_dir.resolve()
+            paths = [p for p in files_below(folder) if is_teeth_file(p, folder, beside_images)]
         else:
             paths = list_masks(folder, same_tree=folder.resolve() == images_dir.resolve())
         found = [Found("adult", "labeled", kind, p.stem, _file_on_disk(p)) for p in paths]

@@ -219,6 +219,22 @@ def test_prepare_writes_label_maps_and_the_index_column(tmp_path, capsys):
     assert teeth_rows(out)["p0"]["teeth"] == "adult/labeled/teeth/p0.png"
 
 
+def test_labelme_files_beside_their_images_as_labelme_saves_them(tmp_path, capsys):
+    """--teeth-dir = --images-dir: the X-rays there are no label maps (each was 'another teeth file of the same
+    name', and the fix offered was to remove the annotation)."""
+    expected = tiny_sources(tmp_path / "src")
+    (tmp_path / "src/teeth/p1.json").rename(tmp_path / "src/images/p1.json")
+    (tmp_path / "src/teeth").rename(tmp_path / "src/images/teeth")  # label maps may still sit in a teeth folder
+    images = str(tmp_path / "src/images")
+    run_prepare(["--images-dir", images, "--masks-dir", str(tmp_path / "src/masks"), "--teeth-dir", images,
+                 "--data-root", str(tmp_path / "out"), "--val-ratio", "0", "--test-ratio", "0"], capsys)
+    rows = teeth_rows(tmp_path / "out")
+    assert sorted(rows) == ["p0", "p1", "p2", "p3"] and rows["p2"]["teeth"] is None
+    for pair_id, label_map in expected.items():
+        written = cv2.imread(str(tmp_path / "out" / PROCESSED_NAME / rows[pair_id]["teeth"]), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(written, label_map), pair_id
+
+
 def test_without_masks_the_mask_is_the_union_of_the_teeth(tmp_path, capsys):
     expected = tiny_sources(tmp_path / "src")
     argv = ["--images-dir", str(tmp_path / "src/images"), "--teeth-dir", str(tmp_path / "src/teeth"),
