@@ -68,7 +68,7 @@ import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Iterable
 
 import cv2
@@ -596,6 +596,7 @@ class TeethOutcome:
     overlap_pixels: int = 0         # labelme: pixels inside two polygons, given to the smaller tooth
     clipped: int = 0                # labelme: polygons partly outside the image, clipped to it
     union_iou: float | None = None  # the teeth' union against the given mask
+    other_image: str = ""           # labelme: the imagePath it names when that is another image's (a mix-up?)
 
 
 def read_teeth(file: SourceFile, height: int, width: int) -> tuple[np.ndarray | None, TeethOutcome]:
@@ -608,7 +609,10 @@ def read_teeth(file: SourceFile, height: int, width: int) -> tuple[np.ndarray | 
         if suffix == LABELME_EXTENSION:
             found = teeth.rasterise_labelme(file.name, height, width, data=_read(file))
             label_map = found.label_map if found.polygons else None
-            return label_map, TeethOutcome(_numbers(label_map), found.polygons, found.overlap_pixels, found.clipped)
+            drawn_on = PureWindowsPath(found.image_path).name  # backslashes too: labelme on Windows
+            other = drawn_on if drawn_on and Path(drawn_on).stem != Path(file.name).stem else ""
+            return label_map, TeethOutcome(_numbers(label_map), found.polygons, found.overlap_pixels, found.clipped,
+                                           other_image=other)
         label_map = teeth.as_label_map(_decode(file, grayscale=False), file.name)
     except teeth.LabelFileError as bad:
         raise BadInput(bad.name, bad.reason) from None
@@ -806,6 +810,11 @@ def print_teeth_report(converted: list[tuple[Entry, TeethOutcome | None]]) -> No
     if unlabelled:
         print(f"note: {len(unlabelled)} labelme files have no polygons (no tooth labelled), so their images get no "
               f"per-tooth label map, e.g. {unlabelled[0].teeth.name}")
+    elsewhere = [(entry, outcome) for entry, outcome in outcomes if outcome.other_image]
+    if elsewhere:
+        print(f"note: {len(elsewhere)} labelme files name another image in their imagePath, e.g. "
+              f"{elsewhere[0][0].teeth.name} ({elsewhere[0][1].other_image}); each was used for the image of its own "
+              f"name: check that they were not mixed up")
     without = [entry for entry, outcome in converted if outcome is None and entry.label_status == "labeled"]
     if without:
         print(f"note: {len(without)} labelled images have no teeth file, so no per-tooth label map, e.g. {without[0].image.name}")

@@ -138,6 +138,7 @@ class LabelmeTeeth:
     polygons: int           # teeth in the file; 0: no tooth is labelled
     overlap_pixels: int     # pixels inside two or more polygons, given to the smallest
     clipped: int            # polygons partly outside the image, clipped to it
+    image_path: str = ""    # the image labelme drew it on (its imagePath), as the file records it
 
 
 def _labelme_document(data: bytes, name: str) -> dict:
@@ -208,4 +209,4 @@ def rasterise_labelme(path, height: int, width: int, *, data: bytes | None = Non
     label_map = np.zeros((height, width), np.uint8)
     for number, window, box in sorted(teeth, key=lambda t: -int(t[2].sum())):  # largest first: the smaller wins
         label_map[window][box > 0] = number
-    return LabelmeTeeth(label_map, len(teeth), int((claims > 1).sum()), clipped)
+    return LabelmeTeeth(label_map, len(teeth), int((claims > 1).sum()), clipped, str(doc.get("imagePath") or ""))

@@ -235,6 +235,15 @@ def test_labelme_files_beside_their_images_as_labelme_saves_them(tmp_path, capsy
         assert np.array_equal(written, label_map), pair_id
 
 
+def test_a_labelme_file_drawn_on_another_image_is_noted(tmp_path, capsys):
+    tiny_sources(tmp_path / "src")
+    moved = tmp_path / "src/teeth/p1.json"
+    moved.write_text(moved.read_text().replace('"p1.png"', '"..\\\\images\\\\p3.png"'))  # as labelme on Windows writes it
+    printed = run_prepare(["--images-dir", str(tmp_path / "src/images"), "--masks-dir", str(tmp_path / "src/masks"),
+                           "--teeth-dir", str(tmp_path / "src/teeth"), "--data-root", str(tmp_path / "out")], capsys)
+    assert "note: 1 labelme files name another image in their imagePath, e.g. " in printed and "p1.json (p3.png)" in printed
+
+
 def test_without_masks_the_mask_is_the_union_of_the_teeth(tmp_path, capsys):
     expected = tiny_sources(tmp_path / "src")
     argv = ["--images-dir", str(tmp_path / "src/images"), "--teeth-dir", str(tmp_path / "src/teeth"),
@@ -299,7 +308,7 @@ def test_an_index_without_the_teeth_column_still_reads(tmp_path):
 def test_fbf_copies_label_maps_unfiltered(tmp_path):
     for rel in ("adult/labeled/images/a.png", "adult/labeled/masks/a.png", "adult/labeled/teeth/a.png"):
         write_png(tmp_path / "in" / rel, np.zeros(SIZE, np.uint8))
-    jobs, _ = fbf.find_jobs(tmp_path / "in", tmp_path / "out")
+    jobs, _, _ = fbf.find_jobs(tmp_path / "in", tmp_path / "out")
     assert {j.source.parent.name: j.copy_only for j in jobs} == {"images": False, "masks": True, "teeth": True}
 
 
