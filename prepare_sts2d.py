@@ -494,7 +494,7 @@ def match_to_images(images: dict[str, list[Found]], labels: dict[str, list[Found
         elif base in images:
             claims[base].append(same[0])
         else:
-            rejects.append((same[0].file.name, f"{what} without an image (no image named {stem}.* beside it)"))
+            rejects.append((same[0].file.name, f"{what} without an image (no image named {stem}.* among the source's images)"))
     for base, claimants in claims.items():
         if len(claimants) == 1:
             label_of[base] = claimants[0]
@@ -915,7 +915,8 @@ def is_up_to_date(data_root: Path, stamp: str) -> bool:
     except (OSError, ValueError, KeyError, ToothSegError):
         return False
     processed = data_root / PROCESSED_NAME
-    return recorded == stamp and all((processed / r["rel_path"]).is_file() for r in rows)
+    return recorded == stamp and all((processed / path).is_file() for r in rows for path in (r["rel_path"], r["teeth"])
+                                     if path)
 
 
 def fail_or_keep(rejects: list[tuple[str, str]], skip_bad: bool) -> None:

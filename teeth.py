@@ -128,8 +128,9 @@ def fdi_from_label(text: str, name: str) -> int:
     match = LABEL_NUMBER.match(stripped)
     if match and int(match[1]) in FDI_NUMBERS:
         return int(match[1])
-    raise LabelFileError(name, f"unknown tooth label {text!r}; start each label with the tooth's FDI number "
-                               f"('14 - 1st Premolar': 11..48, 51..85) or give a primary tooth's Universal letter A..T")
+    raise LabelFileError(name, f"unknown tooth label {text!r}; start each tooth's label with its FDI number "
+                               f"('14 - 1st Premolar': 11..48, 51..85) or give a primary tooth's Universal letter A..T, "
+                               f"and delete shapes that outline no tooth (an implant, a crown)")
 
 
 @dataclass(frozen=True)

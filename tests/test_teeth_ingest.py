@@ -212,6 +212,9 @@ def test_prepare_writes_label_maps_and_the_index_column(tmp_path, capsys):
     rerun = ["--images-dir", str(tmp_path / "src/images"), "--masks-dir", str(tmp_path / "src/masks"), "--data-root",
              str(out), "--val-ratio", "0", "--test-ratio", "0"]
     assert "up to date" in run_prepare(rerun + ["--teeth-dir", str(tmp_path / "src/teeth")], capsys)
+    (out / PROCESSED_NAME / rows["p0"]["teeth"]).unlink()  # a label map lost: it said "up to date"
+    assert "up to date" not in run_prepare(rerun + ["--teeth-dir", str(tmp_path / "src/teeth")], capsys)
+    assert (out / PROCESSED_NAME / rows["p0"]["teeth"]).is_file()
     (tmp_path / "src/teeth").rename(tmp_path / "src/teeth2")
     printed = run_prepare(rerun + ["--teeth-dir", str(tmp_path / "src/teeth2")], capsys)  # another teeth dir rebuilds
     label_maps = sum(r["teeth"] is not None for r in teeth_rows(out).values())
