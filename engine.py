@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from checkpoints import (BEST, LAST, Checkpoint, DataSpec, ModelSpec, Precision, SplitSpec, TrainingState,
                          open_checkpoint, plain, resume_path, save_checkpoint, unwrap)
 from data import NORM_MEAN, NORM_STD, denormalize
-from utils import (ToothSegError, check_output_dir, non_negative_int, non_negative_number, positive_int,
+from utils import (ToothSegError, atomic_path, check_output_dir, non_negative_int, non_negative_number, positive_int,
                    probability, recorded_path, select_device)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -405,6 +406,8 @@ class Trainer:
         self.device, self.dist, self.amp_dtype, self.record = device, dist, amp_dtype, record
         self.checkpoint_dir, self.writer, self.monitor, self.mode, self.patience = Path(checkpoint_dir), writer, monitor, mode, patience
         self.frozen = [p for n, p in unwrap(model).named_parameters() if n.startswith(frozen_prefixes)] if frozen_prefixes else []
+        self.frozen_norms = [m for n, m in unwrap(model).named_modules()
+                             if frozen_prefixes and n.startswith(frozen_prefixes) and isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.freeze_epochs, self.log_interval, self.image_interval = freeze_epochs, log_interval, image_interval
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         self.fmt = fmt or memory_format(device)
@@ -457,6 +460,11 @@ class Trainer:
                                 f"the flags the run was started with")
         self.best = state.best or self.best
         if self.dist.is_main:
+            source_best = path.parent / BEST
+            if self.checkpoint_dir.resolve() != path.parent.resolve() and source_best.is_file():
+                # Going on in another folder: it must hold the run's best epoch too (or an earlier run's stale one).
+                with atomic_path(self.checkpoint_dir / BEST) as tmp:
+                    shutil.copyfile(source_best, tmp)
             print(f"resumed {path} at epoch {self.start_epoch} (step {self.global_step})")
 
     def _save(self, name: str, epoch: int, metrics: dict) -> None:
@@ -526,6 +534,9 @@ class Trainer:
         loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
         frozen = epoch < self.freeze_epochs
+        if frozen:  # a frozen encoder keeps its function: its BatchNorm statistics neither move nor normalise the batch
+            for module in self.frozen_norms:
+                module.eval()
         total, n_batches = torch.zeros((), device=self.device), 0
         # disable=None: no bar when stderr is not a terminal (logs stay readable); only rank 0 draws one.
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None if self.dist.is_main else True,
@@ -625,11 +636,13 @@ def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kin
                         task=task_settings, run_args=plain(args))
     trainer = Trainer(task=task, model=model, optimizer=optimizer, scheduler=scheduler, device=device, dist=dist,
                       amp_dtype=amp_dtype, record=record, checkpoint_dir=args.checkpoint_dir,
-                      writer=open_writer(args.log_dir or args.checkpoint_dir / "tensorboard", dist) if tensorboard else None,
                       monitor=monitor,
                       mode=mode, log_interval=args.log_interval, image_interval=args.image_interval, **trainer_kwargs)
     if args.resume is not None:
         trainer.resume(args.resume)
+    if tensorboard:  # opened after resuming: what the interrupted run logged after its checkpoint is hidden
+        trainer.writer = open_writer(args.log_dir or args.checkpoint_dir / "tensorboard", dist,
+                                     trainer.global_step + 1 if args.resume is not None else None)
     return trainer
 
 
@@ -640,10 +653,12 @@ def reconstruction_visuals(inputs: torch.Tensor, target: torch.Tensor, recon: to
             "abs_error": (recon - target).abs().mul(NORM_STD).clamp(0, 1)}
 
 
-def open_writer(log_dir: Path, dist: DistEnv):
-    """A TensorBoard SummaryWriter on rank 0 (None elsewhere)."""
+def open_writer(log_dir: Path, dist: DistEnv, purge_step: int | None = None):
+    """A TensorBoard SummaryWriter on rank 0 (None elsewhere). With `purge_step`, TensorBoard hides the events
+    of earlier files in the folder at that step or later (per-step series by their step, per-epoch ones by their
+    epoch, which is never above the step count), so a resumed run's curves do not double back."""
     if not dist.is_main:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

@@ -45,7 +45,7 @@ from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
 from metrics import (BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, dice_from_overlap, dice_per_image, overlap_per_image,
                      tooth_dice_per_image)
-from models import ENCODER_PREFIXES, SIZE_MULTIPLE, split_outputs
+from models import ENCODER_PREFIXES, SIZE_MULTIPLE, accepted_args, split_outputs
 from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
 from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     model.add_argument("--init-from", type=Path, metavar="CKPT",
                        help="pretrained weights (a MIM or full-image run's best.pth, or a bare state_dict); scratch if omitted")
     model.add_argument("--freeze-encoder-epochs", type=non_negative_int, default=0, metavar="N",
-                       help="keep encoder + bottleneck fixed for the first N epochs")
+                       help="keep encoder + bottleneck fixed (BatchNorm statistics too) for the first N epochs")
     model.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, default=None,
                        help="U-Nets: also supervise the 1/8, 1/4 and 1/2 decoder stages through 1x1 heads (nnU-Net's "
                             "weights 1/8, 1/4, 1/2 of the full-size loss's 1, normalised); prediction uses the full-size "
@@ -207,7 +207,10 @@ def resolve_model(args, out_channels: int = 1, resumed: Checkpoint | None = None
         record, _ = read_weights(args.init_from, "--init-from")
         described = record.model if record is not None else None
     name = args.model_type or (described.name if described else "unet")
-    kwargs = dict(described.args) if described and described.name == name else {}
+    # Another architecture from the weights keeps their width (and what else both take): --init-from a UNet's MIM
+    # weights into a scag model matched nothing at the default width.
+    kwargs = {} if described is None else dict(described.args) if described.name == name else \
+        {k: v for k, v in described.args.items() if k in accepted_args(name) and k != "deep_supervision"}
     kwargs["out_channels"] = out_channels
     if args.base_channels is not None:
         kwargs["base_channels"] = args.base_channels

@@ -446,13 +446,17 @@ MODELS: dict[str, type[nn.Module]] = {cls.name: cls for cls in (UNet2D, UNet2D_s
                                                                  SMPUnetPlusPlus, SMPFPN, SMPMAnet)}
 
 
+def accepted_args(name: str) -> list[str]:
+    """The keyword arguments a registered model takes (none for an unknown name, which build_model names)."""
+    return list(inspect.signature(MODELS[name]).parameters) if name in MODELS else []
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model by its `--model-type` name, with one-line errors for bad names or args."""
     if name not in MODELS:
         raise ToothSegError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
-    cls = MODELS[name]
-    accepted = [p for p in inspect.signature(cls).parameters]
+    accepted = accepted_args(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ToothSegError(f"model {name!r} does not take {', '.join(unknown)}; it accepts {', '.join(accepted)}")
-    return cls(**kwargs)
+    return MODELS[name](**kwargs)

@@ -209,3 +209,18 @@ def test_encoder_flag_reaches_the_model_spec(tmp_path):
     assert finetune_seg.resolve_model(args).args["encoder_name"] == "resnet34"
     assert model_kwargs(args)["encoder_name"] == "resnet34"
     assert "encoder_name" not in model_kwargs(finetune_seg.parse_args(["--images-dir", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("other", ["scag", "fpn"])
+def test_another_model_type_from_a_checkpoint_keeps_its_width(tmp_path, other):
+    """--init-from a base-4 UNet's weights with --model-type scag built a base-32 model and matched nothing."""
+    from types import SimpleNamespace
+
+    import finetune_seg
+    from checkpoints import ModelSpec
+
+    saved = SimpleNamespace(model=ModelSpec("unet", {"base_channels": 4, "bilinear": False, "deep_supervision": True}))
+    args = finetune_seg.parse_args(["--images-dir", str(tmp_path), "--model-type", other])
+    spec = finetune_seg.resolve_model(args, resumed=saved)
+    assert spec.name == other and spec.args["base_channels"] == 4 and spec.args["bilinear"] is False
+    assert "deep_supervision" not in spec.args  # the training choice of the run, not of the weights
