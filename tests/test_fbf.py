@@ -252,7 +252,8 @@ def test_bad_files_are_named_counted_and_the_rest_still_written(dataset, tmp_pat
     errors = result.stderr.strip().splitlines()
     assert errors[-1].startswith("error: 1 of 6 files could not be decoded")
     assert "Traceback" not in result.stderr
-    assert files_under(output) == files_under(dataset) - {"adult/unlabeled/images/broken.png"} | {"sts2d_index.csv"}
+    assert files_under(output) == files_under(dataset) - {"adult/unlabeled/images/broken.png"} | \
+        {"sts2d_index.csv", "fbf_settings.json"}
 
 
 def test_missing_input_is_a_one_line_error(tmp_path):
