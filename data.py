@@ -25,11 +25,11 @@ from utils import ToothSegError, read_image, to_uint8
 NORM_MEAN, NORM_STD = 0.5, 0.25
 
 
-def check_same_size(labels: np.ndarray, size: tuple[int, int], path, what: str = "mask") -> np.ndarray:
+def check_same_size(labels: np.ndarray, size: tuple[int, int], path, what: str = "mask",
+                    fix: str = "fix the pair or re-run prepare_sts2d.py") -> np.ndarray:
     """A mask or label map must have its image's (H, W): one pixel of it per pixel of the image."""
     if labels.shape != tuple(size):
-        raise ToothSegError(f"{path}: {what} size {labels.shape[::-1]} differs from its image {tuple(size)[::-1]}; "
-                            f"fix the pair or re-run prepare_sts2d.py")
+        raise ToothSegError(f"{path}: {what} size {labels.shape[::-1]} differs from its image {tuple(size)[::-1]}; {fix}")
     return labels
 
 
@@ -275,8 +275,10 @@ class SegmentationDataset(_ImageDataset):
 
     def _read_target(self, index: int, size: tuple[int, int]) -> np.ndarray:
         sample = self.samples[index]
-        target = to_uint8(read_image(sample.mask)) if sample.pair_id in self.soft else read_mask(sample.mask) * 255
-        return check_same_size(target, size, sample.mask)
+        if sample.pair_id in self.soft:
+            return check_same_size(to_uint8(read_image(sample.mask)), size, sample.mask, "pseudo-label",
+                                   "write the pseudo-labels again with eval.py --split unlabelled --save-probs")
+        return check_same_size(read_mask(sample.mask) * 255, size, sample.mask)
 
     def _mask(self, index: int, image: np.ndarray) -> np.ndarray:
         return self._masks[index] if self._masks is not None else self._read_target(index, image.shape)

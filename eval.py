@@ -72,10 +72,10 @@ from metrics import (ASSD_DEFINITION, METRIC_NAMES, overlap_metrics, segmentatio
 from overlay import overlay_mask, overlay_teeth
 from predict import (clean_mask, load_predictor, mask_at_size, mean_probabilities, prob_at_size, teeth_at_size,
                      tooth_chart)
-from semi import PseudoLabel, mean_entropy, write_manifest
+from semi import MANIFEST, PseudoLabel, mean_entropy, write_manifest
 from teeth import read_label_map
-from utils import (ToothSegError, atomic_write_text, check_output_dir, make_parser, non_negative_int, positive_int,
-                   probability, read_image, recorded_path, run_cli, to_uint8, write_png)
+from utils import (ToothSegError, atomic_write_text, check_output_dir, file_sha1, make_parser, non_negative_int,
+                   positive_int, probability, read_image, recorded_path, run_cli, to_uint8, write_png)
 
 SPLIT_CHOICES = ("train", "val", "test", "all", "unlabelled")
 # --min-component auto tries these shares of the image area. They reach past the smallest true tooth components
@@ -442,6 +442,8 @@ def main(argv=None):
 
     # Inference at network size, masks (or label maps) and scores at each image's own size.
     rows, skipped, kept_preds, pseudo = [], [], {}, []
+    if args.save_probs is not None:  # an earlier manifest must not describe the maps this run overwrites, if it fails
+        (args.save_probs / MANIFEST).unlink(missing_ok=True)
     # Both loaders keep the samples' order and yield unreadable images too, so the pairs stay aligned.
     unions = (probs for *_, probs in predictions(union_predictors, samples, args, device, f"{split} (--union-from)")) \
         if union_predictors else itertools.repeat(None)
@@ -454,7 +456,8 @@ def main(argv=None):
         if args.save_probs is not None:
             prob = prob_at_size(probs, size)
             write_png(args.save_probs / f"{pair_id}.png", np.round(prob * 255).astype(np.uint8))
-            pseudo.append(PseudoLabel(pair_id, sample.image, args.save_probs / f"{pair_id}.png", mean_entropy(prob)))
+            pseudo.append(PseudoLabel(pair_id, sample.image, args.save_probs / f"{pair_id}.png", mean_entropy(prob),
+                                      file_sha1(sample.image)))
         if not predict:
             try:
                 gt = outputs.truth(sample, size)

@@ -48,10 +48,10 @@ from metrics import (BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, dice_from_ove
 from models import ENCODER_PREFIXES, SIZE_MULTIPLE, accepted_args, split_outputs
 from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
-from semi import MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
+from semi import ONLINE_FLAGS, PSEUDO_FLAGS, MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
 from teeth import mirror_closed, read_label_map
-from utils import (ToothSegError, make_parser, non_negative_int, non_negative_number, positive_int, positive_number,
-                   probability, recorded_path, run_cli, set_seed, share_below_one, share_of_all)
+from utils import (ToothSegError, file_sha1, make_parser, non_negative_int, non_negative_number, positive_int,
+                   positive_number, probability, recorded_path, run_cli, set_seed, share_below_one, share_of_all)
 
 
 TASKS = ("binary", "teeth")
@@ -153,8 +153,12 @@ def parse_args(argv=None):
     args = parse_training_args(parser, argv)
     if args.semi and args.pseudo_labels is not None:
         parser.error("choose one way of using the unlabelled images: --pseudo-labels or --semi")
-    if args.labelled_share is not None and args.pseudo_labels is None:
-        parser.error("--labelled-share balances true labels against pseudo-labels; add --pseudo-labels DIR")
+    # A flag of the other way (or of none) would be recorded as if it had been applied.
+    for flags, way, given in ((PSEUDO_FLAGS, "--pseudo-labels DIR", args.pseudo_labels is not None),
+                              (ONLINE_FLAGS, "--semi", args.semi)):
+        idle = [flag for flag in flags if getattr(args, dest := flag[2:].replace("-", "_")) != parser.get_default(dest)]
+        if idle and not given:
+            parser.error(f"{idle[0]} is for {way}, which this run does not use; add {way} or drop {idle[0]}")
     if args.task == "teeth" and (args.semi or args.pseudo_labels is not None):
         parser.error("--task teeth learns from labelled images only; drop --semi/--pseudo-labels (or use them with --task binary)")
     if args.task == "teeth" and args.mask_resize == "area":
@@ -335,17 +339,23 @@ def pseudo_labelled_samples(args, splits: dict, pool: list[Sample]) -> tuple[lis
     if leaking:
         raise ToothSegError(f"{args.pseudo_labels}: pseudo-labels {leaking[0]} ({len(leaking)} in all), a val/test "
                             f"image; label only the unlabelled pool (eval.py --split unlabelled)")
-    in_pool = {s.pair_id for s in pool}
+    in_pool = {s.pair_id: s for s in pool}
     usable = [label for label in labels if label.pair_id in in_pool]  # a truly labelled image keeps its mask
     if not usable:
         raise ToothSegError(f"{args.pseudo_labels}: none of its {len(labels)} pseudo-labels is an image of this run's "
                             f"unlabelled pool; write them with eval.py --split unlabelled on this data")
+    # Matched by pair id, the label must be of this pool's image, not of another data root's or an older version's.
+    other = [label for label in usable if label.image_sha1 and label.image_sha1 != file_sha1(in_pool[label.pair_id].image)]
+    if other:
+        raise ToothSegError(f"{args.pseudo_labels}: its pseudo-label {other[0].pair_id} was made from {other[0].image}, "
+                            f"not from this pool's {in_pool[other[0].pair_id].image} ({len(other)} such); write them "
+                            f"again with eval.py --split unlabelled --save-probs on this data")
     kept = most_confident(usable, args.pseudo_keep)
     record = {"dir": recorded_path(args.pseudo_labels), "teachers": teachers, "kept": len(kept), "usable": len(usable),
               "keep": args.pseudo_keep, "weight": args.pseudo_weight, "student_noise": args.student_noise,
               "labelled_share": 0.5 if args.labelled_share is None else args.labelled_share,
               "max_mean_entropy": max(label.mean_entropy for label in kept)}
-    return [Sample(label.image, label.probs, label.pair_id, source="pseudo") for label in kept], record
+    return [Sample(in_pool[label.pair_id].image, label.probs, label.pair_id, source="pseudo") for label in kept], record
 
 
 def tooth_classes(train_samples: list[Sample], resumed: Checkpoint | None) -> list[int]:

@@ -46,6 +46,7 @@ import numpy as np
 
 from metrics import METRIC_NAMES, TOOTH_SUMMARY_NAMES
 from models import MODELS
+from semi import ONLINE_FLAGS, PSEUDO_FLAGS
 from utils import (ToothSegError, atomic_path, atomic_write_text, make_parser, mean_ci, non_negative_int, positive_int,
                    run_cli, share_of_all)
 
@@ -117,6 +118,12 @@ def parse_args(argv=None):
     if args.masks_dir is not None and any(init in PRETRAIN_SCRIPTS for init in args.inits):
         parser.error("pretraining on folders without an index would see every image, the cells' test images too: "
                      "prepare them with prepare_sts2d.py --images-dir ... --masks-dir ... and give its processed_2d")
+    semi_flags = {token.split("=")[0] for token in shlex.split(args.semi_args)}
+    for flags, way, other in ((PSEUDO_FLAGS, "pseudo", "online"), (ONLINE_FLAGS, "online", "pseudo")):
+        mine = sorted(semi_flags & {*flags, *(f"--no-{f[2:]}" for f in flags)})
+        if mine and other in args.semi:  # finetune_seg.py refuses them in the other way's cells
+            parser.error(f"--semi-args {mine[0]} is for the {way} cells only: run the {other} cells in a command "
+                         f"of their own")
     if "pseudo" in args.semi and "none" not in args.semi:
         parser.error("--semi pseudo labels with its supervised twin: add none to --semi")
     args.semi = [way for way in SEMI if way in args.semi]  # teachers (none) before their students
@@ -170,6 +177,9 @@ def settings(commands: list[list[str]], args) -> list[list[str]]:
 
 def first_difference(recorded: list[list[str]], now: list[list[str]]) -> str:
     """The first setting in which two `settings` differ, in words."""
+    steps = [[command[0] for command in commands] for commands in (recorded, now)]
+    if steps[0] != steps[1]:  # another number of rounds or teachers: compared command by command, they shift
+        return f"its steps were {' then '.join(steps[0])}, this run's are {' then '.join(steps[1])}"
     for old, new in itertools.zip_longest(recorded, now, fillvalue=[]):
         if old != new:
             i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))

@@ -22,6 +22,10 @@ from torch import nn
 from utils import ToothSegError, atomic_write_text
 
 MANIFEST = "pseudo_labels.json"
+# finetune_seg.py's flags of each way of learning from the pool, refused without it (and by run_study for the cells
+# of the other way).
+PSEUDO_FLAGS = ("--pseudo-weight", "--pseudo-keep", "--labelled-share", "--student-noise")
+ONLINE_FLAGS = ("--ema-decay", "--confidence", "--unlabelled-weight", "--rampup-epochs")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,12 +43,14 @@ class PseudoLabel:
     image: Path
     probs: Path
     mean_entropy: float
+    image_sha1: str = ""  # the labelled image's content (manifests before it: "")
 
 
 def write_manifest(folder: Path, labels: list[PseudoLabel], teachers: list[str], tta: bool,
                    tta_rotate: list[float] = ()) -> None:
     manifest = {"teachers": teachers, "tta": tta, "tta_rotate": list(tta_rotate), "images": {
-        label.pair_id: {"image": str(label.image), "probs": label.probs.name, "mean_entropy": label.mean_entropy}
+        label.pair_id: {"image": str(label.image), "image_sha1": label.image_sha1, "probs": label.probs.name,
+                        "mean_entropy": label.mean_entropy}
         for label in labels}}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
 
@@ -54,7 +60,8 @@ def read_pseudo_labels(folder: str | os.PathLike) -> tuple[list[PseudoLabel], li
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        labels = [PseudoLabel(pair_id, Path(entry["image"]), folder / entry["probs"], float(entry["mean_entropy"]))
+        labels = [PseudoLabel(pair_id, Path(entry["image"]), folder / entry["probs"], float(entry["mean_entropy"]),
+                              entry.get("image_sha1", ""))
                   for pair_id, entry in manifest["images"].items()]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ToothSegError(f"{folder / MANIFEST}: cannot read the pseudo-label manifest ({type(exc).__name__}); "

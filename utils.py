@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import io
 import os
 import random
@@ -230,6 +231,11 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray
     except OSError as exc:
         raise ToothSegError(f"{path}: cannot read ({exc.strerror or exc}); check the path") from None
     return decode_image(data, path, grayscale=grayscale)
+
+
+def file_sha1(path: str | os.PathLike) -> str:
+    """The content hash of a file, as the index records it (`sha1`)."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ its exact resume, and both under torchrun."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from checkpoints import open_checkpoint
 from data import SegmentationDataset, SemiDataset, UnlabelledDataset, build_train_transform, strong_photometric
 from index import Sample, read_index, segmentation_splits, unlabelled_pool
 from models import build_model
-from semi import MeanTeacher, consistency_loss, mean_entropy, most_confident, read_pseudo_labels
-from utils import ToothSegError, read_image
+from semi import MANIFEST, MeanTeacher, consistency_loss, mean_entropy, most_confident, read_pseudo_labels
+from utils import ToothSegError, read_image, write_png
 
 REPO = Path(__file__).resolve().parents[1]
 NET = ["--img-height", "32", "--img-width", "64", "--base-channels", "4", "--batch-size", "4", "--num-workers", "0",
@@ -101,6 +102,53 @@ def test_pseudo_labels_of_test_images_are_refused(phantom_data_root, teacher, tm
     with pytest.raises(ToothSegError, match="a val/test image"):
         finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir",
                            str(tmp_path / "ft"), *NET, "--epochs", "1", "--pseudo-labels", str(tmp_path / "probs")])
+
+
+def test_pseudo_labels_of_other_images_of_the_same_names_are_refused(phantom_data_root, pseudo_labels, tmp_path):
+    """Matched by pair id only, another data root's pseudo-labels (or those of images changed since) trained the
+    student, on that root's images."""
+    shutil.copytree(pseudo_labels, tmp_path / "probs")
+    manifest = json.loads((tmp_path / "probs" / MANIFEST).read_text())
+    changed = sorted(manifest["images"])[1]
+    manifest["images"][changed]["image_sha1"] = "0" * 40  # made from other pixels than this pool's image
+    (tmp_path / "probs" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ToothSegError, match=f"its pseudo-label {changed} was made from .*, not from this pool's .*"
+                                            f"\\(1 such\\); write them again with eval.py --split unlabelled --save-probs"):
+        finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir",
+                           str(tmp_path / "ft"), *NET, "--epochs", "1", "--label-fraction", "0.5",
+                           "--pseudo-labels", str(tmp_path / "probs")])
+
+
+def test_a_failed_rewrite_of_pseudo_labels_leaves_no_manifest_over_them(teacher, pseudo_labels, tmp_path, monkeypatch):
+    """A rerun that failed halfway left the old manifest (teachers, entropies) over partly new maps."""
+    shutil.copytree(pseudo_labels, tmp_path / "probs")
+    written = []
+
+    def fail_on_the_second_map(path, image):
+        written.append(path)
+        if len(written) == 2:
+            raise ToothSegError(f"{path}: disk full")
+        write_png(path, image)
+
+    monkeypatch.setattr(eval_script, "write_png", fail_on_the_second_map)
+    with pytest.raises(ToothSegError, match="disk full"):
+        eval_script.main(["--checkpoint", str(teacher), "--split", "unlabelled", "--save-probs", str(tmp_path / "probs"),
+                          "--out-dir", str(tmp_path / "eval"), "--cpu", "--workers", "0"])
+    assert written and not (tmp_path / "probs" / MANIFEST).exists()
+    with pytest.raises(ToothSegError, match="cannot read the pseudo-label manifest"):
+        read_pseudo_labels(tmp_path / "probs")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--pseudo-keep", "0.3"], "--pseudo-keep is for --pseudo-labels DIR, which this run does not use"),
+    (["--no-student-noise"], "--student-noise is for --pseudo-labels DIR"),
+    (["--semi", "--pseudo-weight", "5"], "--pseudo-weight is for --pseudo-labels DIR"),
+    (["--ema-decay", "0.5"], "--ema-decay is for --semi, which this run does not use; add --semi or drop --ema-decay"),
+])
+def test_flags_of_a_way_the_run_does_not_use_are_refused(tmp_path, capsys, flags, expected):
+    with pytest.raises(SystemExit):  # they were ignored, and recorded as if applied
+        finetune_seg.parse_args(["--images-dir", str(tmp_path), *flags])
+    assert expected in capsys.readouterr().err
 
 
 def test_soft_targets_and_weights_enter_the_loss(phantom_data_root, pseudo_labels):

@@ -214,6 +214,9 @@ def test_tg3k_data_trains_with_the_ultrasound_transform(tmp_path):
     (["--bootstrap", "0"], "--bootstrap: must be at least 1, got 0"),
     # bare folders have no split for the pretraining to leave out: it pretrained on the cells' test images
     (["--masks-dir", "masks", "--inits", "scratch", "mim"], "pretraining on folders without an index would see every image"),
+    # finetune_seg.py refuses a way's flags in the other way's cells (they were ignored, and shown as applied)
+    (["--semi", "none", "pseudo", "online", "--semi-args", "--pseudo-keep 0.5"],
+     "--semi-args --pseudo-keep is for the pseudo cells only: run the online cells in a command of their own"),
 ])
 def test_a_grid_that_cannot_run_is_refused_before_any_work(tmp_path, capsys, flags, expected):
     import run_study
@@ -272,3 +275,15 @@ def test_the_table_describes_each_cell_as_it_ran():
                                          ("runs/tufts", "tufts")])  # a data root given as --external-test: once "runs"
 def test_a_plot_panel_names_the_data_root_however_it_was_given(given, name):
     assert run_study.data_name(Path(given)) == name
+
+
+def test_a_cell_of_other_steps_is_named_by_its_steps_not_a_shifted_flag():
+    """Another number of pseudo-label rounds compared command by command read 'a flag was finetune_seg.py, this run
+    asks eval.py'."""
+    one_round = [["finetune_seg.py", "--epochs", "1"], ["eval.py", "--split", "unlabelled"], ["eval.py", "--split", "test"]]
+    two_rounds = [one_round[0], one_round[1], ["finetune_seg.py", "--epochs", "1"], *one_round[1:]]
+    assert run_study.first_difference(two_rounds, one_round) == (
+        "its steps were finetune_seg.py then eval.py then finetune_seg.py then eval.py then eval.py, this run's are "
+        "finetune_seg.py then eval.py then eval.py")
+    assert run_study.first_difference(one_round, [one_round[0][:2] + ["2"], *one_round[1:]]) == \
+        "finetune_seg.py: --epochs was 1, this run asks 2"
