@@ -655,8 +655,8 @@ def reconstruction_visuals(inputs: torch.Tensor, target: torch.Tensor, recon: to
 
 def open_writer(log_dir: Path, dist: DistEnv, purge_step: int | None = None):
     """A TensorBoard SummaryWriter on rank 0 (None elsewhere). With `purge_step`, TensorBoard hides the events
-    of earlier files in the folder at that step or later (per-step series by their step, per-epoch ones by their
-    epoch, which is never above the step count), so a resumed run's curves do not double back."""
+    of earlier files in the folder at that step or later, so a resumed run's per-step curves do not double back
+    (per-epoch series, logged at their epoch, lie below it)."""
     if not dist.is_main:
         return None
     from torch.utils.tensorboard import SummaryWriter

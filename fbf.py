@@ -345,18 +345,22 @@ def find_jobs(input_dir: Path, output_dir: Path) -> tuple[list[Job], int, int]:
     return jobs, dicom, others
 
 
-def check_same_settings(output_dir: Path, settings: FilterSettings, overwrite: bool) -> None:
+def check_same_settings(output_dir: Path, settings: FilterSettings, overwrite: bool, kept_outputs: bool) -> None:
     """A mirror is filtered with one setting: kept outputs of another run with other settings would be mixed with
-    this run's (an interrupted run rerun with another --sigma-color), so a rerun with other settings is refused."""
+    this run's (an interrupted run rerun with another --sigma-color), so a rerun with other settings is refused.
+    A mirror of before the record keeps no record: what filtered its outputs is not known."""
     record = output_dir / SETTINGS_NAME
     asked = {name: getattr(settings, name) for name in ("method", "sigma_space", "sigma_color", "sample_space", "sample_color")}
     if record.exists() and not overwrite:
-        kept = json.loads(record.read_text())
-        changed = [name for name in asked if kept.get(name) != asked[name]]
+        recorded = json.loads(record.read_text())
+        changed = [name for name in asked if recorded.get(name) != asked[name]]
         if changed:
-            raise ToothSegError(f"{output_dir}: filtered with --{changed[0].replace('_', '-')} {kept.get(changed[0])}, "
+            raise ToothSegError(f"{output_dir}: filtered with --{changed[0].replace('_', '-')} {recorded.get(changed[0])}, "
                                 f"this run asks {asked[changed[0]]}; rerun with the settings in {record}, or --overwrite "
                                 f"to filter every file again")
+    elif kept_outputs and not overwrite:
+        print(f"note: {output_dir} has no {SETTINGS_NAME}, so the filter of the outputs kept there is not known "
+              f"(--overwrite filters every file again and records it)")
     else:
         atomic_write_text(record, json.dumps(asked, indent=2))
 
@@ -473,13 +477,13 @@ def main(argv: list[str] | None = None) -> None:
     if settings.backend == "torch" and args.device is not None:
         check_device(args.device)
 
-    check_same_settings(output_dir, settings, args.overwrite)
     index = find_index(input_dir)
     mirrored = output_dir / INDEX_NAME
     if index is not None and mirrored.exists() and not args.overwrite and mirrored.read_bytes() != index.read_bytes():
         # The data was prepared again since: kept outputs may be of other images, and its splits have changed.
         raise ToothSegError(f"{mirrored}: differs from {index}, so {output_dir} mirrors an earlier preparation; "
                             f"rebuild it with --overwrite")
+    check_same_settings(output_dir, settings, args.overwrite, any(job.target.exists() for job in jobs))
     if index is None:
         print(f"note: no {INDEX_NAME} in {input_dir} or its parent; only images and masks are written")
     elif args.overwrite or not mirrored.exists():

@@ -344,8 +344,10 @@ def pseudo_labelled_samples(args, splits: dict, pool: list[Sample]) -> tuple[lis
     if not usable:
         raise ToothSegError(f"{args.pseudo_labels}: none of its {len(labels)} pseudo-labels is an image of this run's "
                             f"unlabelled pool; write them with eval.py --split unlabelled on this data")
-    # Matched by pair id, the label must be of this pool's image, not of another data root's or an older version's.
-    other = [label for label in usable if label.image_sha1 and label.image_sha1 != file_sha1(in_pool[label.pair_id].image)]
+    # Matched by pair id, the label must be of this pool's image, not of another data root's or an older version's:
+    # by content, or (a manifest written before it recorded the content) by path.
+    other = [label for label in usable if (label.image_sha1 != file_sha1(in_pool[label.pair_id].image) if label.image_sha1
+                                           else label.image.resolve() != in_pool[label.pair_id].image.resolve())]
     if other:
         raise ToothSegError(f"{args.pseudo_labels}: its pseudo-label {other[0].pair_id} was made from {other[0].image}, "
                             f"not from this pool's {in_pool[other[0].pair_id].image} ({len(other)} such); write them "

@@ -77,8 +77,9 @@ from tqdm import tqdm
 
 import phantom
 import teeth
-from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, TEETH_FOLDERS,
-                   binarise_mask, default_mask_threshold, files_below, list_images, list_masks, read_index, write_index)
+from index import (AGE_GROUPS, INDEX_NAME, LABEL_FOLDERS, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS,
+                   TEETH_FOLDERS, binarise_mask, default_mask_threshold, files_below, in_label_folder, list_images,
+                   list_masks, read_index, write_index)
 from utils import (ToothSegError, atomic_write_bytes, atomic_write_text, check_output_dir, decode_image, is_image_file,
                    make_parser, run_cli, to_uint8)
 
@@ -452,7 +453,12 @@ def source_from_pool(name: str, folder: Path, data_root: Path) -> Source:
         raise ToothSegError(f"{folder}: no images found below it (mask folders are skipped); check --unlabelled-dir")
     files = [Found("adult", "unlabeled", "image", p.relative_to(folder).with_suffix("").as_posix(), _file_on_disk(p))
              for p in images]
-    return Source(POOL_KIND + name, f"unlabelled pool {name!r}: {len(files)} images below {folder}", files, [])
+    # Said, so that a folder of X-rays that happens to bear a label folder's name (gt, labels) is noticed.
+    labels = Counter(next(part for part in p.relative_to(folder).parts[:-1] if part.lower() in LABEL_FOLDERS)
+                     for p in files_below(folder, [data_root / PROCESSED_NAME])
+                     if is_image_file(p) and in_label_folder(p.relative_to(folder)))
+    skipped = f" (left out as labels: {', '.join(f'{n} in {part}/' for part, n in sorted(labels.items()))})" if labels else ""
+    return Source(POOL_KIND + name, f"unlabelled pool {name!r}: {len(files)} images below {folder}{skipped}", files, [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -919,6 +925,17 @@ def is_up_to_date(data_root: Path, stamp: str) -> bool:
                                      if path)
 
 
+def moved_labelled_images(old_index: Path, rows: list[dict]) -> list[str]:
+    """The labelled images (by content) whose split differs from the index a rebuild replaces, as 'id: old -> new'.
+    Another id rule, other ratios or a changed source can move them; a model's test images must not be trained on."""
+    try:
+        before = {r["sha1"]: r["split"] for r in read_index(old_index) if r["label_status"] == "labeled" and not r["is_mask"]}
+    except ToothSegError:  # a first build, or an index this version cannot read
+        return []
+    return [f"{r['pair_id']}: {before[r['sha1']]} -> {r['split']}" for r in rows if r["label_status"] == "labeled"
+            and not r["is_mask"] and before.get(r["sha1"], r["split"]) != r["split"]]
+
+
 def fail_or_keep(rejects: list[tuple[str, str]], skip_bad: bool) -> None:
     if rejects and not skip_bad:
         name, reason = rejects[0]
@@ -1021,6 +1038,7 @@ def prepare(source: Source, pools: list[Source], args) -> None:
     finally:
         pool.shutdown(cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
+    moved = moved_labelled_images(data_root / INDEX_NAME, rows)
     write_index(data_root / INDEX_NAME, rows)
 
     duplicates, conflicts = duplicate_report(pairs, assigned)
@@ -1044,6 +1062,9 @@ def prepare(source: Source, pools: list[Source], args) -> None:
         print(f"{len(conflicts)} duplicate groups have conflicting masks (conflicting_masks=True in {DUPLICATES_NAME})")
     if rejects:
         print(f"skipped {len(rejects)} bad files; listed with reasons in {data_root / REJECTED_NAME}")
+    if moved:
+        print(f"note: {len(moved)} labelled images lie in another split than in the index this one replaces, e.g. "
+              f"{moved[0]}; a model trained on the earlier splits must not be scored on the new val/test ones")
     print_teeth_report(converted)
     print_statistics(rows, teeth_numbers)
 

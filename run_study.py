@@ -118,12 +118,18 @@ def parse_args(argv=None):
     if args.masks_dir is not None and any(init in PRETRAIN_SCRIPTS for init in args.inits):
         parser.error("pretraining on folders without an index would see every image, the cells' test images too: "
                      "prepare them with prepare_sts2d.py --images-dir ... --masks-dir ... and give its processed_2d")
-    semi_flags = {token.split("=")[0] for token in shlex.split(args.semi_args)}
     for flags, way, other in ((PSEUDO_FLAGS, "pseudo", "online"), (ONLINE_FLAGS, "online", "pseudo")):
-        mine = sorted(semi_flags & {*flags, *(f"--no-{f[2:]}" for f in flags)})
-        if mine and other in args.semi:  # finetune_seg.py refuses them in the other way's cells
-            parser.error(f"--semi-args {mine[0]} is for the {way} cells only: run the {other} cells in a command "
-                         f"of their own")
+        # finetune_seg.py refuses a way's flags in the other way's cells (and in supervised ones); argparse takes
+        # an unambiguous abbreviation (--ema-d) for the flag
+        named = {f"--{prefix}{flag[2:]}" for flag in flags for prefix in ("", "no-")}
+        for option, extra, reaches in (("--finetune-args", args.finetune_args, True),
+                                       ("--semi-args", args.semi_args, other in args.semi)):
+            given = [t.split("=")[0] for t in shlex.split(extra) if t.startswith("--") and len(t.split("=")[0]) > 3]
+            mine = sorted(t for t in given if any(flag.startswith(t) for flag in named))
+            if mine and reaches:
+                parser.error(f"{option} {mine[0]} is for the {way} cells only, but would reach "
+                             f"{'every cell' if option == '--finetune-args' else f'the {other} cells'}: give it in "
+                             f"--semi-args, in a command whose --semi has no {other} cells")
     if "pseudo" in args.semi and "none" not in args.semi:
         parser.error("--semi pseudo labels with its supervised twin: add none to --semi")
     args.semi = [way for way in SEMI if way in args.semi]  # teachers (none) before their students
@@ -207,8 +213,8 @@ def refuse_stale(steps: list[tuple[Path, Path, list[list[str]]]], args) -> None:
 def budget(args, init: str) -> dict:
     """What study.md's header states once for all the cells of the folder: the data, input, width and budget
     (and the pretraining's epochs, for a pretrained cell)."""
-    return {"images_dir": str(args.images_dir.resolve()),
-            "masks_dir": str(args.masks_dir.resolve()) if args.masks_dir is not None else None,
+    # The folders as given, as the cells' settings record them: a study moved with its data stays the same study.
+    return {"images_dir": str(args.images_dir), "masks_dir": str(args.masks_dir) if args.masks_dir is not None else None,
             "input": f"{args.img_height}x{args.img_width}", "base_channels": args.base_channels,
             "batch_size": args.batch_size, "finetune_epochs": args.finetune_epochs, "steps_per_epoch": args.steps_per_epoch,
             **({"pretrain_epochs": args.pretrain_epochs} if init in PRETRAIN_SCRIPTS else {})}

@@ -198,7 +198,7 @@ def test_tree_is_mirrored_images_filtered_masks_and_index_copied(dataset):
     assert not any(p.name.startswith(".") for p in output.rglob("*"))  # no temporary files left behind
 
 
-def test_existing_outputs_are_kept_unless_overwrite(dataset, tmp_path):
+def test_existing_outputs_are_kept_unless_overwrite(dataset, tmp_path, capsys):
     output = tmp_path / "filtered"
     arguments = ["--input-dir", str(dataset), "--output-dir", str(output), "--backend", "numpy", "--workers", "1"]
     fbf.main(arguments)
@@ -219,6 +219,11 @@ def test_existing_outputs_are_kept_unless_overwrite(dataset, tmp_path):
     assert not image.exists()
     fbf.main(arguments + ["--sigma-color", "80", "--overwrite"])
     assert json.loads((output / "fbf_settings.json").read_text())["sigma_color"] == 80.0
+    # A mirror of before the record: its kept outputs' filter is not known, so none is recorded for them.
+    (output / "fbf_settings.json").unlink()
+    fbf.main(arguments)
+    assert not (output / "fbf_settings.json").exists() and "the filter of the outputs kept there is not known" in \
+        capsys.readouterr().out
 
 
 def test_16_bit_png_is_written_as_16_bit(tmp_path):

@@ -527,6 +527,19 @@ def test_an_unlabelled_copy_of_the_same_name_moves_no_labelled_image(tmp_path, c
     assert len(copies) == 12 and all(r["split"] == splits[r["dup_group"]] for r in copies)
 
 
+def test_a_rebuild_that_moves_labelled_images_between_splits_says_so(tmp_path, capsys):
+    write_files(tmp_path / "raw", sts_files(adult=(20, 3), children=(6, 2)))
+    argv = ["--raw-dir", str(tmp_path / "raw"), "--data-root", str(tmp_path / "out")]
+    assert "another split" not in run(argv, capsys)
+    labelled = lambda: {r["pair_id"]: r["split"] for r in read_index(tmp_path / "out" / INDEX_NAME)  # noqa: E731
+                        if r["label_status"] == "labeled" and not r["is_mask"]}
+    before = labelled()
+    printed = run([*argv, "--seed", "7"], capsys)  # as another id rule or ratio would: silently, before
+    after = labelled()
+    moved = sum(before[p] != after[p] for p in after)
+    assert moved and f"note: {moved} labelled images lie in another split than in the index this one replaces" in printed
+
+
 def test_same_seed_gives_identical_output(tmp_path, capsys):
     write_files(tmp_path / "raw", sts_files(adult=(20, 3), children=(6, 2)))
     roots = [tmp_path / name for name in ("a", "b", "c")]
@@ -671,6 +684,8 @@ def test_pools_join_a_folder_pair(tmp_path, capsys):
     written = cv2.imread(str(out / PROCESSED_NAME / "adult/unlabeled/images/tufts-dev_p000.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(written, cv2.cvtColor(decoded, cv2.COLOR_BGR2GRAY))
     assert "label_status: labeled 12 / unlabeled 5" in printed
+    assert "unlabelled pool 'other': 2 images below" in printed and \
+        "(left out as labels: 1 in Mask/, 1 in masks/, 1 in teeth_fdi/)" in printed
     assert ("source (images): folder 6 (train 4, val 1, test 1) / unlabelled:other 2 (pretrain 2) / "
             "unlabelled:tufts-dev 3 (pretrain 3)") in printed
 

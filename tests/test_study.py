@@ -216,7 +216,10 @@ def test_tg3k_data_trains_with_the_ultrasound_transform(tmp_path):
     (["--masks-dir", "masks", "--inits", "scratch", "mim"], "pretraining on folders without an index would see every image"),
     # finetune_seg.py refuses a way's flags in the other way's cells (they were ignored, and shown as applied)
     (["--semi", "none", "pseudo", "online", "--semi-args", "--pseudo-keep 0.5"],
-     "--semi-args --pseudo-keep is for the pseudo cells only: run the online cells in a command of their own"),
+     "--semi-args --pseudo-keep is for the pseudo cells only, but would reach the online cells"),
+    (["--semi", "none", "pseudo", "online", "--semi-args=--ema-d=0.9"], "--semi-args --ema-d is for the online cells"),
+    (["--semi", "none", "online", "--finetune-args", "--confidence 0.8"],
+     "--finetune-args --confidence is for the online cells only, but would reach every cell"),
 ])
 def test_a_grid_that_cannot_run_is_refused_before_any_work(tmp_path, capsys, flags, expected):
     import run_study
