@@ -29,8 +29,8 @@ relative to processed_2d, so they resolve inside the output dir, and the output 
 the training scripts as `--images-dir`.
 The index is copied unchanged: its `sha1` column still describes the unfiltered images.
 Existing outputs are kept unless `--overwrite`, and the settings are recorded in
-`<output-dir>/fbf_settings.json`: a rerun with others is refused unless `--overwrite`; every write is atomic. An image that cannot be
-decoded is named on its own line and skipped, the others are still written, and the run ends with
+`<output-dir>/fbf_settings.json`: a rerun with others is refused unless `--overwrite`; every write is
+atomic. An image that cannot be decoded is named on its own line and skipped, the others are still written, and the run ends with
 a one-line error counting the failures (exit status 2), so scripts notice.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from index import INDEX_NAME, find_index, in_label_folder
+from index import INDEX_NAME, find_index, label_folder
 from utils import (DICOM_EXTENSIONS, ToothSegError, atomic_path, atomic_write_bytes, atomic_write_text, check_output_dir,
                    decode_image, is_image_file, make_parser, run_cli)
 
@@ -341,7 +341,7 @@ def find_jobs(input_dir: Path, output_dir: Path) -> tuple[list[Job], int, int]:
         elif not is_image_file(source):
             others += relative.name not in (INDEX_NAME, SETTINGS_NAME)
         else:
-            jobs.append(Job(source, output_dir / relative, in_label_folder(relative)))
+            jobs.append(Job(source, output_dir / relative, label_folder(relative) is not None))
     return jobs, dicom, others
 
 

@@ -137,9 +137,9 @@ def samples_from_index(index_path: Path, base_dir: Path, splits: Iterable[str],
     return samples
 
 
-def in_label_folder(relative: Path) -> bool:
-    """Whether a path below a data folder lies in a LABEL_FOLDERS folder (any case)."""
-    return any(part.lower() in LABEL_FOLDERS for part in relative.parts[:-1])
+def label_folder(relative: Path, names: Iterable[str] = LABEL_FOLDERS) -> str | None:
+    """The first folder of a path below a data folder that is named one of `names` (any case), or None."""
+    return next((part for part in relative.parts[:-1] if part.lower() in names), None)
 
 
 def files_below(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
@@ -161,7 +161,7 @@ def files_below(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
 def list_images(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
     """Image files below `folder`, sorted, skipping anything inside a LABEL_FOLDERS folder or an `exclude`
     folder."""
-    return [p for p in files_below(folder, exclude) if is_image_file(p) and not in_label_folder(p.relative_to(folder))]
+    return [p for p in files_below(folder, exclude) if is_image_file(p) and label_folder(p.relative_to(folder)) is None]
 
 
 def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
@@ -180,7 +180,7 @@ def list_masks(masks_dir: Path, same_tree: bool = False) -> list[Path]:
     """Mask files below `masks_dir`, sorted; in `same_tree` (one folder holding images/ and masks/) only those
     in a MASK_FOLDERS folder, not the images beside them nor per-tooth label maps in 'teeth'."""
     return [p for p in files_below(masks_dir) if is_image_file(p) and not (
-        same_tree and not set(MASK_FOLDERS) & {part.lower() for part in p.relative_to(masks_dir).parts[:-1]})]
+        same_tree and label_folder(p.relative_to(masks_dir), MASK_FOLDERS) is None)]
 
 
 def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> list[Sample]:

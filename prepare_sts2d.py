@@ -77,9 +77,9 @@ from tqdm import tqdm
 
 import phantom
 import teeth
-from index import (AGE_GROUPS, INDEX_NAME, LABEL_FOLDERS, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS,
-                   TEETH_FOLDERS, binarise_mask, default_mask_threshold, files_below, in_label_folder, list_images,
-                   list_masks, read_index, write_index)
+from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, TEETH_FOLDERS,
+                   binarise_mask, default_mask_threshold, files_below, label_folder, list_images, list_masks, read_index,
+                   write_index)
 from utils import (ToothSegError, atomic_write_bytes, atomic_write_text, check_output_dir, decode_image, is_image_file,
                    make_parser, run_cli, to_uint8)
 
@@ -206,8 +206,7 @@ def is_teeth_file(path: Path, below: Path, beside_images: bool) -> bool:
     one in a TEETH_FOLDERS folder, not the X-rays."""
     if path.suffix.lower() == LABELME_EXTENSION:
         return not path.name.startswith(".")
-    return is_image_file(path) and (not beside_images or bool(
-        set(TEETH_FOLDERS) & {part.lower() for part in path.relative_to(below).parts[:-1]}))
+    return is_image_file(path) and (not beside_images or label_folder(path.relative_to(below), TEETH_FOLDERS) is not None)
 
 
 def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Path | None = None,
@@ -443,20 +442,19 @@ def pool_folders(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def source_from_pool(name: str, folder: Path, data_root: Path) -> Source:
-    """Every image below `folder` (index.list_images) as adult/unlabeled, except this preparation's own
+    """Every image below `folder` (as index.list_images lists them) as adult/unlabeled, except this preparation's own
     outputs when they lie inside it; the stem keeps the sub-folders, so same-named files in
     different sub-folders stay apart."""
     if not folder.is_dir():
         raise ToothSegError(f"{folder}: folder not found; check --unlabelled-dir")
-    images = list_images(folder, exclude=[data_root / PROCESSED_NAME])
+    found = [p for p in files_below(folder, [data_root / PROCESSED_NAME]) if is_image_file(p)]  # one walk for both
+    images = [p for p in found if label_folder(p.relative_to(folder)) is None]
     if not images:
         raise ToothSegError(f"{folder}: no images found below it (mask folders are skipped); check --unlabelled-dir")
     files = [Found("adult", "unlabeled", "image", p.relative_to(folder).with_suffix("").as_posix(), _file_on_disk(p))
              for p in images]
     # Said, so that a folder of X-rays that happens to bear a label folder's name (gt, labels) is noticed.
-    labels = Counter(next(part for part in p.relative_to(folder).parts[:-1] if part.lower() in LABEL_FOLDERS)
-                     for p in files_below(folder, [data_root / PROCESSED_NAME])
-                     if is_image_file(p) and in_label_folder(p.relative_to(folder)))
+    labels = Counter(part for p in found if (part := label_folder(p.relative_to(folder))) is not None)
     skipped = f" (left out as labels: {', '.join(f'{n} in {part}/' for part, n in sorted(labels.items()))})" if labels else ""
     return Source(POOL_KIND + name, f"unlabelled pool {name!r}: {len(files)} images below {folder}{skipped}", files, [])
 
