@@ -226,9 +226,14 @@ def finished_at(folder: Path) -> float | None:
     return json.loads(marker.read_text()).get("finished") if marker is not None else None
 
 
+def teacher_cell(args, model: str, init: str, fraction: float, seed: int) -> Path:
+    """A pseudo cell's first teacher: the supervised binary cell of the same model, init, labels and seed."""
+    return args.out_dir / "cells" / cell_name(model, init, fraction, seed)
+
+
 def made_from(args, model: str, init: str, semi: str, fraction: float, seed: int, source: Path | None) -> list[Path]:
     """The finished steps a cell starts from: its pretraining or binary twin, and a pseudo cell's teacher."""
-    teacher = [args.out_dir / "cells" / cell_name(model, init, fraction, seed)] if semi == "pseudo" else []
+    teacher = [teacher_cell(args, model, init, fraction, seed)] if semi == "pseudo" else []
     return ([source] if source is not None else []) + teacher
 
 
@@ -261,8 +266,7 @@ def pretrain_command(args, model: str, init: str) -> tuple[list[str], Path]:
 
 def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed: int,
                   pretrained: Path | None) -> list[list[str]]:
-    cells = args.out_dir / "cells"
-    cell = cells / cell_name(model, init, fraction, seed, semi, args.task)
+    cell = args.out_dir / "cells" / cell_name(model, init, fraction, seed, semi, args.task)
     budget = ["--steps-per-epoch", str(args.steps_per_epoch)] if args.steps_per_epoch else []
     cpu = ["--cpu"] if args.cpu else []
 
@@ -288,7 +292,7 @@ def cell_commands(args, model: str, init: str, semi: str, fraction: float, seed:
     # With --teachers N, the first round's teacher is the twin fused with N-1 more models of the same labels.
     extra = {seed + k: cell / f"teacher_s{seed + k}" for k in range(1, args.teachers)}
     commands = [finetune(folder, run_seed) for run_seed, folder in extra.items()]
-    teachers = [cells / cell_name(model, init, fraction, seed), *extra.values()]
+    teachers = [teacher_cell(args, model, init, fraction, seed), *extra.values()]
     for round_number in range(1, args.pseudo_rounds + 1):
         student = cell if round_number == args.pseudo_rounds else cell / f"round{round_number}"
         commands += [script("eval.py") + ["--checkpoint", *map(str, teachers), "--split", "unlabelled", "--tta", "--save-probs",
@@ -403,7 +407,7 @@ def main(argv=None):
         if source is not None and binary_twin is None and not (source / "done.json").exists():
             failed.append(f"{name}: its {init} pretraining failed")
             continue
-        teacher = args.out_dir / "cells" / cell_name(model, init, fraction, seed)
+        teacher = teacher_cell(args, model, init, fraction, seed)
         if semi == "pseudo" and not (teacher / "cell.json").exists():
             failed.append(f"{name}: its teacher {teacher.name} failed")
             continue
