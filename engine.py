@@ -417,8 +417,10 @@ class Trainer:
         self.history: list[dict] = []
 
     # -- state ---------------------------------------------------------------------------------
-    def resume(self, path: Path) -> None:
-        saved = open_checkpoint(path, (self.record.kind,), "--resume")
+    def resume(self, path: Path, saved: Checkpoint | None = None) -> None:
+        """Go on from the checkpoint at `path` (`saved`, when the stage opened it already)."""
+        if saved is None:
+            saved = open_checkpoint(path, (self.record.kind,), "--resume")
         # What preprocessing the weights learnt must not change halfway (eval reads it from the checkpoint).
         # Nor the data it learns from, or its best epoch would compare two validation sets (format-1 files kept
         # their data only as the flags of wherever they ran).
@@ -624,9 +626,10 @@ def prepare_model(model: nn.Module, device: torch.device, dist: DistEnv, compile
 
 def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kind: str, data: DataSpec,
                   task_settings: dict, steps_per_epoch: int, device: torch.device, dist: DistEnv,
-                  monitor: str = "val/loss", mode: str = "min", tensorboard: bool = True, **trainer_kwargs) -> Trainer:
+                  monitor: str = "val/loss", mode: str = "min", tensorboard: bool = True,
+                  resumed: Checkpoint | None = None, **trainer_kwargs) -> Trainer:
     """The optimiser, scheduler, TensorBoard writer, checkpoint record and Trainer from the shared flags;
-    resumes if asked."""
+    resumes if asked (from `resumed`, the --resume checkpoint, when the stage opened it already)."""
     optimizer = make_optimizer(unwrap(model), args.lr, args.weight_decay, device)
     scheduler = make_scheduler(args.scheduler, optimizer, args.epochs * steps_per_epoch, mode)
     amp_dtype = resolve_amp(args.amp, device)
@@ -639,7 +642,7 @@ def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kin
                       monitor=monitor,
                       mode=mode, log_interval=args.log_interval, image_interval=args.image_interval, **trainer_kwargs)
     if args.resume is not None:
-        trainer.resume(args.resume)
+        trainer.resume(args.resume, resumed)
     if tensorboard:  # opened after resuming: what the interrupted run logged after its checkpoint is hidden
         trainer.writer = open_writer(args.log_dir or args.checkpoint_dir / "tensorboard", dist,
                                      trainer.global_step + 1 if args.resume is not None else None)

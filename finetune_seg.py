@@ -486,7 +486,7 @@ def main(argv=None):
                                            window=args.window, window_overlap=args.window_overlap,
                                            intensity_landmarks=landmarks, image_resize=args.image_resize),
                             task_settings=settings,
-                            steps_per_epoch=len(train_loader), device=device, dist=dist,
+                            steps_per_epoch=len(train_loader), device=device, dist=dist, resumed=resumed,
                             monitor=f"val/{args.select_by}", mode="max",
                             patience=args.patience, frozen_prefixes=ENCODER_PREFIXES if args.freeze_encoder_epochs else (),
                             freeze_epochs=args.freeze_encoder_epochs)
