@@ -326,13 +326,20 @@ class TransferReport:
     missing: list[str]      # in the model, not in the file
     mismatched: list[str]   # same name, different shape
     unused: list[str]       # in the file, not in the model
+    # Per-tooth into per-tooth of other FDI numbers: the output layers matched by number (among `matched`),
+    # and (teeth the file had, this model's teeth).
+    by_number: list[str] = field(default_factory=list)
+    shared_teeth: tuple[int, int] = (0, 0)
 
     def summary(self) -> str:
         def names(keys):
             shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
             return f" ({shown})" if keys else ""
+        renumbered = (f"; output channels matched by FDI number{names(self.by_number)}: {self.shared_teeth[0]} of "
+                      f"this model's {self.shared_teeth[1]} teeth from the file, the others new") if self.by_number else ""
         return (f"matched {len(self.matched)}, missing {len(self.missing)}{names(self.missing)}, "
-                f"mismatched {len(self.mismatched)}{names(self.mismatched)}, unused {len(self.unused)}{names(self.unused)}")
+                f"mismatched {len(self.mismatched)}{names(self.mismatched)}, unused {len(self.unused)}{names(self.unused)}"
+                f"{renumbered}")
 
 
 def transferable_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -342,17 +349,43 @@ def transferable_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             if not k.endswith("num_batches_tracked")}
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike) -> TransferReport:
-    """Copy the tensors of a checkpoint (or a bare state_dict) that match `model` by name and shape.
+OUTPUT_LAYERS = ("head.", "aux_heads.")  # parameter names of the layers with one output channel per class
+
+
+def by_fdi_number(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], source_classes: list[int],
+                  classes: list[int]) -> dict[str, torch.Tensor]:
+    """The output layers of a per-tooth model with `classes`, from a per-tooth file with `source_classes`:
+    each channel of a number the file has takes that number's channel; the others keep their initialisation.
+    (Matched by shape, a model of as many classes but other numbers would take tooth 18's channel for 21.)"""
+    rows = [(row, source_classes.index(number)) for row, number in enumerate(classes) if number in source_classes]
+    remapped = {}
+    for key, value in target.items():
+        if key.startswith(OUTPUT_LAYERS) and key in source and source[key].shape[1:] == value.shape[1:] \
+                and len(source[key]) == len(source_classes) and len(value) == len(classes):
+            remapped[key] = value.clone()
+            for row, source_row in rows:
+                remapped[key][row] = source[key][source_row]
+    return remapped
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, classes: list[int] | None = None) -> TransferReport:
+    """Copy the tensors of a checkpoint (or a bare state_dict) that match `model` by name and shape; a per-tooth
+    model's output layers (`classes`, its FDI numbers) from another per-tooth checkpoint by tooth number.
     Fails when they cover under MIN_TRANSFER_COVERAGE of the model (an encoder alone covers more)."""
     record, state = read_weights(path, "--init-from")
     source, target = transferable_state(state), transferable_state(unwrap(model).state_dict())
+    source_classes = record.tooth_classes if record is not None else None
+    remapped = by_fdi_number(source, target, source_classes, classes) \
+        if classes is not None and source_classes is not None and source_classes != classes else {}
+    source = {**source, **remapped}
     matched = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
     report = TransferReport(
         matched=matched,
         missing=[k for k in target if k not in source],
         mismatched=[k for k, v in target.items() if k in source and source[k].shape != v.shape],
         unused=[k for k in source if k not in target],
+        by_number=list(remapped),
+        shared_teeth=(sum(1 for c in classes if c and c in source_classes), len(classes) - 1) if remapped else (0, 0),
     )
     coverage = sum(target[k].numel() for k in matched) / max(1, sum(v.numel() for v in target.values()))
     if coverage < MIN_TRANSFER_COVERAGE:

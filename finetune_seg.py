@@ -461,7 +461,7 @@ def main(argv=None):
         print(f"fine-tuning {spec.name} {spec.args} on {len(train_samples)} labelled pairs{extra} ({modality}{crops}), "
               f"{len(train_loader)} steps an epoch, validating on {len(val_set)}; device {device}")
     if args.init_from is not None and args.resume is None:
-        report = load_pretrained(model, args.init_from)
+        report = load_pretrained(model, args.init_from, classes if teeth else None)
         if dist.is_main:
             print(f"init from {args.init_from}: {report.summary()}")
     model = prepare_model(model, device, dist, args.compile)

@@ -463,6 +463,33 @@ def test_a_binary_checkpoint_initialises_all_but_the_head(phantom_data_root, bin
     assert "missing 0" in report and "mismatched 2 (head.conv.weight, head.conv.bias)" in report, report
 
 
+def test_a_per_tooth_checkpoint_of_other_numbers_initialises_the_head_by_number(teeth_run):
+    """As many classes but other FDI numbers: matched by shape, tooth 21's channel would start as another's."""
+    from checkpoints import load_pretrained, open_checkpoint
+
+    source = open_checkpoint(teeth_run)
+    old = source.tooth_classes
+    lacking = [number for number in FDI_ALL if number not in old][:2]
+    new = [0] + sorted([c for c in old if c not in (0, 11, 21)] + lacking)  # as many classes, two numbers it lacks
+    assert len(new) == len(old) and len(lacking) == 2
+    torch.manual_seed(0)
+    model = source.model.build()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_pretrained(model, teeth_run, new)
+    weights, trained = model.state_dict(), source.state.weights
+    assert report.by_number == ["head.conv.weight", "head.conv.bias"] and report.mismatched == []
+    assert "matched by FDI number" in report.summary() and f"{len(old) - 3} of this model's {len(new) - 1} teeth" \
+        in report.summary()
+    for key in report.by_number:
+        for row, number in enumerate(new):
+            expected = trained[key][old.index(number)] if number in old else initial[key][row]
+            assert torch.equal(weights[key][row], expected), (key, number)
+    assert all(torch.equal(weights[k], trained[k]) for k in weights
+               if not k.startswith("head.") and not k.endswith("num_batches_tracked"))
+    same = load_pretrained(source.model.build(), teeth_run, old)  # the same numbers: matched as they are
+    assert same.by_number == [] and "FDI" not in same.summary()
+
+
 def phantom_size(sample) -> tuple[int, int]:
     from utils import read_image
 
