@@ -114,15 +114,16 @@ def predict_probabilities(model, batch: torch.Tensor, tta: bool, amp_dtype, devi
     total = weight = 0
     with autocast(device, amp_dtype):
         for degrees in (0.0, *rotations):
-            # The pixels a rotated view covers once rotated back (all of them unrotated).
-            seen = rotate(rotate(torch.ones_like(batch[:1, :1]), degrees, 0.0), -degrees, 0.0) if degrees else 1
+            # How much of each pixel a prediction rotated back covers (all of it unrotated): the back-rotation's
+            # zero fill has already scaled the prediction by it, so it weighs the view and is not applied again.
+            covered = rotate(torch.ones_like(batch[:1, :1]), -degrees, 0.0) if degrees else 1
             for flip in (False, True) if tta else (False,):
                 view = batch.flip(-1) if flip else batch
                 probs = probabilities(rotate(view, degrees, black) if degrees else view)
                 probs = rotate(probs, -degrees, 0.0) if degrees else probs
-                if flip:
+                if flip:  # a rotated frame is not symmetric left to right: the flipped view covers the mirror image
                     probs = probs.flip(-1) if mirror is None else probs.flip(-1)[:, mirror]
-                total, weight = total + probs * seen, weight + seen
+                total, weight = total + probs, weight + (covered.flip(-1) if flip and degrees else covered)
     return total / weight
 
 

@@ -581,6 +581,22 @@ def test_rotation_tta_rotates_each_prediction_back(amp_dtype):
     assert (not_back - plain).abs().max() > 0.5
 
 
+@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("mirror", [None, [0, 1, 2]])  # (three classes each its own mirror: the views agree)
+def test_views_that_agree_average_to_what_each_says(tta, mirror):
+    """Every view predicting the same probabilities gives them back at every pixel: a rotated view weighs
+    what it covers once rotated back (the corners of a wide frame it loses, and the mirror wedges when flipped)."""
+    def model(inputs):
+        return torch.tensor([0.0, 3.0, -1.0] if mirror else [3.0])[None, :, None, None].expand(
+            inputs.shape[0], -1, *inputs.shape[-2:])
+
+    logits = model(torch.zeros(1, 1, 1, 1))
+    expected = torch.sigmoid(logits) if mirror is None else torch.softmax(logits, 1)
+    probs = predict_probabilities(model, torch.zeros(1, 1, 64, 160), tta, None, torch.device("cpu"), mirror=mirror,
+                                  rotations=(-10.0, 10.0))
+    assert (probs - expected).abs().max() < 1e-5
+
+
 def test_rotation_and_flip_tta_keep_the_tooth_numbers():
     classes = [0, 11, 21]
 
