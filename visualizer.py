@@ -273,23 +273,27 @@ CHART_ROWS = (  # the dental chart as a dentist reads it: the patient's right on
     (48, 47, 46, 45, 44, 43, 42, 41, 31, 32, 33, 34, 35, 36, 37, 38),
 )
 PRIMARY_CHART_ROWS = ((55, 54, 53, 52, 51, 61, 62, 63, 64, 65), (85, 84, 83, 82, 81, 71, 72, 73, 74, 75))
-CHART_COLOURS = {"found": TRUE_POSITIVE, "misplaced or extra": FALSE_POSITIVE, "missed": FALSE_NEGATIVE,
-                 "absent": (245, 245, 245)}
+CHART_COLOURS = {"found": TRUE_POSITIVE, "poorly outlined": (250, 170, 30), "misplaced or extra": FALSE_POSITIVE,
+                 "missed": FALSE_NEGATIVE, "absent": (245, 245, 245)}
 
 
 def chart_status(number: int, predicted: dict, dice: dict) -> str:
-    """A chart box's colour key: a true tooth is found (its number predicted on it, Dice >= 0.5), misplaced
-    (its number predicted elsewhere) or missed; a predicted number without its tooth is extra."""
+    """A chart box's colour key: a true tooth is found (its number predicted on it, Dice >= 0.5), poorly
+    outlined (its number predicted partly on it, Dice below 0.5), misplaced (its number predicted only elsewhere,
+    Dice 0) or missed; a predicted number without its tooth is extra."""
     if number in dice:
-        return "found" if dice[number] >= 0.5 else "misplaced or extra" if number in predicted else "missed"
+        if number not in predicted:
+            return "missed"
+        return "found" if dice[number] >= 0.5 else "poorly outlined" if dice[number] > 0 else "misplaced or extra"
     return "misplaced or extra" if number in predicted else "absent"
 
 
 def draw_tooth_chart(ax, chart: list[dict], dice_by_fdi: dict[int, float] | None = None) -> None:
     """A dental chart on `ax`: one box per FDI number (primary rows only when a primary tooth occurs), with the
     predicted teeth's mean probability. With `dice_by_fdi` (metrics.tooth_metrics' Dice of each true tooth), a
-    true tooth is green where its number was predicted on it (Dice >= 0.5), red where its number went elsewhere,
-    blue where it was not predicted; a predicted number with no such tooth is red. Without it, predicted teeth
+    true tooth is green where its number was predicted on it (Dice >= 0.5), orange where partly (below 0.5), red
+    where its number went only elsewhere, blue where it was not predicted; a predicted number with no such tooth is
+    red. Without it, predicted teeth
     are green."""
     predicted = {t["fdi"]: t["mean_probability"] for t in chart}
     dice = {n: 1.0 for n in predicted} if dice_by_fdi is None else dice_by_fdi

@@ -67,6 +67,18 @@ def test_overlay_colours_exact():
     assert alone[0, 1].tolist() == [40, 200, 60] and alone[1, 0].tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("dice, predicted, expected", [
+    ({11: 0.8}, {11: 0.9}, "found"),
+    ({11: 0.26}, {11: 0.9}, "poorly outlined"),      # its number only on it, too small: not misplaced
+    ({11: 0.0}, {11: 0.9}, "misplaced or extra"),    # its number only elsewhere
+    ({11: 0.0}, {}, "missed"),
+    ({}, {11: 0.9}, "misplaced or extra"),           # no such tooth
+    ({}, {}, "absent"),
+])
+def test_a_chart_box_says_what_became_of_its_tooth(dice, predicted, expected):
+    assert vz.chart_status(11, predicted, dice) == expected
+
+
 def test_sample_plot_shows_the_four_panels_with_dice(tmp_path):
     image = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (32, 1))
     gt = np.zeros((32, 64), np.uint8)
