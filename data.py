@@ -230,7 +230,8 @@ class _ImageDataset(Dataset):
 
     def _rng(self, draw: int) -> np.random.Generator:
         epoch = 0 if self.fixed else int(self._epoch)
-        return np.random.default_rng([self.seed, epoch, draw, *([self.STREAM] if self.STREAM else [])])
+        # numpy seeds must be non-negative; --seed takes any integer, as utils.set_seed does
+        return np.random.default_rng([self.seed % 2**32, epoch, draw, *([self.STREAM] if self.STREAM else [])])
 
     def __getitem__(self, index: int):
         return self.draw(index, index)
@@ -367,8 +368,13 @@ class EpochMix(Dataset):
             raise ToothSegError(f"an epoch needs a positive length and one non-negative share per part, got {length} "
                                 f"draws and shares {shares}")
         bounds = np.round(np.cumsum(shares) / sum(shares) * length).astype(int)
-        self.parts, self.starts = parts, [0, *bounds.tolist()]
-        self.counts = np.diff(self.starts).tolist()
+        counts = np.diff([0, *bounds.tolist()]).tolist()
+        for k, share in enumerate(shares):  # rounding must not starve a part of a small epoch, every epoch alike
+            donor = counts.index(max(counts))
+            if share > 0 and counts[k] == 0 and counts[donor] > 1:
+                counts[k], counts[donor] = 1, counts[donor] - 1
+        self.parts, self.counts = parts, counts
+        self.starts = [0, *np.cumsum(counts).tolist()]
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:

@@ -412,7 +412,7 @@ def main(argv=None):
             raise ToothSegError(f"{index or args.images_dir}: no training pair has a per-tooth label map; add them with "
                                 f"prepare_sts2d.py --teeth-dir (PNG label maps or labelme files)")
     train_samples = subset_fraction(splits["train"], args.label_fraction,
-                                    args.seed if args.label_seed is None else args.label_seed)[:args.train_subset_size]
+                                    args.seed if args.label_seed is None else args.label_seed, args.train_subset_size)
     if not splits["val"]:
         fix = "rebuild the index with prepare_sts2d.py --val-ratio larger" if index else "give a larger --val-ratio"
         raise ToothSegError(f"{index or args.images_dir}: the validation split is empty; {fix}")

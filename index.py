@@ -254,13 +254,14 @@ def hold_out(samples: list[Sample], fraction: float, minimum: int = 1, maximum: 
     return [s for s in samples if s.pair_id not in held], [s for s in samples if s.pair_id in held]
 
 
-def subset_fraction(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
-    """A deterministic subset of `fraction` of the samples (at least one), for low-label studies.
-    Smaller fractions are nested inside larger ones for the same seed."""
+def subset_fraction(samples: list[Sample], fraction: float, seed: int, limit: int | None = None) -> list[Sample]:
+    """A deterministic subset of `fraction` of the samples (at least one, at most `limit`), for low-label
+    studies. Smaller fractions and limits are nested inside larger ones for the same seed (the limit keeps the
+    first of the same random ranking, not the first names)."""
     if not 0 < fraction <= 1:
         raise ToothSegError(f"label fraction must be in (0, 1], got {fraction}")
     ranked = sorted(samples, key=lambda s: hashlib.sha1(f"{seed}:{s.pair_id}".encode()).hexdigest())
-    keep = {s.pair_id for s in ranked[:max(1, round(len(samples) * fraction))]}
+    keep = {s.pair_id for s in ranked[:min(max(1, round(len(samples) * fraction)), limit or len(samples))]}
     return [s for s in samples if s.pair_id in keep]
 
 

@@ -66,6 +66,24 @@ def test_a_share_of_zero_leaves_a_part_out_and_bad_shares_are_refused(pairs):
         EpochMix([dataset(pairs)], [0], 4)
 
 
+@pytest.mark.parametrize("shares, length, counts", [([0.5, 0.5], 1, None), ([0.1, 0.9], 3, [1, 2]),
+                                                     ([0.5, 0.5], 4, [2, 2]), ([0, 1], 3, [0, 3])])
+def test_rounding_starves_no_part_of_a_small_epoch(pairs, shares, length, counts):
+    """Each part with a share gets a draw while another part has two (rounded alike every epoch, a share of 0.1
+    of 3 draws had never drawn the labelled pairs at all); a part of share 0 gets none."""
+    mix = EpochMix([dataset(pairs[:2]), dataset(pairs[2:])], shares, length)
+    assert sum(mix.counts) == length == len(mix)
+    if counts is not None:
+        assert mix.counts == counts
+
+
+def test_a_negative_seed_draws_as_set_seed_takes_it(pairs):
+    """--seed takes any integer (utils.set_seed wraps it); numpy's generators take only non-negative ones."""
+    negative = SegmentationDataset(pairs, build_train_transform(32, 64), seed=-1)[0]
+    wrapped = SegmentationDataset(pairs, build_train_transform(32, 64), seed=2**32 - 1)[0]
+    assert torch.equal(negative[0], wrapped[0]) and torch.equal(negative[1], wrapped[1])
+
+
 def test_area_mask_resize_gives_each_network_pixel_its_tooth_share(pairs):
     sample = pairs[0]
     mask = read_mask(sample.mask)

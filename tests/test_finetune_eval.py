@@ -263,6 +263,11 @@ def test_label_fractions_are_deterministic_and_nested():
     assert len(small) == 5 and len(large) == 15
     assert {s.pair_id for s in small} <= {s.pair_id for s in large}
     assert small == subset_fraction(samples, 0.1, seed=3) and small != subset_fraction(samples, 0.1, seed=4)
+    # --train-subset-size caps along the same random ranking: capped sets nest, and are not the first names
+    capped_small, capped_large = subset_fraction(samples, 0.3, seed=3, limit=3), subset_fraction(samples, 1, seed=3, limit=6)
+    assert len(capped_small) == 3 and {s.pair_id for s in capped_small} <= {s.pair_id for s in small}
+    assert {s.pair_id for s in capped_small} <= {s.pair_id for s in capped_large}
+    assert capped_large != sorted(samples, key=lambda s: s.pair_id)[:6]
 
 
 def test_label_seed_keeps_the_labels_while_seed_changes_the_run(labelled, tmp_path):
