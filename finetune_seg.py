@@ -285,7 +285,10 @@ class TeethTask(SegmentationTask):
         # The union eval scores: pixels whose most probable class is a tooth, against every labelled tooth
         # (one the model has no class for, IGNORE_INDEX to the loss, is still a tooth).
         teeth = torch.where(logits.argmax(1, keepdim=True) > 0, 1.0, -1.0)
-        return {"loss": self.loss(logits, labels) * n, "dice": tooth_dice_per_image(logits, labels).sum(),
+        # Each image's loss alone: the Dice term is a batch Dice, and the validation loss must not depend on how
+        # the set is batched or shared among processes.
+        loss = sum(self.loss(logits[i:i + 1], labels[i:i + 1]) for i in range(len(image)))
+        return {"loss": loss, "dice": tooth_dice_per_image(logits, labels).sum(),
                 "binary_dice": dice_per_image(teeth, (labels != 0).unsqueeze(1).float()).sum(), "count": n}
 
     def visuals(self, batch, logits):

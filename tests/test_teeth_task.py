@@ -281,6 +281,22 @@ def test_validation_binary_dice_scores_the_union_eval_scores():
     assert out["binary_dice"].item() == pytest.approx(eval_union) == 1.0  # once 0.5
 
 
+def test_validation_loss_does_not_depend_on_the_batching():
+    """The loss's Dice term is a batch Dice: validation sums each image's own, so one batch of three, three of
+    one and two processes' shares record the same val/loss."""
+    import finetune_seg
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 3, 8, 8), torch.randint(0, 3, (3, 8, 8))
+    task = finetune_seg.TeethTask([0, 11, 21], lambda_dice=1.0)
+
+    def loss(index: list[int]) -> float:
+        return task.val_step(lambda image: logits[index], (torch.zeros(len(index), 1, 8, 8), labels[index], {}))["loss"].item()
+
+    assert loss([0, 1, 2]) == pytest.approx(loss([0]) + loss([1]) + loss([2]), rel=1e-6)
+    assert loss([0, 1, 2]) == pytest.approx(loss([0, 2]) + loss([1]), rel=1e-6)
+
+
 def test_a_per_tooth_run_resumes_only_as_one(teeth_run, phantom_data_root, tmp_path):
     import finetune_seg
     from utils import ToothSegError
