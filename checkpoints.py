@@ -17,7 +17,8 @@ A checkpoint (format 2) is a dict of plain types and tensors, so it loads with t
     metrics     that epoch's metrics
     epoch       epochs completed
     state       weights, optimizer, scheduler, scaler, global_step, best, epochs_since_best
-    run_args    the run's flags, for people to read (tool.py prints them); no code reads them back
+    run_args    the run's flags, for people to read (tool.py prints them); only --resume reads them back, to refuse
+                another schedule or optimiser setting (no stage derives what it predicts or trains from them)
 
 `open_checkpoint` opens a file once, checks it once and returns a `Checkpoint`. Format 1 (the files
 written before this contract, which kept the flags as their schema) is upgraded on read into the same

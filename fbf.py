@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from index import INDEX_NAME, find_index, label_folder
 from utils import (DICOM_EXTENSIONS, ToothSegError, atomic_path, atomic_write_bytes, atomic_write_text, check_output_dir,
-                   decode_image, is_image_file, make_parser, run_cli)
+                   decode_image, is_image_file, make_parser, positive_number, run_cli)
 
 METHODS = ("grid", "opencv", "exact")
 BACKENDS = ("numpy", "torch")
@@ -440,12 +440,12 @@ def main(argv: list[str] | None = None) -> None:
     filtering = parser.add_argument_group("filter")
     filtering.add_argument("--method", choices=METHODS, default="grid",
                            help="grid: bilateral grid (fast); opencv: cv2.bilateralFilter; exact: brute-force reference (slow)")
-    filtering.add_argument("--sigma-space", type=float, default=3.0, metavar="PX", help="spatial Gaussian sigma in pixels")
-    filtering.add_argument("--sigma-color", type=float, default=20.0, metavar="LEVELS",
+    filtering.add_argument("--sigma-space", type=positive_number, default=3.0, metavar="PX", help="spatial Gaussian sigma in pixels")
+    filtering.add_argument("--sigma-color", type=positive_number, default=20.0, metavar="LEVELS",
                            help="range Gaussian sigma in grey levels on the 0-255 scale (x257 for 16-bit images)")
-    filtering.add_argument("--sample-space", type=float, default=None, metavar="PX",
+    filtering.add_argument("--sample-space", type=positive_number, default=None, metavar="PX",
                            help="grid cell size in pixels; None means --sigma-space (smaller: more exact, slower)")
-    filtering.add_argument("--sample-color", type=float, default=None, metavar="LEVELS",
+    filtering.add_argument("--sample-color", type=positive_number, default=None, metavar="LEVELS",
                            help="grid cell size in grey levels (0-255 scale); None means --sigma-color")
     filtering.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
                            help="grid implementation; auto: torch on a CUDA GPU when present, numpy otherwise")

@@ -82,7 +82,7 @@ def parse_args(argv=None):
     data.add_argument("--split-seed", type=int, default=0, metavar="S",
                       help="without an index: seed of the file-name split (kept apart from --seed, so runs with "
                            "different seeds share one test set)")
-    data.add_argument("--label-fraction", type=float, default=1.0, metavar="F",
+    data.add_argument("--label-fraction", type=share_of_all, default=1.0, metavar="F",
                       help="train on this share of the labelled training pairs (chosen by --label-seed; nested across "
                            "fractions)")
     data.add_argument("--label-seed", type=int, metavar="S",

@@ -162,7 +162,7 @@ def inspect_file(path: Path, show_keys: bool) -> None:
     if record is not None and record.metrics:
         print("\nmetrics at this epoch\n" + table(["name", "value"], [[k, v] for k, v in record.metrics.items()]))
     if record is not None and record.run_args:
-        print("\nrun arguments (for reading; no stage reads them back)\n"
+        print("\nrun arguments (for reading; only --resume reads them back, to refuse another schedule)\n"
               + table(["name", "value"], [[k, v] for k, v in record.run_args.items()]))
     if show_keys:
         rows = [[k, shape_text(v), str(v.dtype).removeprefix("torch."), v.numel()] for k, v in state.items()]

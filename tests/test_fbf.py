@@ -127,6 +127,15 @@ def test_16_bit_images_keep_their_depth_and_sigma_color_scales_with_it(phantom_s
     assert len(np.unique(out16 % 257)) > 1  # real 16-bit values, not an 8-bit image scaled up
 
 
+@pytest.mark.parametrize("flag", ["--sigma-space", "--sigma-color", "--sample-space", "--sample-color"])
+def test_a_bad_filter_flag_is_named_on_the_command_line(flag, tmp_path, capsys):
+    from utils import run_cli
+
+    with pytest.raises(SystemExit):
+        run_cli(fbf.main, ["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), flag, "-1"])
+    assert f"argument {flag}: must be above 0, got -1.0" in capsys.readouterr().err
+
+
 def test_constant_image_stays_constant():
     flat = np.full((20, 30), 77, np.uint8)
     for method in fbf.METHODS:

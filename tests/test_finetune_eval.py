@@ -441,6 +441,7 @@ def test_predict_mode_names_a_corrupt_image_or_skips_it(finetuned, tmp_path):
 @pytest.mark.parametrize("script, flags, expected", [
     ("eval.py", ["--threshold", "2"], "--threshold: must be between 0 and 1"),
     ("finetune_seg.py", ["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    ("finetune_seg.py", ["--label-fraction", "1.5"], "--label-fraction: must be above 0 and at most 1, got 1.5"),
     ("finetune_seg.py", ["--task", "teeth", "--mask-resize", "area"], "--mask-resize area is for the binary task"),
     ("finetune_seg.py", ["--checkpoint-dir", str(REPO / "README.md")], "README.md: exists and is not a folder"),
     ("mim_pretrain.py", ["--log-dir", str(REPO / "README.md")], "README.md: exists and is not a folder"),
