@@ -38,6 +38,10 @@ class ToothSegError(Exception):
             message = message.rstrip().splitlines()[-1].partition("ToothSegError: ")[2] or message
         super().__init__(message)
 
+    def _render_traceback_(self) -> list[str]:
+        """What IPython (the notebook) shows for it: the one line the scripts print, not a traceback."""
+        return [f"error: {self}"]
+
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a script's `main`, turning a ToothSegError into `error: ...` on stderr and exit code 2."""

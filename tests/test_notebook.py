@@ -76,6 +76,9 @@ def test_a_failing_step_fails_the_run(tmp_path):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(CellExecutionError, match="no finished study cells"):
         run_notebook(nb, tmp_path, tmp_path / "empty_run")
+    [error] = outputs_of(nb, "error")  # shown as the scripts print it: one line, not a traceback
+    assert len(error.traceback) == 1 and error.traceback[0].startswith("error: ") and "no finished study cells" in \
+        error.traceback[0]
 
 
 def test_cells_are_short():
