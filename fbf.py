@@ -49,9 +49,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from index import INDEX_NAME, find_index, label_folder
-from utils import (DICOM_EXTENSIONS, ToothSegError, atomic_path, atomic_write_bytes, atomic_write_text, check_output_dir,
-                   decode_image, is_image_file, make_parser, positive_number, run_cli)
+from index import INDEX_NAME, files_below, find_index, label_folder
+from utils import (DICOM_EXTENSIONS, ToothSegError, atomic_path, atomic_write_bytes, atomic_write_text, cannot_read,
+                   check_output_dir, decode_image, is_image_file, make_parser, positive_number, run_cli)
 
 METHODS = ("grid", "opencv", "exact")
 BACKENDS = ("numpy", "torch")
@@ -332,9 +332,7 @@ class FilterSettings:
 def find_jobs(input_dir: Path, output_dir: Path) -> tuple[list[Job], int, int]:
     """Every image under input_dir with its mirrored target; also how many DICOM and other files were left out."""
     jobs, dicom, others = [], 0, 0
-    for source in sorted(input_dir.rglob("*")):
-        if not source.is_file():
-            continue
+    for source in files_below(input_dir):  # through linked folders too; a broken link is named when read
         relative = source.relative_to(input_dir)
         if source.suffix.lower() in DICOM_EXTENSIONS:  # a mirror keeps formats; prepare_sts2d.py makes DICOM PNG
             dicom += 1
@@ -383,6 +381,8 @@ def process(job: Job, settings: FilterSettings) -> str | None:
             raise ToothSegError(f"{job.target}: cannot encode a {filtered.dtype} image as {job.target.suffix}")
         atomic_write_bytes(job.target, encoded.tobytes())
     except OSError as exc:
+        if exc.filename == str(job.source):  # the input (a broken link, say), not the output
+            raise ToothSegError(f"{job.source}: {cannot_read(job.source, exc)}; restore it or remove it") from None
         raise ToothSegError(f"{exc.filename or job.target}: {exc.strerror or exc}; check permissions and free space") from None
     return None
 

@@ -154,7 +154,8 @@ def files_below(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
             continue
         seen.add(os.path.realpath(root))
         folders[:] = sorted(f for f in folders if not f.startswith("."))
-        found += [path for path in (Path(root) / name for name in names) if path.is_file()]
+        # A broken link is listed too: reading it names it, where leaving it out skipped an X-ray without a word.
+        found += [path for path in (Path(root) / name for name in names) if path.is_file() or not path.exists()]
     return sorted(found)
 
 

@@ -80,8 +80,8 @@ import teeth
 from index import (AGE_GROUPS, INDEX_NAME, LABEL_STATUSES, LOSSY_EXTENSIONS, PROCESSED_NAME, SPLITS, TEETH_FOLDERS,
                    binarise_mask, default_mask_threshold, files_below, label_folder, list_images, list_masks, read_index,
                    write_index)
-from utils import (ToothSegError, atomic_write_bytes, atomic_write_text, check_output_dir, decode_image, is_image_file,
-                   make_parser, run_cli, to_uint8)
+from utils import (ToothSegError, atomic_write_bytes, atomic_write_text, cannot_read, check_output_dir, decode_image,
+                   is_image_file, make_parser, run_cli, to_uint8)
 
 STAMP_NAME = "prepare_stamp.json"
 REJECTED_NAME = "rejected.csv"
@@ -154,7 +154,10 @@ class BadInput(Exception):
 
 
 def _file_on_disk(path: Path) -> SourceFile:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as exc:  # a broken link, or a file removed while listing
+        raise ToothSegError(f"{path}: {cannot_read(path, exc)}; restore it or remove it from the folder") from None
     return SourceFile(str(path), path.read_bytes, f"{st.st_size}:{st.st_mtime_ns}")
 
 
@@ -575,7 +578,7 @@ def _read(file: SourceFile) -> bytes:
     try:
         return file.read()
     except OSError as exc:
-        raise BadInput(file.name, f"cannot read ({exc.strerror or exc})") from None
+        raise BadInput(file.name, cannot_read(file.name, exc)) from None
 
 
 def _decode(file: SourceFile, grayscale: bool = True) -> np.ndarray:

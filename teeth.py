@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils import ToothSegError, read_image
+from utils import ToothSegError, cannot_read, read_image
 
 PERMANENT = tuple(10 * q + i for q in (1, 2, 3, 4) for i in range(1, 9))
 PRIMARY = tuple(10 * q + i for q in (5, 6, 7, 8) for i in range(1, 6))
@@ -178,7 +178,7 @@ def rasterise_labelme(path, height: int, width: int, *, data: bytes | None = Non
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            raise LabelFileError(name, f"cannot read ({exc.strerror or exc}); check --teeth-dir") from None
+            raise LabelFileError(name, f"{cannot_read(path, exc)}; check --teeth-dir") from None
     doc = _labelme_document(data, name)
     if (doc["imageHeight"], doc["imageWidth"]) != (height, width):
         raise LabelFileError(name, f"drawn on a {doc['imageWidth']}x{doc['imageHeight']} image (imageWidth x imageHeight) "

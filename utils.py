@@ -227,13 +227,20 @@ def _one_line(exc: Exception) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
+def cannot_read(path: str | os.PathLike, exc: OSError) -> str:
+    """Why a file could not be read, for a one-line error; a broken link says where it points."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a link to {os.readlink(path)}, which does not exist"
+    return f"cannot read ({exc.strerror or exc})"
+
+
 def read_image(path: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray:
     """Read an image file as a numpy array (grayscale by default), with a one-line error on failure."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ToothSegError(f"{path}: cannot read ({exc.strerror or exc}); check the path") from None
+        raise ToothSegError(f"{path}: {cannot_read(path, exc)}; check the path") from None
     return decode_image(data, path, grayscale=grayscale)
 
 

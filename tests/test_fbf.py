@@ -136,6 +136,18 @@ def test_a_bad_filter_flag_is_named_on_the_command_line(flag, tmp_path, capsys):
     assert f"argument {flag}: must be above 0, got -1.0" in capsys.readouterr().err
 
 
+def test_a_broken_link_is_named_and_a_linked_folder_read(dataset, tmp_path):
+    """Files are listed as prepare lists them: through linked folders, and a broken link named, not left out."""
+    _mkdir_and_write(tmp_path / "elsewhere" / "more.png", generate_panoramic(9, 40, 80)[0])
+    (dataset / "adult" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    fbf.main(["--input-dir", str(dataset), "--output-dir", str(tmp_path / "out"), "--backend", "numpy", "--workers", "1"])
+    assert (tmp_path / "out" / "adult" / "linked" / "more.png").is_file()
+    (dataset / "adult" / "gone.png").symlink_to(tmp_path / "moved.png")
+    with pytest.raises(ToothSegError, match=r"gone\.png: is a link to .*moved\.png, which does not exist; restore it"):
+        fbf.main(["--input-dir", str(dataset), "--output-dir", str(tmp_path / "out2"), "--backend", "numpy",
+                  "--workers", "1"])
+
+
 def test_constant_image_stays_constant():
     flat = np.full((20, 30), 77, np.uint8)
     for method in fbf.METHODS:

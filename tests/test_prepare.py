@@ -628,6 +628,19 @@ def test_sub_folders_and_linked_folders_are_read_and_the_data_root_is_no_pool(tm
     assert "up to date" in run(argv, capsys)
 
 
+@pytest.mark.parametrize("where", ["images", "masks", "pool"])
+def test_a_broken_link_is_named_not_left_out(tmp_path, where):
+    """A link to a moved X-ray was skipped without a word (it is no file); it is named, with where it points."""
+    images, masks = folder_pair(tmp_path / "lab", 3)
+    (tmp_path / "pool").mkdir()
+    folder = {"images": images, "masks": masks, "pool": tmp_path / "pool"}[where]
+    (folder / "gone.png").symlink_to(tmp_path / "moved.png")
+    message = error_of(["--images-dir", str(images), "--masks-dir", str(masks), "--unlabelled-dir",
+                        str(tmp_path / "pool"), "--data-root", str(tmp_path / "root")])
+    assert message == f"{folder / 'gone.png'}: is a link to {tmp_path / 'moved.png'}, which does not exist; restore it " \
+                      f"or remove it from the folder"
+
+
 def test_folders_inside_the_images_folder_are_not_read_as_images(tmp_path, capsys):
     images, _ = folder_pair(tmp_path / "lab", 3)
     (tmp_path / "lab" / "masks").rename(images / "gt")  # the masks inside the images folder, not named masks
