@@ -52,13 +52,19 @@ def read_index(path: str | os.PathLike) -> list[dict]:
                 raise ToothSegError(
                     f"{path}: not a ToothSeg index (missing columns {sorted(missing)}); rebuild it with prepare_sts2d.py --force")
             rows = list(reader)
+        for line, row in enumerate(rows, start=2):
+            try:
+                row["is_mask"] = row["is_mask"].strip().lower() in ("true", "1")
+                row["width"], row["height"] = int(row["width"]), int(row["height"])
+                row["mask_threshold"] = int(row["mask_threshold"]) if row.get("mask_threshold") else None
+            except (AttributeError, ValueError):  # a short row (None) or a cell that is no number
+                raise ToothSegError(f"{path}: line {line} is damaged (a short row, or a width, height or mask_threshold "
+                                    f"that is no number); rebuild the index with prepare_sts2d.py --force") from None
+            row["teeth"] = row.get("teeth") or None
     except OSError as exc:
         raise ToothSegError(f"{path}: cannot read index ({exc.strerror}); run prepare_sts2d.py first") from None
-    for row in rows:
-        row["is_mask"] = row["is_mask"].strip().lower() in ("true", "1")
-        row["width"], row["height"] = int(row["width"]), int(row["height"])
-        row["mask_threshold"] = int(row["mask_threshold"]) if row.get("mask_threshold") else None
-        row["teeth"] = row.get("teeth") or None
+    except UnicodeDecodeError:
+        raise ToothSegError(f"{path}: is not UTF-8 text; rebuild the index with prepare_sts2d.py --force") from None
     return rows
 
 

@@ -427,6 +427,24 @@ def test_a_jpeg_mask_marking_tooth_with_small_values_is_refused_not_emptied(tmp_
     assert read_mask(tmp_path / "src/masks/p1.jpg").sum() == 0  # an all-black JPEG mask (no teeth) stays empty
 
 
+@pytest.mark.parametrize("damage, expected", [
+    (lambda text: text.replace(",512,", ",abc,", 1), "line 2 is damaged"),
+    (lambda text: text + "adult/labeled/images/x.png,adult\n", "is damaged"),
+    (lambda text: text.encode("utf-16"), "is not UTF-8 text"),
+])
+def test_a_damaged_index_is_one_line(tmp_path, damage, expected):
+    """A hand-edited or damaged index: one line naming it and the fix, not a ValueError from deep inside."""
+    rows = [dict.fromkeys(INDEX_COLUMNS, "") | {"rel_path": f"adult/labeled/images/p{i}.png", "is_mask": "False",
+                                               "width": 512, "height": 256, "split": "train"} for i in range(2)]
+    write_index(tmp_path / INDEX_NAME, rows)
+    damaged = damage((tmp_path / INDEX_NAME).read_text())
+    (tmp_path / INDEX_NAME).write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
+    with pytest.raises(ToothSegError) as caught:
+        read_index(tmp_path / INDEX_NAME)
+    assert str(caught.value).startswith(f"{tmp_path / INDEX_NAME}: ") and expected in str(caught.value)
+    assert "prepare_sts2d.py --force" in str(caught.value)
+
+
 def test_an_index_without_mask_threshold_still_reads(tmp_path, capsys):
     images, masks = folder_pair(tmp_path / "src", 5)
     out = tmp_path / "out"
