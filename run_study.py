@@ -47,8 +47,8 @@ import numpy as np
 from metrics import METRIC_NAMES, TOOTH_SUMMARY_NAMES
 from models import MODELS
 from semi import ONLINE_FLAGS, PSEUDO_FLAGS
-from utils import (ToothSegError, atomic_path, atomic_write_text, make_parser, mean_ci, non_negative_int, positive_int,
-                   run_cli, share_of_all)
+from utils import (ToothSegError, atomic_path, atomic_write_text, check_output_dir, make_parser, mean_ci, non_negative_int,
+                   positive_int, run_cli, share_of_all)
 
 HERE = Path(__file__).resolve().parent
 INITS = ("scratch", "mim", "fullimage", "binary")  # binary: a per-tooth cell starts from its binary twin
@@ -105,6 +105,11 @@ def parse_args(argv=None):
     out.add_argument("--bootstrap", type=positive_int, default=2000, metavar="N", help="bootstrap resamples for the CIs")
     out.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = parser.parse_args(argv)
+    for option in ("--pretrain-args", "--finetune-args", "--semi-args"):
+        try:
+            shlex.split(getattr(args, option[2:].replace("-", "_")))
+        except ValueError as exc:
+            parser.error(f"argument {option}: {exc} (quote the flags as one shell word)")
     # Checked before any work: a typo in the last model name must not surface after hours of pretraining.
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -201,7 +206,7 @@ def refuse_stale(steps: list[tuple[Path, Path, list[list[str]]]], args) -> None:
     settings were recorded are taken as they are."""
     stale = []
     for folder, marker, commands in steps:
-        recorded = json.loads(marker.read_text()).get("settings") if marker.exists() else None
+        recorded = read_record(marker).get("settings") if marker.exists() else None
         now = settings(commands, args)
         if recorded is not None and recorded != now:
             stale.append(f"{folder}: finished with other settings ({first_difference(recorded, now)})")
@@ -223,7 +228,7 @@ def budget(args, init: str) -> dict:
 def finished_at(folder: Path) -> float | None:
     """When a pretraining (done.json) or a cell (cell.json) finished; None while it has not."""
     marker = next((m for m in (folder / "done.json", folder / "cell.json") if m.exists()), None)
-    return json.loads(marker.read_text()).get("finished") if marker is not None else None
+    return read_record(marker).get("finished") if marker is not None else None
 
 
 def teacher_cell(args, model: str, init: str, fraction: float, seed: int) -> Path:
@@ -313,7 +318,7 @@ def external_done(args, cell: Path) -> bool:
     """Scored on this --external-test set (a summary of another set is redone)."""
     summary = cell / "eval_external" / "summary.json"
     return summary.exists() and \
-        Path(json.loads(summary.read_text())["images_dir"]).resolve() == Path(args.external_test).resolve()
+        Path(read_record(summary)["images_dir"]).resolve() == Path(args.external_test).resolve()
 
 
 def pretrainings(args):
@@ -367,6 +372,7 @@ def main(argv=None):
     started, ran, skipped, failed = time.time(), 0, 0, []
 
     if not args.dry_run:
+        check_output_dir(args.out_dir, "--out-dir")
         refuse_stale([(folder, folder / "done.json", [cmd]) for _, _, cmd, folder in pretrainings(args)]
                      + [(cell, cell / "cell.json", cell_commands(args, model, init, semi, fraction, seed, source))
                         for model, init, semi, fraction, seed, cell, source in cells_of(args)], args)
@@ -419,7 +425,7 @@ def main(argv=None):
         if not all(run_logged(c, log) for c in commands):
             failed.append(f"{name}: {tail(log)}")
             continue
-        summary = json.loads((cell / "eval_test" / "summary.json").read_text())
+        summary = read_record(cell / "eval_test" / "summary.json")
         record = {"task": args.task, "model": model, "init": init, "semi": semi, "label_fraction": fraction, "seed": seed,
                   **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
                   **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {}),
@@ -453,10 +459,22 @@ def main(argv=None):
         raise ToothSegError(f"{len(failed)} steps failed (logs beside the cell folders); first: {failed[0]}")
 
 
+def read_record(path: Path) -> dict:
+    """A step's JSON record (cell.json, done.json, an evaluation's summary.json), or one line naming it."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ToothSegError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); delete the folder of "
+                            f"that step to run it again") from None
+    if not isinstance(record, dict):
+        raise ToothSegError(f"{path}: holds no record; delete the folder of that step to run it again")
+    return record
+
+
 def collect(args) -> list[dict]:
     """The records of every finished cell of this task in OUT_DIR, this grid's and earlier runs' alike, so a
     study run in parts (say, the semi-supervised cells for scratch only) is tabulated as one."""
-    records = [{"name": p.parent.name, "task": "binary", "semi": "none", **json.loads(p.read_text())}  # older: binary
+    records = [{"name": p.parent.name, "task": "binary", "semi": "none", **read_record(p)}  # older: binary
                for p in sorted((args.out_dir / "cells").glob("*/cell.json"))]
     return [r for r in records if r["task"] == args.task]
 
@@ -467,8 +485,13 @@ def cell_dir(args, record: dict) -> Path:
 
 
 def per_image_dice(args, record: dict, scored: str = "eval_test") -> dict[str, float]:
-    with (cell_dir(args, record) / scored / "per_image.csv").open(newline="") as f:
-        return {row["pair_id"]: float(row[score_name(args)]) for row in csv.DictReader(f)}
+    path = cell_dir(args, record) / scored / "per_image.csv"
+    try:
+        with path.open(newline="") as f:
+            return {row["pair_id"]: float(row[score_name(args)]) for row in csv.DictReader(f)}
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ToothSegError(f"{path}: cannot be read as eval.py wrote it ({exc}); delete the cell to run it "
+                            f"again") from None
 
 
 def group_cells(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -524,7 +547,7 @@ def external_records(args, records: list[dict]) -> list[dict]:
     external evaluation failed is left out (and listed among the failures)."""
     scored = []
     for r in (r for r in records if external_done(args, cell_dir(args, r))):
-        summary = json.loads((cell_dir(args, r) / "eval_external" / "summary.json").read_text())
+        summary = read_record(cell_dir(args, r) / "eval_external" / "summary.json")
         scored.append({**r, **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
                        **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {})})
     return scored

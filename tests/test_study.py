@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,6 +221,7 @@ def test_tg3k_data_trains_with_the_ultrasound_transform(tmp_path):
     (["--semi", "none", "pseudo", "online", "--semi-args=--ema-d=0.9"], "--semi-args --ema-d is for the online cells"),
     (["--semi", "none", "online", "--finetune-args", "--confidence 0.8"],
      "--finetune-args --confidence is for the online cells only, but would reach every cell"),
+    (["--finetune-args", '--lr "0.1'], "argument --finetune-args: No closing quotation"),
 ])
 def test_a_grid_that_cannot_run_is_refused_before_any_work(tmp_path, capsys, flags, expected):
     import run_study
@@ -228,6 +230,28 @@ def test_a_grid_that_cannot_run_is_refused_before_any_work(tmp_path, capsys, fla
         run_study.main(["--images-dir", str(tmp_path), "--out-dir", str(tmp_path / "study"), *flags])
     assert stopped.value.code == 2 and expected in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
+
+
+def test_a_damaged_record_or_a_file_for_the_folder_is_one_line(tiny_study, tmp_path):
+    """A cell.json cut short or a per_image.csv edited by hand name the file and the fix; so does an --out-dir
+    that is a file (a NotADirectoryError after the first cell's log was opened)."""
+    from utils import ToothSegError
+
+    study = tmp_path / "study"
+    shutil.copytree(tiny_study, study)
+    argv = ["--images-dir", str(tmp_path / "absent"), "--out-dir", str(study), "--inits", "scratch"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ToothSegError, match=r"file: exists and is not a folder; give --out-dir a folder path"):
+        run_study.main([*argv[:2], "--out-dir", str(tmp_path / "file" / "study")])
+    cell = next((study / "cells").glob("*/cell.json"))
+    per_image = cell.parent / "eval_test" / "per_image.csv"
+    per_image.write_text(per_image.read_text().replace(",", ",abc", 1 + per_image.read_text().split("\n")[0].count(",")))
+    with pytest.raises(ToothSegError, match=rf"{re.escape(str(per_image))}: cannot be read as eval.py wrote it"):
+        run_study.score_tables(run_study.parse_args(argv), run_study.collect(run_study.parse_args(argv)))
+    cell = study / "cells" / "unet_scratch_f1_s0" / "cell.json"  # a cell of this grid
+    cell.write_text('{"model": "unet", ')
+    with pytest.raises(ToothSegError, match=rf"{re.escape(str(cell))}: cannot be read .*; delete the folder of that step"):
+        run_study.main(argv)
 
 
 def test_a_binary_initialised_per_tooth_cell_starts_from_its_binary_twin(tiny_study):
