@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,6 +93,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
+SHARES = ("dice", "iou", "precision", "recall", "tooth_dice")  # figures within [0, 1]
 SAME_IMAGE_COLUMNS = ("height", "width", "gt_pixels", "true_teeth")  # those that each evaluation recorded
 
 
@@ -104,11 +106,19 @@ def per_image_path(path: Path) -> Path:
 
 def read_per_image(path: Path) -> dict[str, dict[str, str]]:
     """Rows of an eval.py per_image.csv by pair id."""
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: as a spreadsheet saves it, with a BOM
         rows = list(csv.DictReader(f))
     if not rows or "pair_id" not in rows[0] or "dice" not in rows[0]:
         raise ToothSegError(f"{path}: not an eval.py per_image.csv (no rows, or no pair_id and dice columns)")
-    return {row["pair_id"]: row for row in rows}
+    damaged = next((line for line, row in enumerate(rows, start=2) if None in row or None in row.values()), None)
+    if damaged is not None:
+        raise ToothSegError(f"{path}: line {damaged} has {'fewer' if None in rows[damaged - 2].values() else 'more'} "
+                            f"values than columns; score it again with eval.py")
+    by_id = {row["pair_id"]: row for row in rows}
+    if len(by_id) < len(rows):
+        twice = next(pair_id for pair_id, n in Counter(row["pair_id"] for row in rows).items() if n > 1)
+        raise ToothSegError(f"{path}: image {twice} has more than one row; score it again with eval.py")
+    return by_id
 
 
 def columns(rows: dict[str, dict[str, str]], ids: list[str], names: list[str], path: Path) -> Columns:
@@ -117,9 +127,16 @@ def columns(rows: dict[str, dict[str, str]], ids: list[str], names: list[str], p
         raise ToothSegError(f"{path}: has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}; "
                             f"score it again with eval.py")
     try:
-        return {name: np.array([float(rows[i][name]) for i in ids]) for name in names}
+        values = {name: np.array([float(rows[i][name]) for i in ids]) for name in names}
     except ValueError as exc:
         raise ToothSegError(f"{path}: a value is not a number ({exc}); score it again with eval.py") from None
+    for name, column in values.items():  # eval.py writes finite figures, the ratios within [0, 1]
+        wrong = ~np.isfinite(column) | (column < 0) | ((column > 1) if name in SHARES else False)
+        if wrong.any():
+            first = int(np.flatnonzero(wrong)[0])
+            raise ToothSegError(f"{path}: {name} of image {ids[first]} is {rows[ids[first]][name]}, which eval.py "
+                                f"never writes; score it again with eval.py")
+    return values
 
 
 def describe(path: Path) -> str:

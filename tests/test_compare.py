@@ -163,6 +163,31 @@ def test_evaluations_that_cannot_be_paired_are_refused_in_one_line(tmp_path, cas
     assert str(b) in result.stderr and message in result.stderr
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda rows: rows + [rows[0]], "image img00 has more than one row"),        # the last row had won
+    (lambda rows: [{**rows[0], "dice": "nan"}, *rows[1:]], "dice of image img00 is nan, which eval.py never writes"),
+    (lambda rows: [*rows[:3], {**rows[3], "dice": 1.7}, *rows[4:]], "dice of image img03 is 1.7"),
+    (lambda rows: [{**rows[0], "hd95": -5}, *rows[1:]], "hd95 of image img00 is -5"),
+])
+def test_figures_eval_never_writes_are_refused_in_one_line(tmp_path, edit, message):
+    """A per_image.csv edited by hand: a repeated image, a NaN or a Dice outside [0, 1] were used as they were."""
+    rows = binary_rows(np.random.default_rng(5))
+    a, b = write_rows(tmp_path / "a", rows) / "per_image.csv", write_rows(tmp_path / "b", edit(rows)) / "per_image.csv"
+    with pytest.raises(compare.ToothSegError, match=f"^{b}: {message}"):
+        compare.compare(a, b, n=100, seed=0)
+
+
+def test_a_spreadsheet_saved_copy_pairs_and_a_cut_row_is_named(tmp_path):
+    rows = binary_rows(np.random.default_rng(5))
+    a, b = write_rows(tmp_path / "a", rows) / "per_image.csv", write_rows(tmp_path / "b", rows) / "per_image.csv"
+    b.write_bytes(b"\xef\xbb\xbf" + b.read_bytes())  # Excel's BOM
+    assert all(r["difference"] == 0 for r in compare.compare(a, b, n=100, seed=0))
+    lines = b.read_text(encoding="utf-8-sig").splitlines()
+    b.write_text("\n".join(lines[:3] + [lines[3].rsplit(",", 2)[0]] + lines[4:]) + "\n")
+    with pytest.raises(compare.ToothSegError, match="line 4 has fewer values than columns"):
+        compare.compare(a, b, n=100, seed=0)
+
+
 def test_help_shows_an_example():
     result = run_compare("--help")
     assert result.returncode == 0 and "python compare.py runs/a/eval_val" in result.stdout
