@@ -74,8 +74,8 @@ from predict import (clean_mask, load_predictor, mask_at_size, mean_probabilitie
                      tooth_chart)
 from semi import MANIFEST, PseudoLabel, mean_entropy, write_manifest
 from teeth import read_label_map
-from utils import (ToothSegError, atomic_write_text, check_output_dir, file_sha1, make_parser, non_negative_int,
-                   positive_int, probability, read_image, recorded_path, run_cli, to_uint8, write_png)
+from utils import (ToothSegError, atomic_write_text, check_output_dir, file_sha1, is_image_file, make_parser,
+                   non_negative_int, positive_int, probability, read_image, recorded_path, run_cli, to_uint8, write_png)
 
 SPLIT_CHOICES = ("train", "val", "test", "all", "unlabelled")
 # --min-component auto tries these shares of the image area. They reach past the smallest true tooth components
@@ -193,6 +193,27 @@ def check_apart_from_inputs(samples: list, args, index: Path | None, save_preds:
         if target in holding_inputs or any(target.is_relative_to(d) for d in read_whole):
             raise ToothSegError(f"{folder}: {flag} lies among the images (or masks) this run reads, and its PNGs would "
                                 f"overwrite or join them; choose a folder outside them")
+
+
+PREDICTIONS_RECORD = "predictions.json"  # in a --save-preds/--save-probs folder: eval.py writes there, and with what
+
+
+def claim_output_folders(args, save_preds: Path | None, checkpoints: list[str]) -> None:
+    """Refuse a --save-preds/--save-probs folder that holds images eval.py did not write (the ground-truth masks,
+    say): its PNGs, named after the X-rays, would overwrite them. Otherwise record, before the first PNG, that
+    eval.py writes there and with which checkpoints, so that a rerun (or the rest of a run that failed halfway)
+    may write there again and the folder says which model made its files."""
+    for folder, flag in ((save_preds, "--save-preds"), (args.save_probs, "--save-probs")):
+        if folder is None:
+            continue
+        folder = Path(folder)
+        ours = any((folder / name).is_file() for name in (PREDICTIONS_RECORD, "summary.json", MANIFEST))  # or older runs'
+        others = sorted(p.name for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() and not ours else []
+        if others:
+            raise ToothSegError(f"{folder}: {flag} holds {len(others)} images that eval.py did not write (first: "
+                                f"{others[0]}), which its PNGs would overwrite; choose a new or empty folder")
+        atomic_write_text(folder / PREDICTIONS_RECORD, json.dumps(
+            {"written_by": "eval.py", "checkpoints": checkpoints, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
 
 def load_ensemble(paths: list[Path], device) -> list:
@@ -442,6 +463,7 @@ def main(argv=None):
 
     # Inference at network size, masks (or label maps) and scores at each image's own size.
     rows, skipped, kept_preds, pseudo = [], [], {}, []
+    claim_output_folders(args, save_preds, [str(p.path) for p in predictors])
     if args.save_probs is not None:  # an earlier manifest must not describe the maps this run overwrites, if it fails
         (args.save_probs / MANIFEST).unlink(missing_ok=True)
     # Both loaders keep the samples' order and yield unreadable images too, so the pairs stay aligned.

@@ -390,6 +390,24 @@ def test_predictions_are_never_written_among_the_inputs(finetuned, labelled, tmp
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before  # nothing overwritten or added
 
 
+@pytest.mark.parametrize("flag", ["--save-preds", "--save-probs"])
+def test_predictions_never_overwrite_images_eval_did_not_write(finetuned, labelled, tmp_path, cli_error, flag):
+    """A folder of other images (the ground truth of another set, named as these X-rays are) is refused; a folder
+    eval.py wrote is written again, and says which checkpoint wrote it."""
+    other = tmp_path / "their_masks"
+    shutil.copytree(labelled / "masks", other)
+    before = {p: p.read_bytes() for p in other.iterdir()}
+    argv = ["--checkpoint", str(finetuned), "--images-dir", str(labelled / "images"), "--masks-dir",
+            str(labelled / "masks"), "--split", "all", "--cpu", "--workers", "0", "--out-dir", str(tmp_path / "out")]
+    line = cli_error(eval_script.main, [*argv, flag, str(other)])
+    assert f"{other}: {flag} holds {len(before)} images that eval.py did not write (first: case00.png)" in line
+    assert {p: p.read_bytes() for p in other.iterdir()} == before
+    for _ in range(2):  # a rerun into its own folder
+        eval_script.main([*argv, flag, str(tmp_path / "mine")])
+    record = json.loads((tmp_path / "mine" / "predictions.json").read_text())
+    assert record["written_by"] == "eval.py" and record["checkpoints"] == [str(finetuned / "best.pth")]
+
+
 def test_a_run_made_with_relative_paths_is_evaluated_from_any_folder(labelled, tmp_path, monkeypatch, cli_error):
     shutil.copytree(labelled, tmp_path / "work" / "data")
     (tmp_path / "elsewhere").mkdir()
