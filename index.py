@@ -183,10 +183,11 @@ def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
     return found
 
 
-def list_masks(masks_dir: Path, same_tree: bool = False) -> list[Path]:
-    """Mask files below `masks_dir`, sorted; in `same_tree` (one folder holding images/ and masks/) only those
-    in a MASK_FOLDERS folder, not the images beside them nor per-tooth label maps in 'teeth'."""
-    return [p for p in files_below(masks_dir) if is_image_file(p) and not (
+def list_masks(masks_dir: Path, same_tree: bool = False, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Mask files below `masks_dir`, sorted, none in an `exclude` folder; in `same_tree` (one folder holding
+    images/ and masks/) only those in a MASK_FOLDERS folder, not the images beside them nor per-tooth label maps
+    in 'teeth'."""
+    return [p for p in files_below(masks_dir, exclude) if is_image_file(p) and not (
         same_tree and label_folder(p.relative_to(masks_dir), MASK_FOLDERS) is None)]
 
 
@@ -209,6 +210,10 @@ def samples_from_folders(images_dir: Path, masks_dir: Path | None = None) -> lis
     if unpaired:
         raise ToothSegError(f"{unpaired[0]}: no mask named {unpaired[0].stem}.* in {masks_dir} "
                             f"({len(unpaired)} unpaired images); give matching --masks-dir or build an index with prepare_sts2d.py")
+    orphans = sorted(set(masks) - {p.stem for p in images})
+    if orphans:  # a subset of a set's X-rays is scored against its whole masks folder, so a note, not an error
+        print(f"note: {len(orphans)} masks in {masks_dir} have no image in {images_dir} (first: "
+              f"{masks[orphans[0]].name}); they are left out")
     return [Sample(p, masks[p.stem], p.stem) for p in images]
 
 

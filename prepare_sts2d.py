@@ -219,7 +219,7 @@ def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Pat
     reads it (index.list_images, index.list_masks), so an image in a sub-folder is paired, not left out; the
     other folders and `not_images` (pools, this preparation's outputs) are not read as images when inside it."""
     folders = {"image": ("--images-dir", images_dir), "mask": ("--masks-dir", masks_dir), "teeth": ("--teeth-dir", teeth_dir)}
-    files = []
+    files, not_images = [], list(not_images)
     for kind, (flag, folder) in folders.items():
         if folder is None:
             continue
@@ -229,9 +229,9 @@ def source_from_folders(images_dir: Path, masks_dir: Path | None, teeth_dir: Pat
             paths = list_images(folder, [f for f in (masks_dir, teeth_dir, *not_images) if f is not None])
         elif kind == "teeth":
             beside_images = folder.resolve() == images_dir.resolve()
-            paths = [p for p in files_below(folder) if is_teeth_file(p, folder, beside_images)]
-        else:
-            paths = list_masks(folder, same_tree=folder.resolve() == images_dir.resolve())
+            paths = [p for p in files_below(folder, not_images) if is_teeth_file(p, folder, beside_images)]
+        else:  # this preparation's outputs inside the masks folder are no masks either
+            paths = list_masks(folder, same_tree=folder.resolve() == images_dir.resolve(), exclude=not_images)
         found = [Found("adult", "labeled", kind, p.stem, _file_on_disk(p)) for p in paths]
         if kind == "teeth" and not found:
             raise ToothSegError(f"{folder}: no label maps or labelme files found; check {flag}")

@@ -163,6 +163,15 @@ def test_two_files_with_one_stem_are_refused_in_one_line(tmp_path, where, flag):
         samples_from_folders(root / "images", root / "masks")
 
 
+def test_masks_without_images_are_left_out_with_a_note(tmp_path, capsys):
+    """A subset of a set's X-rays scored against its whole masks folder: a note counts what is left out (a deleted
+    X-ray had left its mask out without a word)."""
+    root = bare_tree(tmp_path, ["a", "b", "c"], ("images", "masks"))
+    (root / "images" / "b.png").unlink()
+    assert [s.pair_id for s in samples_from_folders(root / "images", root / "masks")] == ["a", "c"]
+    assert f"note: 1 masks in {root / 'masks'} have no image in {root / 'images'} (first: b.png)" in capsys.readouterr().out
+
+
 def test_a_missing_masks_folder_is_named(tmp_path):
     root = bare_tree(tmp_path, ["a"], ("images",))
     with pytest.raises(ToothSegError, match=f"{tmp_path / 'nope'}: masks folder not found; check --masks-dir"):

@@ -671,6 +671,16 @@ def test_folders_inside_the_images_folder_are_not_read_as_images(tmp_path, capsy
         assert sorted(r["pair_id"] for r in rows if not r["is_mask"]) == ["p000", "p001", "p002", "u0"]
 
 
+def test_a_data_root_inside_the_masks_folder_is_not_read_as_masks(tmp_path, capsys):
+    """Its images had been read as masks without images on the rerun, and the error blamed the tool's output."""
+    images, masks = folder_pair(tmp_path / "lab", 3)
+    argv = ["--images-dir", str(images), "--masks-dir", str(masks), "--data-root", str(masks / "root")]
+    for extra in ([], ["--force"]):
+        run(argv + extra, capsys)
+    assert sorted(r["pair_id"] for r in read_index(masks / "root" / INDEX_NAME) if not r["is_mask"]) == \
+        ["p000", "p001", "p002"]
+
+
 def test_a_pool_inside_the_data_root_is_read(tmp_path, capsys):
     images, masks = folder_pair(tmp_path / "lab", 3)
     write_files(tmp_path / "root" / "raw_pool", {"u0.png": image_bytes(20), "u1.png": image_bytes(21)})
