@@ -170,7 +170,12 @@ class Checkpoint:
     def build_model(self) -> nn.Module:
         """The model this checkpoint describes, with its weights."""
         model = self.model.build()
-        model.load_state_dict(self.state.weights)
+        try:
+            model.load_state_dict(self.state.weights)
+        except RuntimeError as exc:  # weights edited or cut short: not the model the record describes
+            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+            raise ToothSegError(f"{self.path}: its weights do not fit the {self.model.name} {self.model.args} it "
+                                f"records ({first}); the file is damaged: train it again or use another") from None
         return model
 
     def with_state(self, *, epoch: int, metrics: dict, state: TrainingState) -> "Checkpoint":

@@ -101,6 +101,14 @@ def test_a_damaged_or_foreign_file_is_one_clear_error(tmp_path):
             read(tmp_path / "newer.pth")
 
 
+def test_weights_that_do_not_fit_their_record_are_one_clear_error(tmp_path):
+    record = open_checkpoint(FORMAT1)
+    weights = dict(list(record.state.weights.items())[2:])  # cut short
+    save_checkpoint(tmp_path / BEST, replace(record, state=replace(record.state, weights=weights)))
+    with pytest.raises(ToothSegError, match=rf"{BEST}: its weights do not fit the unet .* it records \(Missing key"):
+        open_checkpoint(tmp_path).build_model()
+
+
 def test_the_record_is_plain_data(tmp_path):
     record = Checkpoint(kind="mim", model=ModelSpec("unet", {"base_channels": 2}),
                         data=DataSpec(input_size=(8, 16), norm_mean=0.5, norm_std=0.25, images_dir=str(tmp_path),
