@@ -45,7 +45,7 @@ from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
 from metrics import (BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, dice_from_overlap, dice_per_image, overlap_per_image,
                      tooth_dice_per_image)
-from models import ENCODER_PREFIXES, SIZE_MULTIPLE, accepted_args, split_outputs
+from models import ENCODER_PREFIXES, SIZE_MULTIPLE, accepted_args, check_window, split_outputs
 from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
 from semi import ONLINE_FLAGS, PSEUDO_FLAGS, MeanTeacher, consistency_loss, most_confident, read_pseudo_labels
@@ -171,7 +171,8 @@ def parse_args(argv=None):
     if args.lambda_dice is None:
         args.lambda_dice = 1.0 if args.task == "teeth" else 0.2
     if args.window is not None:
-        check_window(args.window, (args.img_height, args.img_width))
+        check_window(args.window, (args.img_height, args.img_width),
+                     f"--img-height {args.img_height} --img-width {args.img_width}")
         args.window = tuple(args.window)
     return args
 
@@ -188,18 +189,6 @@ def resolve_mask_resize(args, resumed: Checkpoint | None) -> str:
     if args.mask_resize is not None:
         return args.mask_resize
     return "nearest" if args.task == "teeth" else "area"
-
-
-def check_window(window: list[int], input_size: tuple[int, int]) -> None:
-    """A window must tile the U-Nets' four poolings exactly and fit inside the input it is cropped from."""
-    (h, w), (height, width) = window, input_size
-    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
-        down = [max(SIZE_MULTIPLE, n - n % SIZE_MULTIPLE) for n in window]
-        raise ToothSegError(f"--window {h} {w}: both sides must be multiples of {SIZE_MULTIPLE}; "
-                            f"try --window {down[0]} {down[1]}")
-    if h > height or w > width:
-        raise ToothSegError(f"--window {h} {w}: larger than the input --img-height {height} --img-width {width}; "
-                            f"choose a window within it, or raise the input size")
 
 
 def resolve_model(args, out_channels: int = 1, resumed: Checkpoint | None = None) -> ModelSpec:

@@ -63,6 +63,19 @@ SIZE_MULTIPLE = 16
 ENCODER_PREFIXES = ("encoder.", "bottleneck.")
 
 
+def check_window(window: list[int] | tuple[int, int], input_size: tuple[int, int], input_flags: str) -> None:
+    """A window must tile the U-Nets' four poolings exactly and fit inside the input (`input_flags`, as the
+    user gave it) it is cropped from."""
+    (h, w), (height, width) = window, input_size
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        down = [max(SIZE_MULTIPLE, n - n % SIZE_MULTIPLE) for n in window]
+        raise ToothSegError(f"--window {h} {w}: both sides must be multiples of {SIZE_MULTIPLE}; "
+                            f"try --window {down[0]} {down[1]}")
+    if h > height or w > width:
+        raise ToothSegError(f"--window {h} {w}: larger than the input {input_flags}; "
+                            f"choose a window within it, or raise the input size")
+
+
 # ----------------------------------------------------------------------------------------------
 # U-Net building blocks
 # ----------------------------------------------------------------------------------------------

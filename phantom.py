@@ -39,6 +39,7 @@ import numpy as np
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 320, 640
 REF_H, REF_W = 320.0, 640.0  # all geometry below is in pixels of this reference frame
 SHIFT = 4  # sub-pixel bits for cv2.fillPoly
+MIN_SIZE = (32, 64)  # (height, width): the smallest panoramic drawn
 # STS-2D-Tooth image counts: A-PXI 850 labelled / 2650 unlabelled, C-PXI 50 / 450.
 STS_COUNTS = {("adult", "labeled"): 850, ("adult", "unlabeled"): 2650,
               ("children", "labeled"): 50, ("children", "unlabeled"): 450}
@@ -399,8 +400,8 @@ def generate_panoramic_teeth(seed: int, height: int = DEFAULT_HEIGHT, width: int
     """generate_panoramic's image and mask, and the per-tooth label map (uint8 HxW, FDI numbers, 0
     background, non-zero exactly where the mask is)."""
     rng = _rng(seed, age_group)
-    if height < 32 or width < 64:
-        raise ValueError(f"phantom size must be at least 32x64, got {height}x{width}")
+    if height < MIN_SIZE[0] or width < MIN_SIZE[1]:
+        raise ValueError(f"phantom size must be at least {MIN_SIZE[0]}x{MIN_SIZE[1]}, got {height}x{width}")
     dentition = _dentition(rng, age_group)
     jaw, teeth, implants, restore = dentition.jaw, dentition.teeth, dentition.implants, dentition.restore
     canvas = _Canvas(height, width)

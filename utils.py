@@ -124,6 +124,18 @@ positive_number = _number_where(lambda v: v > 0, "above 0")
 non_negative_number = _number_where(lambda v: v >= 0, "at least 0")
 
 
+def output_file(text: str) -> Path:
+    """argparse type: a file to write at the end, checked at the start (a folder there, or a file where a folder
+    above it should be, failed after the whole benchmark had run)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file path")
+    existing = next(p for p in path.resolve().parents if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, where a folder of {path} should be")
+    return path
+
+
 def recorded_path(path: str | os.PathLike) -> str:
     """A path as checkpoints and summaries record it: absolute (links not resolved, so a linked folder keeps
     its place), so that a later stage or the notebook, run from another folder, finds it."""

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from engine import autocast, memory_format, resolve_amp  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
-from utils import ToothSegError, atomic_write_text, make_parser, positive_int, run_cli  # noqa: E402
+from utils import ToothSegError, atomic_write_text, make_parser, output_file, positive_int, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), metavar="DEV",
                         help="default: cpu, and cuda when a GPU is there")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads on CPU (default: torch's)")
-    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the Markdown report here")
+    parser.add_argument("--out", type=output_file, metavar="FILE", help="also write the Markdown report here")
     args = parser.parse_args(argv)
     if "unet" not in args.models:
         args.models = ["unet", *args.models]

@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fbf  # noqa: E402
-from phantom import generate_panoramic  # noqa: E402
-from utils import ToothSegError, atomic_write_text, make_parser, read_image, run_cli, to_uint8  # noqa: E402
+from phantom import MIN_SIZE as MIN_PHANTOM_SIZE, generate_panoramic  # noqa: E402
+from utils import ToothSegError, atomic_write_text, make_parser, output_file, read_image, run_cli, to_uint8  # noqa: E402
 
 REAL_IMAGES = REPO.parent / "shared" / "data" / "ufba425-dev" / "images"
 
@@ -75,6 +75,9 @@ def parse_size(text: str) -> tuple[int, int]:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise ToothSegError(f"--sizes: {text!r} is not HEIGHTxWIDTH, e.g. 320x640") from None
+    if height < MIN_PHANTOM_SIZE[0] or width < MIN_PHANTOM_SIZE[1]:  # the phantom's smallest panoramic
+        raise ToothSegError(f"--sizes: {text!r} is smaller than {MIN_PHANTOM_SIZE[0]}x{MIN_PHANTOM_SIZE[1]}; "
+                            f"give a larger HEIGHTxWIDTH, e.g. 320x640")
     return height, width
 
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                            help="threads for OpenCV and torch on the CPU (the numpy grid is single-threaded)")
     measuring.add_argument("--psnr-window", default="128x256", metavar="HxW", help="central window where PSNR is measured")
     measuring.add_argument("--no-torch", action="store_true", help="skip the torch backend")
-    measuring.add_argument("--output", type=Path, default=None, metavar="MD", help="also write the table to this file")
+    measuring.add_argument("--output", type=output_file, default=None, metavar="MD", help="also write the table to this file")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         raise ToothSegError("--repeats and --threads must be at least 1")

@@ -51,7 +51,7 @@ from index import samples_from_folders  # noqa: E402
 from metrics import BCEDiceLoss, dice_per_image  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 from phantom import generate_panoramic  # noqa: E402
-from utils import ToothSegError, atomic_write_text, make_parser, run_cli, write_png  # noqa: E402
+from utils import ToothSegError, atomic_write_text, make_parser, output_file, run_cli, write_png  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ufba425-dev"
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts unless named); first match wins.
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     output.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     output.add_argument("--peak-tflops", type=float, metavar="TF",
                         help="device peak for the %%-of-peak column (default: bf16 dense peak of known GPUs; none on CPU)")
-    output.add_argument("--out", type=Path, metavar="FILE", help="also write the Markdown report here")
+    output.add_argument("--out", type=output_file, metavar="FILE", help="also write the Markdown report here")
     args = parser.parse_args(argv)
     for name in ("height", "width", "batch_size", "base_channels", "steps", "repeats", "threads", "phantom_images"):
         if getattr(args, name) < 1:

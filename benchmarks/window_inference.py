@@ -35,11 +35,11 @@ from benchmarks.throughput import run_header  # noqa: E402
 from checkpoints import Checkpoint, DataSpec, ModelSpec, TrainingState, plain  # noqa: E402
 from data import NORM_MEAN, NORM_STD  # noqa: E402
 from engine import memory_format, resolve_amp, run_precision, setup_runtime  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, check_window  # noqa: E402
 from phantom import generate_panoramic  # noqa: E402
 from predict import Predictor, load_predictor  # noqa: E402
-from utils import (ToothSegError, atomic_write_text, is_image_file, make_parser, read_image, run_cli,  # noqa: E402
-                   to_uint8, write_png)
+from utils import (ToothSegError, atomic_write_text, is_image_file, make_parser, output_file,  # noqa: E402
+                   read_image, run_cli, to_uint8, write_png)
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "tufts-dev" / "images"
 TUFTS_SIZE = (840, 1615)  # (H, W) of a Tufts Dental Database panoramic
@@ -66,13 +66,14 @@ def parse_args(argv=None):
     output.add_argument("--threads", type=int, default=torch.get_num_threads(), metavar="N",
                         help="torch intra-op threads")
     output.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    output.add_argument("--out", type=Path, metavar="FILE", help="also write the Markdown report here")
+    output.add_argument("--out", type=output_file, metavar="FILE", help="also write the Markdown report here")
     args = parser.parse_args(argv)
     for name in ("count", "repeats", "threads", "base_channels"):
         if getattr(args, name) < 1:
             raise ToothSegError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.window_overlap < 1:
         raise ToothSegError(f"--window-overlap must be in [0, 1), got {args.window_overlap}")
+    check_window(args.window, args.input_size, f"--input-size {args.input_size[0]} {args.input_size[1]}")
     return args
 
 

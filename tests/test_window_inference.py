@@ -67,6 +67,18 @@ def test_checkpoint_without_window_is_one_line_error(tmp_path, cli_error):
     (["--images", "/nonexistent/xrays"], "/nonexistent/xrays: no images found"),
     (["--count", "0"], "--count must be at least 1"),
     (["--window-overlap", "1"], "--window-overlap must be in [0, 1)"),
+    (["--window", "128", "128"], "--window 128 128: larger than the input --input-size 64 128"),  # was timed
+    (["--window", "50", "64"], "--window 50 64: both sides must be multiples of 16"),
 ])
 def test_bad_input_is_one_line_error(args, message, cli_error):
     assert message in cli_error(window_inference.main, [*TINY, *args])
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_the_timing(tmp_path, capsys):
+    """A folder given for --out failed only after the whole benchmark had run."""
+    from utils import run_cli
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(window_inference.main, [*TINY, "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert f"argument --out: {tmp_path} is a folder; give a file path" in capsys.readouterr().err
