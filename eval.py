@@ -198,7 +198,23 @@ def check_apart_from_inputs(samples: list, args, index: Path | None, save_preds:
 PREDICTIONS_RECORD = "predictions.json"  # in a --save-preds/--save-probs folder: eval.py writes there, and with what
 
 
-def claim_output_folders(args, save_preds: Path | None, checkpoints: list[str]) -> None:
+def written_by_eval(folder: Path, out_dir: Path) -> bool:
+    """Whether eval.py wrote `folder`: its record there, a pseudo-label manifest, or (runs before the record) an
+    evaluation's summary.json naming it as its preds_dir: beside it, above it (predict mode's OUT_DIR/preds) or
+    in this run's --out-dir."""
+    if any((folder / name).is_file() for name in (PREDICTIONS_RECORD, MANIFEST)):
+        return True
+    for summary in (folder / "summary.json", folder.parent / "summary.json", out_dir / "summary.json"):
+        try:
+            recorded = json.loads(summary.read_text()).get("preds_dir")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded and Path(recorded).resolve() == folder.resolve():
+            return True
+    return False
+
+
+def claim_output_folders(args, save_preds: Path | None, out_dir: Path, checkpoints: list[str]) -> None:
     """Refuse a --save-preds/--save-probs folder that holds images eval.py did not write (the ground-truth masks,
     say): its PNGs, named after the X-rays, would overwrite them. Otherwise record, before the first PNG, that
     eval.py writes there and with which checkpoints, so that a rerun (or the rest of a run that failed halfway)
@@ -207,11 +223,13 @@ def claim_output_folders(args, save_preds: Path | None, checkpoints: list[str]) 
         if folder is None:
             continue
         folder = Path(folder)
-        ours = any((folder / name).is_file() for name in (PREDICTIONS_RECORD, "summary.json", MANIFEST))  # or older runs'
-        others = sorted(p.name for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() and not ours else []
+        others = sorted(p.name for p in folder.iterdir() if is_image_file(p)) \
+            if folder.is_dir() and not written_by_eval(folder, out_dir) else []
         if others:
-            raise ToothSegError(f"{folder}: {flag} holds {len(others)} images that eval.py did not write (first: "
-                                f"{others[0]}), which its PNGs would overwrite; choose a new or empty folder")
+            given = flag if getattr(args, flag[2:].replace("-", "_")) is not None else "the predictions folder"
+            raise ToothSegError(f"{folder}: {given} holds {len(others)} images that eval.py did not write (first: "
+                                f"{others[0]}), which its PNGs would overwrite; choose a new or empty folder (one that an "
+                                f"evaluation of eval.py before 2026-12-07 wrote: delete it first)")
         atomic_write_text(folder / PREDICTIONS_RECORD, json.dumps(
             {"written_by": "eval.py", "checkpoints": checkpoints, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
 
@@ -463,7 +481,7 @@ def main(argv=None):
 
     # Inference at network size, masks (or label maps) and scores at each image's own size.
     rows, skipped, kept_preds, pseudo = [], [], {}, []
-    claim_output_folders(args, save_preds, [str(p.path) for p in predictors])
+    claim_output_folders(args, save_preds, out_dir, [str(p.path) for p in predictors])
     if args.save_probs is not None:  # an earlier manifest must not describe the maps this run overwrites, if it fails
         (args.save_probs / MANIFEST).unlink(missing_ok=True)
     # Both loaders keep the samples' order and yield unreadable images too, so the pairs stay aligned.
@@ -520,6 +538,7 @@ def main(argv=None):
         # The per-tooth figures are in "teeth", pooled over teeth as the README defines them; their per-image
         # means under the same names here read differently.
         "metrics": summarize(rows, METRIC_NAMES),
+        "preds_dir": recorded_path(save_preds) if save_preds is not None else None,
         **outputs.summary(rows),
         "by_age_group": {g: summarize([r for r in rows if r["age_group"] == g], METRIC_NAMES)
                          for g in sorted({r["age_group"] for r in rows})},

@@ -177,6 +177,10 @@ def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in paths:
         if path.stem in found:
+            broken = next((p for p in (path, found[path.stem]) if not p.exists()), None)
+            if broken is not None:  # a leftover link beside the file it once pointed to
+                raise ToothSegError(f"{broken}: is a link to {os.readlink(broken)}, which does not exist, beside "
+                                    f"{path if broken != path else found[path.stem]} of the same name stem; remove it")
             raise ToothSegError(f"{path}: has the same name stem as {found[path.stem]}, and files are paired and "
                                 f"saved by stem; rename one, or move it out of {flag}")
         found[path.stem] = path

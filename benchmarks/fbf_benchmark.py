@@ -70,14 +70,13 @@ def central_window(shape: tuple[int, int], size: tuple[int, int], margin: int) -
     return slice(top, top + height), slice(left, left + width)
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, flag: str, smallest: tuple[int, int] = (1, 1)) -> tuple[int, int]:
     try:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise ToothSegError(f"--sizes: {text!r} is not HEIGHTxWIDTH, e.g. 320x640") from None
-    if height < MIN_PHANTOM_SIZE[0] or width < MIN_PHANTOM_SIZE[1]:  # the phantom's smallest panoramic
-        raise ToothSegError(f"--sizes: {text!r} is smaller than {MIN_PHANTOM_SIZE[0]}x{MIN_PHANTOM_SIZE[1]}; "
-                            f"give a larger HEIGHTxWIDTH, e.g. 320x640")
+        raise ToothSegError(f"{flag}: {text!r} is not HEIGHTxWIDTH, e.g. 320x640") from None
+    if height < smallest[0] or width < smallest[1]:
+        raise ToothSegError(f"{flag}: {text!r} is smaller than {smallest[0]}x{smallest[1]}; give a larger HEIGHTxWIDTH")
     return height, width
 
 
@@ -103,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1 or args.threads < 1:
         raise ToothSegError("--repeats and --threads must be at least 1")
 
+    psnr_window = parse_size(args.psnr_window, "--psnr-window")
     test_images = [(f"phantom {h}x{w}", generate_panoramic(args.seed, h, w, age_group="adult")[0])
-                   for h, w in map(parse_size, args.sizes)]
+                   for h, w in (parse_size(size, "--sizes", MIN_PHANTOM_SIZE) for size in args.sizes)]
     real = args.real_image
     if real is None and REAL_IMAGES.is_dir():
         real = next(iter(sorted(REAL_IMAGES.glob("*.png"))), None)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         runs["opencv"] = functools.partial(filter_image, method="opencv")
         timings = best_times_ms(runs, args.repeats)
 
-        window = central_window(image.shape, parse_size(args.psnr_window), fbf.window_radius(sigma_space))
+        window = central_window(image.shape, psnr_window, fbf.window_radius(sigma_space))
         exact = exact_window(image, sigma_space, sigma_color, window)
         grid_psnr = psnr(filter_image()[window], exact)
         opencv_psnr = psnr(runs["opencv"]()[window], exact)

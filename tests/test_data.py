@@ -172,6 +172,14 @@ def test_masks_without_images_are_left_out_with_a_note(tmp_path, capsys):
     assert f"note: 1 masks in {root / 'masks'} have no image in {root / 'images'} (first: b.png)" in capsys.readouterr().out
 
 
+def test_a_leftover_broken_link_beside_its_file_is_named_as_a_broken_link(tmp_path):
+    root = bare_tree(tmp_path, ["a", "b"], ("images", "masks"))
+    (root / "masks" / "b.bmp").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ToothSegError, match=r"b\.bmp: is a link to .*nowhere\.png, which does not exist, beside "
+                                            r".*b\.png of the same name stem; remove it"):
+        samples_from_folders(root / "images", root / "masks")
+
+
 def test_a_missing_masks_folder_is_named(tmp_path):
     root = bare_tree(tmp_path, ["a"], ("images",))
     with pytest.raises(ToothSegError, match=f"{tmp_path / 'nope'}: masks folder not found; check --masks-dir"):

@@ -406,6 +406,15 @@ def test_predictions_never_overwrite_images_eval_did_not_write(finetuned, labell
         eval_script.main([*argv, flag, str(tmp_path / "mine")])
     record = json.loads((tmp_path / "mine" / "predictions.json").read_text())
     assert record["written_by"] == "eval.py" and record["checkpoints"] == [str(finetuned / "best.pth")]
+    if flag == "--save-preds":  # a folder an older eval.py wrote (no record) is known by its summary's preds_dir
+        (tmp_path / "mine" / "predictions.json").unlink()
+        eval_script.main([*argv, flag, str(tmp_path / "mine")])
+        predict = ["--checkpoint", str(finetuned), "--images-dir", str(labelled / "images"), "--cpu", "--workers", "0"]
+        for folder in (finetuned / "eval_predict" / "preds", tmp_path / "predicted"):  # predict mode's default, and
+            flags = [] if folder.name == "preds" else ["--save-preds", str(folder), "--out-dir", str(tmp_path / "o")]
+            eval_script.main([*predict, *flags])
+            (folder / "predictions.json").unlink()
+            eval_script.main([*predict, *flags])
 
 
 def test_a_run_made_with_relative_paths_is_evaluated_from_any_folder(labelled, tmp_path, monkeypatch, cli_error):
