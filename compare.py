@@ -110,10 +110,11 @@ def read_per_image(path: Path) -> dict[str, dict[str, str]]:
         rows = list(csv.DictReader(f))
     if not rows or "pair_id" not in rows[0] or "dice" not in rows[0]:
         raise ToothSegError(f"{path}: not an eval.py per_image.csv (no rows, or no pair_id and dice columns)")
-    damaged = next((line for line, row in enumerate(rows, start=2) if None in row or None in row.values()), None)
-    if damaged is not None:
-        raise ToothSegError(f"{path}: line {damaged} has {'fewer' if None in rows[damaged - 2].values() else 'more'} "
-                            f"values than columns; score it again with eval.py")
+    damaged = next(((line, row) for line, row in enumerate(rows, start=2) if None in row or None in row.values()), None)
+    if damaged is not None:  # DictReader fills a short row with None values and files a long one's rest under None
+        line, row = damaged
+        raise ToothSegError(f"{path}: line {line} has {'fewer' if None in row.values() else 'more'} values than "
+                            f"columns; score it again with eval.py")
     by_id = {row["pair_id"]: row for row in rows}
     if len(by_id) < len(rows):
         twice = next(pair_id for pair_id, n in Counter(row["pair_id"] for row in rows).items() if n > 1)

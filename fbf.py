@@ -30,8 +30,8 @@ the training scripts as `--images-dir`.
 The index is copied unchanged: its `sha1` column still describes the unfiltered images.
 Existing outputs are kept unless `--overwrite`, and the settings are recorded in
 `<output-dir>/fbf_settings.json`: a rerun with others is refused unless `--overwrite`; every write is
-atomic. An image that cannot be decoded is named on its own line and skipped, the others are still written, and the run ends with
-a one-line error counting the failures (exit status 2), so scripts notice.
+atomic. An image that cannot be decoded is named on its own line and skipped, the others are still
+written, and the run ends with a one-line error counting the failures (exit status 2), so scripts notice.
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ from engine import (add_training_args, build_trainer, cleanup_runtime, data_spec
 from index import Sample, find_index, segmentation_splits, source_mask_threshold, subset_fraction, unlabelled_pool
 from metrics import (BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, dice_from_overlap, dice_per_image, overlap_per_image,
                      tooth_dice_per_image)
-from models import ENCODER_PREFIXES, SIZE_MULTIPLE, accepted_args, check_window, split_outputs
+from models import ENCODER_PREFIXES, accepted_args, check_window, split_outputs
 from overlay import overlay_mask, overlay_teeth
 from predict import network_logits
 from semi import ONLINE_FLAGS, PSEUDO_FLAGS, MeanTeacher, consistency_loss, most_confident, read_pseudo_labels

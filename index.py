@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from utils import IMAGE_EXTENSIONS, ToothSegError, atomic_write_text, is_image_file, read_image
+from utils import IMAGE_EXTENSIONS, ToothSegError, atomic_write_text, broken_link, is_image_file, read_image
 
 INDEX_NAME = "sts2d_index.csv"
 PROCESSED_NAME = "processed_2d"
@@ -177,9 +177,9 @@ def by_stem(paths: list[Path], flag: str) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in paths:
         if path.stem in found:
-            broken = next((p for p in (path, found[path.stem]) if not p.exists()), None)
+            broken = next((p for p in (path, found[path.stem]) if broken_link(p)), None)
             if broken is not None:  # a leftover link beside the file it once pointed to
-                raise ToothSegError(f"{broken}: is a link to {os.readlink(broken)}, which does not exist, beside "
+                raise ToothSegError(f"{broken}: {broken_link(broken)}, beside "
                                     f"{path if broken != path else found[path.stem]} of the same name stem; remove it")
             raise ToothSegError(f"{path}: has the same name stem as {found[path.stem]}, and files are paired and "
                                 f"saved by stem; rename one, or move it out of {flag}")

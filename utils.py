@@ -239,11 +239,16 @@ def _one_line(exc: Exception) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
-def cannot_read(path: str | os.PathLike, exc: OSError) -> str:
-    """Why a file could not be read, for a one-line error; a broken link says where it points."""
+def broken_link(path: str | os.PathLike) -> str | None:
+    """For a link whose target does not exist, the words that say so and where it points; None otherwise."""
     if os.path.islink(path) and not os.path.exists(path):
         return f"is a link to {os.readlink(path)}, which does not exist"
-    return f"cannot read ({exc.strerror or exc})"
+    return None
+
+
+def cannot_read(path: str | os.PathLike, exc: OSError) -> str:
+    """Why a file could not be read, for a one-line error; a broken link says where it points."""
+    return broken_link(path) or f"cannot read ({exc.strerror or exc})"
 
 
 def read_image(path: str | os.PathLike, *, grayscale: bool = True) -> np.ndarray:

@@ -293,8 +293,7 @@ def draw_tooth_chart(ax, chart: list[dict], dice_by_fdi: dict[int, float] | None
     predicted teeth's mean probability. With `dice_by_fdi` (metrics.tooth_metrics' Dice of each true tooth), a
     true tooth is green where its number was predicted on it (Dice >= 0.5), orange where partly (below 0.5), red
     where its number went only elsewhere, blue where it was not predicted; a predicted number with no such tooth is
-    red. Without it, predicted teeth
-    are green."""
+    red. Without it, predicted teeth are green."""
     predicted = {t["fdi"]: t["mean_probability"] for t in chart}
     dice = {n: 1.0 for n in predicted} if dice_by_fdi is None else dice_by_fdi
     rows = CHART_ROWS + (PRIMARY_CHART_ROWS if any(n > 50 for n in set(predicted) | set(dice)) else ())
