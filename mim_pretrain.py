@@ -51,14 +51,20 @@ class MIMTask:
     def val_step(self, model, batch):
         masked, target, mask, _ = batch
         recon = model(masked).float()
-        n = torch.tensor(float(len(target)), device=target.device)
         # Baseline: fill the hidden pixels with the mean of the visible ones.
         visible = 1 - mask
         mean_fill = (target * visible).sum((1, 2, 3), keepdim=True) / visible.sum((1, 2, 3), keepdim=True).clamp_min(1)
-        return {"loss": masked_l1_loss(recon, target, mask, self.norm_patch_size) * n,
-                "masked_l1": masked_l1_loss(recon, target, mask) * n,
-                "mean_fill_l1": masked_l1_loss(mean_fill.expand_as(target), target, mask) * n,
-                "count": n}
+
+        def per_image(pred, norm_patch_size=None):
+            """Each image's own masked L1, summed (the trainer divides by the count): one mean over the batch's
+            masked pixels weighed images by their hidden area, so the logged loss, and the best epoch, depended on
+            the batch size."""
+            return sum(masked_l1_loss(p[None], t[None], m[None], norm_patch_size)
+                       for p, t, m in zip(pred, target, mask))
+
+        return {"loss": per_image(recon, self.norm_patch_size), "masked_l1": per_image(recon),
+                "mean_fill_l1": per_image(mean_fill.expand_as(target)),
+                "count": torch.tensor(float(len(target)), device=target.device)}
 
     def visuals(self, batch, recon):
         masked, target, _, _ = batch

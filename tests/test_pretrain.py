@@ -135,3 +135,20 @@ def test_checkpoints_are_self_describing_and_safe(phantom_images, tmp_path):
         open_checkpoint(tmp_path / "garbage.pth")
     # Nothing else is left beside the checkpoints: writes went through temp files and renames.
     assert sorted(p.name for p in (tmp_path / "mim").iterdir()) == ["best.pth", "last.pth", "tensorboard"]
+
+
+@pytest.mark.parametrize("norm_pix", [None, 8])
+def test_mim_validation_loss_does_not_depend_on_the_batching(norm_pix):
+    """Two images hiding different areas: validating them as one batch gives the sums of validating each alone
+    (a mean over the batch's hidden pixels weighed the image that hid more)."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 16, 32, generator=generator)
+    mask = torch.zeros(2, 1, 16, 32)
+    mask[0, :, :4, :4] = 1
+    mask[1, :, :, 8:] = 1
+    masked = target * (1 - mask)
+    task, model = mim_pretrain.MIMTask(norm_pix), lambda x: 0.5 * x + 0.25
+    together = task.val_step(model, (masked, target, mask, None))
+    alone = [task.val_step(model, (masked[i:i + 1], target[i:i + 1], mask[i:i + 1], None)) for i in range(2)]
+    for key in ("loss", "masked_l1", "mean_fill_l1", "count"):
+        assert together[key].item() == pytest.approx(sum(a[key].item() for a in alone), rel=1e-6), key
