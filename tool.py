@@ -127,6 +127,8 @@ def inspect_file(path: Path, show_keys: bool) -> None:
     else:
         data, saved, best = record.data, record.state, record.state.best
         resumable = [name for name in ("optimizer", "scheduler", "scaler") if getattr(saved, name) is not None]
+        if saved.task_state is not None:  # --semi's mean teacher: without it the run cannot resume
+            resumable.append(f"the task's own ({', '.join(saved.task_state)})")
         split = data.split
         facts += [
             ["kind", f"{record.kind} (checkpoint format {record.format}"

@@ -2,6 +2,7 @@
 transfers from pretraining to fine-tuning, and one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 import tool
-from checkpoints import open_checkpoint
+from checkpoints import open_checkpoint, save_checkpoint
 from utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,3 +140,19 @@ def test_help_and_usage(capsys):
     assert code == 0 and "--diff A B" in out and "on by default" in out
     code, _, err = run_in_process(capsys)
     assert code == 2 and "give one CKPT to inspect, or --diff A B" in err
+
+
+def test_resume_state_names_the_task_state(tiny_study, tmp_path, capsys):
+    """--semi's mean teacher is part of what a run resumes from: listed when the file holds it, so a copy
+    without it (which cannot resume) reads differently."""
+    ckpt = open_checkpoint(tiny_study / "cells" / "unet_mim_f1_s0" / "best.pth")
+    with_teacher = ckpt.with_state(epoch=ckpt.epoch, metrics=ckpt.metrics, state=dataclasses.replace(
+        ckpt.state, task_state={"teacher": dict(ckpt.state.weights), "steps": 3}))
+    save_checkpoint(tmp_path / "semi.pth", with_teacher)
+    listed = {}
+    for name, path in (("with", tmp_path / "semi.pth"), ("without", tiny_study / "cells" / "unet_mim_f1_s0" / "best.pth")):
+        code, out, err = run_in_process(capsys, path, "--no-keys")
+        assert code == 0, err
+        listed[name] = next(line for line in out.splitlines() if line.startswith("resume state"))
+    assert "the task's own (teacher, steps)" in listed["with"]
+    assert "task" not in listed["without"]
