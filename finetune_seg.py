@@ -200,10 +200,10 @@ def resolve_model(args, out_channels: int = 1, resumed: Checkpoint | None = None
         record, _ = read_weights(args.init_from, "--init-from")
         described = record.model if record is not None else None
     name = args.model_type or (described.name if described else "unet")
-    # Another architecture from the weights keeps their width (and what else both take): --init-from a UNet's MIM
-    # weights into a scag model matched nothing at the default width.
+    # Another architecture from the weights keeps their width (and what else both take, deep supervision too): --init-from
+    # a UNet's MIM weights into a scag model matched nothing at the default width.
     kwargs = {} if described is None else dict(described.args) if described.name == name else \
-        {k: v for k, v in described.args.items() if k in accepted_args(name) and k != "deep_supervision"}
+        {k: v for k, v in described.args.items() if k in accepted_args(name)}
     kwargs["out_channels"] = out_channels
     if args.base_channels is not None:
         kwargs["base_channels"] = args.base_channels

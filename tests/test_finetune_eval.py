@@ -305,8 +305,9 @@ def test_a_deeply_supervised_checkpoint_predicts_and_initialises_either_kind(lab
     eval_script.main(["--checkpoint", str(tmp_path / "ds" / "best.pth"), "--out-dir", str(tmp_path / "eval"), "--cpu",
                       "--workers", "0"])
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["n_images"] > 0
-    for flag, kept in (([], True), (["--no-deep-supervision"], False)):
-        out = tmp_path / f"from_ds_{kept}"
+    # kept into another own U-Net too (scag takes the argument; it was dropped there)
+    for flag, kept in (([], True), (["--model-type", "scag"], True), (["--no-deep-supervision"], False)):
+        out = tmp_path / f"from_ds_{len(flag)}"
         finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(out), *NET, "--epochs", "1", "--steps-per-epoch",
                            "1", "--init-from", str(tmp_path / "ds" / "best.pth"), *flag])
         weights = open_checkpoint(out / "last.pth").state.weights
