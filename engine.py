@@ -27,6 +27,7 @@ from tqdm import tqdm
 from checkpoints import (BEST, LAST, Checkpoint, DataSpec, ModelSpec, Precision, SplitSpec, TrainingState,
                          open_checkpoint, plain, resume_path, save_checkpoint, unwrap)
 from data import NORM_MEAN, NORM_STD, denormalize
+from models import check_trainable_size
 from utils import (ToothSegError, atomic_path, check_output_dir, non_negative_int, non_negative_number, positive_int,
                    probability, recorded_path, select_device)
 
@@ -634,6 +635,9 @@ def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kin
     scheduler = make_scheduler(args.scheduler, optimizer, args.epochs * steps_per_epoch, mode)
     amp_dtype = resolve_amp(args.amp, device)
     bare = unwrap(model)
+    check_trainable_size(bare, data.window or data.input_size, args.batch_size,
+                         f"--window {data.window[0]} {data.window[1]}" if data.window
+                         else f"--img-height {data.input_size[0]} --img-width {data.input_size[1]}")
     record = Checkpoint(kind=kind, model=ModelSpec(bare.name, plain(bare.config)), data=data,
                         precision=run_precision(args.amp, amp_dtype),
                         task=task_settings, run_args=plain(args))

@@ -268,6 +268,17 @@ class Decoder(nn.Module):
         return stages
 
 
+def check_trainable_size(model: nn.Module, size: tuple[int, int], batch_size: int, size_flags: str) -> None:
+    """BatchNorm cannot train on one value per channel: at a batch of one, the deepest feature map (the input
+    over `model.size_multiple`, rounded up) must hold more than one pixel. Found at the start, where it was a
+    traceback at the first step."""
+    multiple = model.size_multiple
+    if batch_size == 1 and all(side <= multiple for side in size):
+        raise ToothSegError(f"{size_flags} at --batch-size 1: {model.name}'s deepest layer would see one pixel, and "
+                            f"BatchNorm cannot train on one value; make a side larger than {multiple}, or use "
+                            f"--batch-size 2")
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
     """Replicate-pad the bottom and right edges so height and width are multiples of `multiple`."""
     pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple

@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from engine import autocast, memory_format, resolve_amp  # noqa: E402
-from models import MODELS, build_model  # noqa: E402
+from models import MODELS, build_model, check_trainable_size  # noqa: E402
 from utils import ToothSegError, atomic_write_text, make_parser, output_file, positive_int, run_cli  # noqa: E402
 
 
@@ -82,6 +82,7 @@ def measure_device(args, device: torch.device) -> tuple[list[dict], str]:
     models, gflops = {}, {}
     for name in args.models:
         model = build_model(name, base_channels=args.base_channels).to(device, memory_format=fmt)
+        check_trainable_size(model, (args.height, args.width), args.batch_size, f"--height {args.height} --width {args.width}")
         gflops[name] = forward_gflops(model.eval(), args.height, args.width)
         models[name] = model.train()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import MODELS, NAC, ScAG, build_model, pad_to_multiple
+from models import MODELS, NAC, ScAG, build_model, check_trainable_size, pad_to_multiple
 from utils import ToothSegError
 
 BASE = 8  # small widths keep the suite fast; the structure is the same as at base 32
@@ -266,3 +266,23 @@ def test_deep_supervision_adds_training_outputs_and_changes_no_prediction(name):
 def test_deep_supervision_is_refused_by_the_smp_models_in_one_line():
     with pytest.raises(ToothSegError, match="'fpn' does not take deep_supervision"):
         build_model("fpn", deep_supervision=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_check_trainable_size_refuses_exactly_what_batchnorm_cannot_train(name):
+    """At a batch of one, the sizes the check refuses are those whose training step fails, and no others."""
+    model = build_model(name, base_channels=4).train()
+    for size in [(16, 16), (32, 32), (48, 32), (16, 48), (64, 64)]:
+        try:
+            model(torch.randn(1, 1, *size))
+            trains = True
+        except ValueError:
+            trains = False
+        try:
+            check_trainable_size(model, size, 1, "--window")
+            accepted = True
+        except ToothSegError as error:
+            accepted = False
+            assert str(error).startswith("--window at --batch-size 1: ") and "--batch-size 2" in str(error)
+        assert accepted == trains, size
+        check_trainable_size(model, size, 2, "--window")  # two images give BatchNorm two values

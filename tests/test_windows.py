@@ -190,3 +190,13 @@ def test_a_bad_window_is_one_line_from_the_shell(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("error: --window 48 96: larger than the input")
+
+
+def test_a_window_batchnorm_cannot_train_on_is_refused_before_the_first_step(phantom_data_root, tmp_path):
+    """A 16x16 window at --batch-size 1 leaves the UNet's deepest layer one pixel: refused in one line, where it was
+    a BatchNorm traceback at the first step."""
+    with pytest.raises(ToothSegError, match=r"^--window 16 16 at --batch-size 1: unet's deepest layer would see one "
+                                            r"pixel.*--batch-size 2$"):
+        finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir",
+                           str(tmp_path / "w16"), *NET, "--base-channels", "4", "--epochs", "1", "--window", "16", "16",
+                           "--batch-size", "1", "--steps-per-epoch", "1", "--amp", "off"])
