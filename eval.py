@@ -400,8 +400,15 @@ def choose_min_component(predictors: list, args, device, scored_images: list) ->
 
 
 def how_predicted(args, predictors: list, union_predictors: list, min_component: dict | None) -> dict:
-    """The models, data and settings behind a run's masks, for its summary.json (scored or predicted)."""
+    """The models, data and settings behind a run's masks, for its summary.json (scored or predicted). Each
+    checkpoint of an ensemble is a `members` entry; the top-level model fields hold what they share (None where
+    they differ), and `model` names every architecture."""
     ckpt, per_tooth = predictors[0].checkpoint, bool(predictors[0].classes)
+    members = [{"checkpoint": recorded_path(p.path), "epoch": p.checkpoint.epoch, "model": p.checkpoint.model.name,
+                "model_args": p.checkpoint.model.args,
+                "window": list(p.checkpoint.data.window) if p.checkpoint.data.window else None,
+                "window_overlap": p.checkpoint.data.window_overlap} for p in predictors]
+    shared = lambda key: members[0][key] if all(m[key] == members[0][key] for m in members) else None  # noqa: E731
     return {
         "threshold": args.threshold, "tta": args.tta, "tta_rotate": args.tta_rotate, "min_component": min_component,
         "one_region_per_tooth": args.one_region_per_tooth if per_tooth else None,
@@ -409,9 +416,9 @@ def how_predicted(args, predictors: list, union_predictors: list, min_component:
         "join_strays": args.join_strays if per_tooth else None,
         "union_from": [recorded_path(p.path) for p in union_predictors] or None,
         "checkpoint": recorded_path(ckpt.path), "checkpoint_epoch": ckpt.epoch,
-        "ensemble": [recorded_path(p.path) for p in predictors],
-        "model": ckpt.model.name, "model_args": ckpt.model.args, "input_size": list(ckpt.data.input_size),
-        "window": list(ckpt.data.window) if ckpt.data.window else None, "window_overlap": ckpt.data.window_overlap,
+        "ensemble": [m["checkpoint"] for m in members], "members": members,
+        "model": " + ".join(dict.fromkeys(m["model"] for m in members)), "model_args": shared("model_args"),
+        "input_size": list(ckpt.data.input_size), "window": shared("window"), "window_overlap": shared("window_overlap"),
         "images_dir": recorded_path(images_dir) if (images_dir := args.images_dir or ckpt.data.images_dir) else None,
         "masks_dir": recorded_path(args.masks_dir) if args.masks_dir else None,
     }

@@ -193,6 +193,18 @@ def test_mim_finetune_eval_chain_with_an_smp_model(phantom_pairs, tmp_path, caps
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["model"] == "fpn" and summary["n_images"] > 0 and 0 <= summary["metrics"]["dice"]["mean"] <= 1
 
+    # An ensemble with a UNet predicting the whole input: the summary records each member, not the first one's
+    # architecture and window as if it were all of them.
+    unet = build_model("unet", base_channels=8)
+    save_checkpoint(tmp_path / "unet.pth", replace(ft, model=ModelSpec("unet", unet.config), data=replace(ft.data, window=None),
+                                                    state=TrainingState(unet.state_dict())))
+    eval_script.main(["--checkpoint", str(tmp_path / "ft" / "best.pth"), str(tmp_path / "unet.pth"), "--out-dir",
+                      str(tmp_path / "eval2"), "--cpu", "--workers", "0"])
+    summary = json.loads((tmp_path / "eval2" / "summary.json").read_text())
+    assert summary["model"] == "fpn + unet" and summary["window"] is None and summary["model_args"] is None
+    assert [(m["model"], m["window"], m["checkpoint"]) for m in summary["members"]] == [
+        ("fpn", [48, 96], str(tmp_path / "ft" / "best.pth")), ("unet", None, str(tmp_path / "unet.pth"))]
+
 
 def test_fullimage_pretraining_builds_an_smp_model(phantom_pairs, tmp_path):
     fullimage_pretrain.main(tiny(phantom_pairs, tmp_path / "fi", "--model-type", "unetpp", "--val-ratio", "0.2"))
