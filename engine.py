@@ -418,8 +418,8 @@ class Trainer:
         self.history: list[dict] = []
 
     # -- state ---------------------------------------------------------------------------------
-    def resume(self, path: Path, saved: Checkpoint | None = None) -> None:
-        """Go on from the checkpoint at `path` (`saved`, when the stage opened it already)."""
+    def resume(self, path: Path, saved: Checkpoint | None = None) -> Checkpoint:
+        """Go on from the checkpoint at `path` (`saved`, when the stage opened it already); returns it."""
         if saved is None:
             saved = open_checkpoint(path, (self.record.kind,), "--resume")
         # What preprocessing the weights learnt must not change halfway (eval reads it from the checkpoint).
@@ -469,6 +469,7 @@ class Trainer:
                 with atomic_path(self.checkpoint_dir / BEST) as tmp:
                     shutil.copyfile(source_best, tmp)
             print(f"resumed {path} at epoch {self.start_epoch} (step {self.global_step})")
+        return saved
 
     def _save(self, name: str, epoch: int, metrics: dict) -> None:
         state = TrainingState(
@@ -645,12 +646,31 @@ def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kin
                       amp_dtype=amp_dtype, record=record, checkpoint_dir=args.checkpoint_dir,
                       monitor=monitor,
                       mode=mode, log_interval=args.log_interval, image_interval=args.image_interval, **trainer_kwargs)
+    log_dir = args.log_dir or args.checkpoint_dir / "tensorboard"
     if args.resume is not None:
-        trainer.resume(args.resume, resumed)
+        resumed = trainer.resume(args.resume, resumed)
+        if tensorboard and dist.is_main:
+            carry_events(resumed, log_dir)
     if tensorboard:  # opened after resuming: what the interrupted run logged after its checkpoint is hidden
-        trainer.writer = open_writer(args.log_dir or args.checkpoint_dir / "tensorboard", dist,
-                                     trainer.global_step + 1 if args.resume is not None else None)
+        trainer.writer = open_writer(log_dir, dist, trainer.global_step + 1 if args.resume is not None else None)
     return trainer
+
+
+def carry_events(resumed: Checkpoint, log_dir: Path) -> None:
+    """Going on in another log folder: the run's earlier TensorBoard files are copied there first (each one once,
+    by name), so the folder holds the whole run's curves as it holds its best.pth; the writer's purge step then
+    hides what they hold after the checkpoint. A source folder that is gone is said, not an error."""
+    source = Path(resumed.run_args.get("log_dir") or Path(resumed.path).parent / "tensorboard")
+    if source.resolve() == Path(log_dir).resolve():
+        return
+    events = sorted(source.glob("events.out.tfevents.*")) if source.is_dir() else []
+    if not events:
+        print(f"note: no TensorBoard files of the resumed run in {source}; {log_dir} starts at the resumed epoch")
+        return
+    for event in events:
+        if not (Path(log_dir) / event.name).exists():
+            with atomic_path(Path(log_dir) / event.name) as tmp:
+                shutil.copyfile(event, tmp)
 
 
 def reconstruction_visuals(inputs: torch.Tensor, target: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:

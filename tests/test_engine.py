@@ -160,3 +160,26 @@ def test_a_resumed_run_that_had_stopped_early_trains_no_more(tmp_path, capsys):
     assert trainer.fit(loader, loader, epochs=5) == []
     assert trainer.global_step == 0 and not (tmp_path / "last.pth").exists()
     assert "early stop: val/loss has not improved for 2 epochs" in capsys.readouterr().out
+
+
+def test_carry_events_copies_a_resumed_runs_tensorboard_files_once_and_says_when_they_are_gone(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.out.tfevents.1.host.1").write_bytes(b"first")
+    (run / "tensorboard" / "notes.txt").write_text("not an event file")
+    resumed = SimpleNamespace(run_args={"log_dir": None}, path=run / "last.pth")
+    engine.carry_events(resumed, tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "events.out.tfevents.1.host.1").write_bytes(b"written on since")
+    engine.carry_events(resumed, tmp_path / "elsewhere")  # a second resume there copies nothing again
+    assert {p.name: p.read_bytes() for p in (tmp_path / "elsewhere").iterdir()} == {
+        "events.out.tfevents.1.host.1": b"written on since"}
+    engine.carry_events(resumed, run / "tensorboard")  # the same folder: nothing to do
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["events.out.tfevents.1.host.1", "notes.txt"]
+
+    capsys.readouterr()
+    engine.carry_events(SimpleNamespace(run_args={"log_dir": str(tmp_path / "gone")}, path=run / "last.pth"),
+                        tmp_path / "third")
+    assert f"no TensorBoard files of the resumed run in {tmp_path / 'gone'}" in capsys.readouterr().out
+    assert not (tmp_path / "third").exists()

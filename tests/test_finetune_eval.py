@@ -195,6 +195,11 @@ def test_a_run_interrupted_mid_epoch_resumes_elsewhere_with_its_best_and_one_cur
     # Resumed elsewhere (here with no epoch left, so no epoch of its own can write one) the folder gets the best.pth.
     finetune_seg.main([*flags, "--resume", str(tmp_path / "a"), "--checkpoint-dir", str(tmp_path / "b")])
     assert (tmp_path / "b" / "best.pth").read_bytes() == (tmp_path / "a" / "best.pth").read_bytes()
+    # and the run's curves: its TensorBoard files are copied too, once (a second resume there adds no copies)
+    finetune_seg.main([*flags, "--resume", str(tmp_path / "a"), "--checkpoint-dir", str(tmp_path / "b")])
+    history = EventAccumulator(str(tmp_path / "b" / "tensorboard")).Reload()
+    assert [e.step for e in history.Scalars("train/batch_loss")] == list(range(1, 9))
+    assert [e.step for e in history.Scalars("val/dice")] == [1, 2]
 
 
 def test_resume_refuses_another_model_or_other_data_in_one_line(labelled, tmp_path, interrupted_run, monkeypatch):
