@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from utils import ToothSegError, bootstrap_ci, make_parser, positive_int, run_cli
+from utils import ToothSegError, bootstrap_ci, decimals, make_parser, positive_int, run_cli
 
 Columns = dict[str, np.ndarray]
 
@@ -155,13 +154,6 @@ def describe(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # Comparing
 # ----------------------------------------------------------------------------------------------
-def decimals(*values: float, least: int = 4, most: int = 8) -> int:
-    """Decimals that show each nonzero value as nonzero (4, or up to 8 for tiny ones), so that a CI that
-    excludes zero never prints as [+0.0000, +0.0000] beside a verdict."""
-    tiny = [abs(v) for v in values if v != 0 and round(abs(v), least) == 0]
-    return min(most, max([least] + [math.floor(-math.log10(v)) + 2 for v in tiny]))
-
-
 def verdict(low: float, high: float, higher_is_better: bool) -> str:
     if low > 0 or high < 0:
         return "B better" if (low > 0) == higher_is_better else "B worse"

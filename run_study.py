@@ -47,8 +47,8 @@ import numpy as np
 from metrics import METRIC_NAMES, TOOTH_SUMMARY_NAMES
 from models import MODELS
 from semi import ONLINE_FLAGS, PSEUDO_FLAGS
-from utils import (ToothSegError, atomic_path, atomic_write_text, check_output_dir, make_parser, mean_ci, non_negative_int,
-                   positive_int, run_cli, share_of_all)
+from utils import (ToothSegError, atomic_path, atomic_write_text, check_output_dir, decimals, make_parser, mean_ci,
+                   non_negative_int, positive_int, run_cli, share_of_all)
 
 HERE = Path(__file__).resolve().parent
 INITS = ("scratch", "mim", "fullimage", "binary")  # binary: a per-tooth cell starts from its binary twin
@@ -537,8 +537,9 @@ def score_tables(args, records: list[dict], scored: str = "eval_test") -> tuple[
             delta = np.array([ours[k] - base[k] for k in keys])
             dlo, dhi = mean_ci(delta, args.bootstrap, np.random.default_rng(0))
             verdict = "helps" if dlo > 0 else "hurts" if dhi < 0 else "no clear difference"
-            diffs.append(f"| {model} | {fraction:g} | {method_label(init, semi)} | {delta.mean():+.4f} | "
-                         f"[{dlo:+.4f}, {dhi:+.4f}] | {verdict} |")
+            d = decimals(delta.mean(), dlo, dhi)  # a CI above zero never reads [+0.0000, ...] beside "helps"
+            diffs.append(f"| {model} | {fraction:g} | {method_label(init, semi)} | {delta.mean():+.{d}f} | "
+                         f"[{dlo:+.{d}f}, {dhi:+.{d}f}] | {verdict} |")
     return lines, diffs if len(diffs) > 2 else []
 
 

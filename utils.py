@@ -9,6 +9,7 @@ import argparse
 import copy
 import hashlib
 import io
+import math
 import os
 import random
 import sys
@@ -320,6 +321,13 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], n_items: int, n:
     items (images) with replacement per row, to the statistic of each resample."""
     samples = statistic(rng.integers(0, n_items, size=(n, n_items)))
     return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+def decimals(*values: float, least: int = 4, most: int = 8) -> int:
+    """Decimals that show each nonzero value as nonzero (4, or up to 8 for tiny ones), so that a CI that
+    excludes zero never prints as [+0.0000, +0.0000] beside a verdict."""
+    tiny = [abs(v) for v in values if v != 0 and round(abs(v), least) == 0]
+    return min(most, max([least] + [math.floor(-math.log10(v)) + 2 for v in tiny]))
 
 
 def mean_ci(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float]:

@@ -138,6 +138,25 @@ def test_each_ci_of_the_study_table_is_its_own(tmp_path):
     assert len(cis) == 2 and cis[0] == cis[1]
 
 
+def test_a_tiny_difference_beside_helps_is_printed_nonzero(tmp_path):
+    """A method ahead by 2e-5 on every image: "helps", with digits that show it (it read +0.0000 [+0.0000, +0.0000])."""
+    import run_study
+
+    args = run_study.parse_args(["--images-dir", "x", "--out-dir", str(tmp_path), "--bootstrap", "200"])
+    scores = np.random.default_rng(0).uniform(0.7, 0.9, 12)
+    records = []
+    for semi, shift in (("none", 0.0), ("pseudo", 2e-5)):
+        record = {"task": "binary", "model": "unet", "init": "scratch", "semi": semi, "label_fraction": 0.5,
+                  "seed": 0, "dice": float(scores.mean() + shift), "hd95": 10.0, "assd": 2.0}
+        folder = run_study.cell_dir(args, record) / "eval_test"
+        folder.mkdir(parents=True)
+        (folder / "per_image.csv").write_text("pair_id,dice\n" + "".join(f"p{i},{v + shift}\n" for i, v in enumerate(scores)))
+        records.append(record)
+    _, diffs = run_study.score_tables(args, records)
+    cells = [cell.strip() for cell in diffs[2].split("|")[1:-1]]
+    assert cells[3:] == ["+0.000020", "[+0.000020, +0.000020]", "helps"]
+
+
 def test_dry_run_prints_the_stage_commands_and_runs_nothing(tmp_path):
     out = tmp_path / "study"
     result = subprocess.run([sys.executable, "run_study.py", "--images-dir", "data/processed_2d", "--out-dir", str(out),
