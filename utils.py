@@ -165,6 +165,9 @@ def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True
     if data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_EXTENSIONS:
         return decode_dicom(data, name)
     buf = np.frombuffer(data, dtype=np.uint8)
+    if data[:8] == PNG_SIGNATURE and data.rfind(b"IEND") == -1:  # told here: libpng prints its own line before failing
+        raise ToothSegError(f"{name}: a PNG cut short (it has no end chunk; the copy or download stopped); "
+                            f"replace or remove it")
     # IMREAD_UNCHANGED would ignore the EXIF orientation; these flags apply it and keep depth, not alpha.
     alpha = data[:8] == PNG_SIGNATURE and data[25:26] in (b"\x04", b"\x06")  # IHDR colour type: grey or RGB + alpha
     flags = cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
@@ -177,6 +180,8 @@ def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True
         cv2.utils.logging.setLogLevel(level)
     if img is None:
         raise ToothSegError(f"{name}: cannot decode image (corrupt or not an image); replace or remove it")
+    if alpha:  # so it is applied here, as the other flags apply it
+        img = exif_upright(img, png_exif_orientation(data))
     if data[:4] in TIFF_SIGNATURES:
         _check_one_tiff_page(buf, img, name)
     if grayscale and img.ndim == 3:
@@ -186,6 +191,34 @@ def decode_image(data: bytes, name: str | os.PathLike, *, grayscale: bool = True
             grey = np.rint(grey * opacity).astype(img.dtype)
         img = grey
     return img
+
+
+def png_exif_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1-8; 1 when absent) in a PNG's eXIf chunk."""
+    at = 8
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8]
+        if kind == b"eXIf":
+            exif = data[at + 8:at + 8 + length]
+            order = "little" if exif[:2] == b"II" else "big"
+            ifd = int.from_bytes(exif[4:8], order)
+            for entry in range(int.from_bytes(exif[ifd:ifd + 2], order)):
+                tag = exif[ifd + 2 + 12 * entry:ifd + 14 + 12 * entry]
+                if len(tag) == 12 and int.from_bytes(tag[:2], order) == 0x0112:
+                    value = int.from_bytes(tag[8:10], order)
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        if kind in (b"IDAT", b"IEND"):  # eXIf comes before the image data
+            return 1
+        at += 12 + length
+    return 1
+
+
+def exif_upright(img: np.ndarray, orientation: int) -> np.ndarray:
+    """The image turned as a viewer (and cv2's default flags) shows a file of this EXIF Orientation."""
+    turns = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.swapaxes(0, 1),
+             6: lambda a: np.rot90(a, -1), 7: lambda a: a.swapaxes(0, 1)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+    return np.ascontiguousarray(turns[orientation](img)) if orientation in turns else img
 
 
 def _check_one_tiff_page(buf: np.ndarray, first_page: np.ndarray, name: str | os.PathLike) -> None:
@@ -200,7 +233,8 @@ def _check_one_tiff_page(buf: np.ndarray, first_page: np.ndarray, name: str | os
 def decode_dicom(data: bytes, name: str | os.PathLike) -> np.ndarray:
     """A single-frame DICOM image as 8-bit grey, as a viewer shows it: stored values through the modality
     rescale, then the file's first Window Center/Width (the whole range of values when it has none) onto
-    0-255, MONOCHROME1 inverted so that bone is bright. Colour becomes grey."""
+    0-255, MONOCHROME1 (or an INVERSE Presentation LUT Shape) inverted so that bone is bright. Colour becomes
+    grey."""
     import pydicom  # only DICOM input needs it
     from pydicom.pixels import apply_modality_lut
 
@@ -231,7 +265,9 @@ def decode_dicom(data: bytes, name: str | os.PathLike) -> np.ndarray:
             center, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v) for v in window)
             low, high = center - width / 2, center + width / 2
     shown = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":  # low values are bright
+    # Low values are bright in MONOCHROME1, and where the Presentation LUT Shape says INVERSE (which a DX file of
+    # MONOCHROME1 carries too, for the same one inversion)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE":
         shown = 1.0 - shown
     return np.rint(shown * 255.0).astype(np.uint8)
 
@@ -270,11 +306,15 @@ def file_sha1(path: str | os.PathLike) -> str:
 def to_uint8(img: np.ndarray) -> np.ndarray:
     """An 8-bit image passes through unchanged; a deeper one (16-bit, float) is stretched from its own lowest
     to its highest value onto 0-255. A fixed scale would lose it: a 12-bit X-ray (0-4095) in a 16-bit file
-    divided by 257 keeps 17 grey levels, and a float TIFF in 0-1 clipped to 0-255 is black."""
+    divided by 257 keeps 17 grey levels, and a float TIFF in 0-1 clipped to 0-255 is black. A float image's
+    range is that of its finite values (one NaN made the whole image black); NaN shows black, infinities at
+    the ends."""
     if img.dtype == np.uint8:
         return img
-    low, high = float(img.min()), float(img.max())
-    share = (img.astype(np.float64) - low) / (high - low) if high > low else np.zeros(img.shape)
+    values = img.astype(np.float64)
+    finite = values[np.isfinite(values)] if img.dtype.kind == "f" else values
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    share = np.nan_to_num(np.clip((values - low) / (high - low), 0.0, 1.0), nan=0.0) if high > low else np.zeros(img.shape)
     return np.rint(share * 255.0).astype(np.uint8)
 
 

@@ -69,6 +69,12 @@ def test_dicom_is_read_as_a_viewer_shows_it(tmp_path, write_dicom):
     colour = np.repeat(np.array([[4000, 4095]], np.uint16)[..., None], 3, axis=2)
     assert read_image(write_dicom(tmp_path / "rgb.dcm", colour, SamplesPerPixel=3, PhotometricInterpretation="RGB",
                                   PlanarConfiguration=0, BitsStored=12, HighBit=11)).tolist() == [[249, 255]]
+    # A DX file's Presentation LUT Shape INVERSE is the same one inversion (with MONOCHROME1, as the DX IOD has it,
+    # or alone); it was ignored, and such an X-ray was read with dark teeth.
+    for photometric in ("MONOCHROME1", "MONOCHROME2"):
+        lut = read_image(write_dicom(tmp_path / f"lut_{photometric}.dcm", stored, PhotometricInterpretation=photometric,
+                                     PresentationLUTShape="INVERSE"))
+        assert np.array_equal(lut, inverted), photometric
     # Found by its "DICM" marker whatever its name.
     assert np.array_equal(read_image(write_dicom(tmp_path / "IM0001", stored)), plain)
 
@@ -140,3 +146,48 @@ def test_a_tiff_with_several_full_size_pages_is_refused_and_a_thumbnail_is_skipp
     assert np.array_equal(read_image(tmp_path / "thumb.tif"), xray)
     (tmp_path / "one.tiff").write_bytes(cv2.imencode(".tiff", xray)[1].tobytes())
     assert np.array_equal(read_image(tmp_path / "one.tiff"), xray)
+
+
+def test_every_exif_orientation_of_a_transparent_png_is_turned_as_a_viewer_turns_it(tmp_path):
+    """cv2 reads a PNG with alpha unturned (IMREAD_UNCHANGED ignores EXIF): each of the 8 orientations is applied as
+    cv2 applies it to the same picture as a JPEG."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    picture = (np.random.default_rng(0).random((20, 36)) * 255).astype(np.uint8)
+    picture[:5, :7] = 255
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        jpeg, png = io.BytesIO(), io.BytesIO()
+        Image.fromarray(picture).save(jpeg, "JPEG", quality=100, exif=exif.tobytes())
+        Image.fromarray(np.dstack([picture] * 3 + [np.full_like(picture, 255)]), "RGBA").save(png, "PNG",
+                                                                                            exif=exif.tobytes())
+        viewer = cv2.imdecode(np.frombuffer(jpeg.getvalue(), np.uint8), cv2.IMREAD_GRAYSCALE)
+        (tmp_path / "layer.png").write_bytes(png.getvalue())
+        ours = read_image(tmp_path / "layer.png")
+        assert ours.shape == viewer.shape and np.abs(ours.astype(int) - viewer).max() <= 2, orientation
+
+
+def test_a_float_image_with_nan_is_stretched_by_its_finite_values(tmp_path):
+    """One NaN made min and max NaN, and the whole X-ray black."""
+    import cv2
+
+    from utils import to_uint8
+
+    image = np.array([[0.0, 0.25, np.nan], [0.5, 1.0, np.inf], [-np.inf, 0.75, 0.5]], np.float32)
+    assert to_uint8(image).tolist() == [[0, 64, 0], [128, 255, 255], [0, 191, 128]]
+    cv2.imwrite(str(tmp_path / "scan.tif"), image)
+    assert to_uint8(read_image(tmp_path / "scan.tif")).tolist() == [[0, 64, 0], [128, 255, 255], [0, 191, 128]]
+
+
+def test_a_truncated_png_is_one_line_and_libpng_says_nothing(tmp_path, capfd):
+    write_png(tmp_path / "whole.png", (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    capfd.readouterr()
+    with pytest.raises(ToothSegError, match=r"cut.png: a PNG cut short \(it has no end chunk; .*\); replace or remove it$"):
+        read_image(tmp_path / "cut.png")
+    assert capfd.readouterr().err == ""
