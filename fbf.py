@@ -15,9 +15,10 @@ as sigma_space grows, while the exact filter (`--method exact`, or OpenCV's brut
 resamples the image itself: each pixel slices the grid at its own intensity, so edges stay sharp.
 
 Units: `sigma_space` is in pixels and `sigma_color` in grey levels on the 0-255 scale for every
-image depth; for 16-bit images it is multiplied by 257 (65535 / 255) internally, so one setting
-means the same thing for 8-bit and 16-bit copies of an image. Float images are taken to be on the
-0-255 scale. The exact filter truncates the spatial Gaussian to a disc of radius ceil(3 sigma_space)
+image depth (`grey_level`): a 16-bit image's is multiplied by the largest value of the bit depth its
+values use over 255 (257 for 16 bits, about 16 for a 12-bit X-ray stored in a 16-bit file), so one
+setting means the same thing for 8-, 12- and 16-bit copies of an image; a float image whose values
+lie within 0-1 is on the 0-1 scale, any other on 0-255. The exact filter truncates the spatial Gaussian to a disc of radius ceil(3 sigma_space)
 (the same window as `cv2.bilateralFilter` with d = 2 ceil(3 sigma_space) + 1) and uses only pixels
 inside the image; OpenCV instead mirrors the image at its border.
 
@@ -73,7 +74,7 @@ def bilateral_filter(img: np.ndarray, sigma_space: float, sigma_color: float, me
     """Bilateral-filter a 2D grey image; returns an array of the input's dtype and shape.
 
     sigma_space is in pixels, sigma_color (and sample_color) in grey levels on the 0-255 scale
-    (scaled by 257 for uint16). sample_space/sample_color set the grid's cell size (default: the
+    (scaled to the image's depth by `grey_level`). sample_space/sample_color set the grid's cell size (default: the
     sigmas; smaller is more accurate and slower). backend "torch" runs the grid on `device`
     (default: CUDA when available, else CPU); the other methods ignore backend and device.
     """
@@ -82,7 +83,7 @@ def bilateral_filter(img: np.ndarray, sigma_space: float, sigma_color: float, me
     if img.dtype not in (np.uint8, np.uint16) and img.dtype.kind != "f":
         raise ToothSegError(f"bilateral_filter cannot filter dtype {img.dtype}; use uint8, uint16 or float")
     sample_space, sample_color = check_parameters(sigma_space, sigma_color, method, sample_space, sample_color, backend)
-    color_scale = 257.0 if img.dtype == np.uint16 else 1.0
+    color_scale = grey_level(img)
     if method == "exact":
         out = _exact_bilateral(img.astype(np.float64), sigma_space, sigma_color * color_scale)
     elif method == "opencv":
@@ -94,6 +95,20 @@ def bilateral_filter(img: np.ndarray, sigma_space: float, sigma_color: float, me
         out = _grid_bilateral_numpy(img.astype(np.float32), sigma_space, sigma_color * color_scale,
                                     sample_space, sample_color * color_scale)
     return _cast_like(out, img.dtype)
+
+
+def grey_level(img: np.ndarray) -> float:
+    """The image's values per grey level of the 0-255 scale: 1 for 8-bit; for 16-bit, the largest value of the
+    bit depth its values use (8, 10, 12, 14 or 16 bits) over 255, where a fixed 257 made a 12-bit X-ray's
+    sigma_color wider than its whole range (a plain Gaussian blur); for float, 1/255 when the finite values lie
+    within 0-1."""
+    if img.dtype == np.uint16:
+        bits = max(8, -(-int(img.max()).bit_length() // 2) * 2)
+        return (2 ** bits - 1) / 255.0
+    if img.dtype.kind == "f":
+        finite = img[np.isfinite(img)]
+        return 1.0 / 255.0 if finite.size and finite.min() >= 0 and finite.max() <= 1 else 1.0
+    return 1.0
 
 
 def check_parameters(sigma_space, sigma_color, method, sample_space, sample_color, backend) -> tuple[float, float]:
@@ -442,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
                            help="grid: bilateral grid (fast); opencv: cv2.bilateralFilter; exact: brute-force reference (slow)")
     filtering.add_argument("--sigma-space", type=positive_number, default=3.0, metavar="PX", help="spatial Gaussian sigma in pixels")
     filtering.add_argument("--sigma-color", type=positive_number, default=20.0, metavar="LEVELS",
-                           help="range Gaussian sigma in grey levels on the 0-255 scale (x257 for 16-bit images)")
+                           help="range Gaussian sigma in grey levels on the 0-255 scale (scaled to a 16-bit image's bit depth)")
     filtering.add_argument("--sample-space", type=positive_number, default=None, metavar="PX",
                            help="grid cell size in pixels; None means --sigma-space (smaller: more exact, slower)")
     filtering.add_argument("--sample-color", type=positive_number, default=None, metavar="LEVELS",

@@ -127,6 +127,20 @@ def test_16_bit_images_keep_their_depth_and_sigma_color_scales_with_it(phantom_s
     assert len(np.unique(out16 % 257)) > 1  # real 16-bit values, not an 8-bit image scaled up
 
 
+@pytest.mark.parametrize("method", ["grid", "exact"])
+def test_a_12_bit_xray_in_16_bits_and_a_float_one_in_0_1_are_filtered_as_their_8_bit_copy(phantom_small, method):
+    """sigma_color was x257 for any 16-bit file: wider than a 12-bit X-ray's whole 0-4095, a plain Gaussian blur;
+    and a float in 0-1 was taken on 0-255."""
+    image8 = phantom_small[:48, :64]
+    out8 = bilateral_filter(image8, 2, 20, method=method).astype(np.float64)
+    twelve = np.rint(image8.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    assert np.abs(bilateral_filter(twelve, 2, 20, method=method) / (4095 / 255) - out8).max() <= 1.0
+    unit = image8.astype(np.float32) / 255
+    assert np.abs(bilateral_filter(unit, 2, 20, method=method) * 255 - out8).max() <= 1.0
+    blurred = cv2.GaussianBlur(image8.astype(np.float64), (0, 0), 2)
+    assert np.abs(out8 - blurred).mean() > 1.0  # the filter keeps edges a blur smooths: the check can tell them apart
+
+
 @pytest.mark.parametrize("flag", ["--sigma-space", "--sigma-color", "--sample-space", "--sample-color"])
 def test_a_bad_filter_flag_is_named_on_the_command_line(flag, tmp_path, capsys):
     from utils import run_cli
