@@ -2,6 +2,7 @@
 of the data. The index, sample discovery, splits and mask reading live in the torch-free `index.py`."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -186,6 +187,20 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 # Datasets. Randomness comes from (seed, epoch, index), so results do not depend on the number of
 # workers, and a resumed run sees the same data as an uninterrupted one.
 # ----------------------------------------------------------------------------------------------
+def check_shared_memory(nbytes: int, folder: str = "/dev/shm") -> None:
+    """Shared memory lives in /dev/shm on Linux, which a Docker container gets 64 MB of unless told otherwise: a
+    cache larger than what is free there crashed its workers with a bus error, not an error that says why."""
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):  # no such folder (macOS, Windows): nothing to check
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if nbytes > free:
+        raise ToothSegError(f"{folder}: the decoded-image cache needs {nbytes / 2**20:,.0f} MB of shared memory and "
+                            f"{free / 2**20:,.0f} MB are free there; give it more (docker run --shm-size=8g) or "
+                            f"train with --no-cache")
+
+
 class SharedImages:
     """Decoded uint8 images in one shared-memory buffer. DataLoader workers start from a fork server, so
     each receives the dataset pickled; this buffer travels as one shared-memory handle, not as a copy."""
@@ -193,6 +208,7 @@ class SharedImages:
     def __init__(self, images: list[np.ndarray]):
         self.shapes = [image.shape for image in images]
         self.offsets = np.cumsum([0] + [image.size for image in images]).tolist()
+        check_shared_memory(self.offsets[-1])
         self.buffer = torch.empty(self.offsets[-1], dtype=torch.uint8).share_memory_()
         for image, start in zip(images, self.offsets):
             self.buffer[start:start + image.size] = torch.from_numpy(np.ascontiguousarray(image).reshape(-1))

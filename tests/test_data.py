@@ -210,3 +210,20 @@ def test_models_genesis_perturbs_inputs_down_to_one_pixel(size):
     for seed in range(20):
         perturbed, target = models_genesis(image, np.random.default_rng(seed), always)
         assert perturbed.shape == target.shape == size and np.isfinite(perturbed).all()
+
+
+def test_a_cache_larger_than_the_free_shared_memory_is_one_line_not_a_bus_error(monkeypatch):
+    """Docker's default /dev/shm is 64 MB; a larger cache crashed the DataLoader workers with a bus error."""
+    import os
+    from types import SimpleNamespace
+
+    import data
+
+    images = [np.zeros((1000, 2000), np.uint8)] * 40  # 76 MB
+    monkeypatch.setattr(data.os, "statvfs", lambda folder: SimpleNamespace(f_bavail=16384, f_frsize=4096))  # 64 MB
+    with pytest.raises(ToothSegError, match=r"^/dev/shm: the decoded-image cache needs 76 MB of shared memory and 64 MB "
+                                            r"are free there; give it more \(docker run --shm-size=8g\) or train with "
+                                            r"--no-cache$"):
+        data.SharedImages(images)
+    monkeypatch.setattr(data.os, "statvfs", os.statvfs)
+    assert data.SharedImages(images[:1])[0].shape == (1000, 2000)  # what fits is cached as before
