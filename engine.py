@@ -266,6 +266,7 @@ def parse_training_args(parser: argparse.ArgumentParser, argv=None) -> argparse.
     check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
     if args.log_dir is not None:
         check_output_dir(args.log_dir, "--log-dir")
+        args.log_dir = args.log_dir.absolute()  # recorded in run_args: --resume from another folder finds it
     return args
 
 
@@ -629,14 +630,17 @@ def prepare_model(model: nn.Module, device: torch.device, dist: DistEnv, compile
 def build_trainer(args: argparse.Namespace, *, task: Task, model: nn.Module, kind: str, data: DataSpec,
                   task_settings: dict, steps_per_epoch: int, device: torch.device, dist: DistEnv,
                   monitor: str = "val/loss", mode: str = "min", tensorboard: bool = True,
-                  resumed: Checkpoint | None = None, **trainer_kwargs) -> Trainer:
+                  resumed: Checkpoint | None = None, images_per_forward: int = 1, **trainer_kwargs) -> Trainer:
     """The optimiser, scheduler, TensorBoard writer, checkpoint record and Trainer from the shared flags;
-    resumes if asked (from `resumed`, the --resume checkpoint, when the stage opened it already)."""
+    resumes if asked (from `resumed`, the --resume checkpoint, when the stage opened it already). A task whose
+    training forward pass stacks several views of each batch says how many (`images_per_forward`)."""
     optimizer = make_optimizer(unwrap(model), args.lr, args.weight_decay, device)
     scheduler = make_scheduler(args.scheduler, optimizer, args.epochs * steps_per_epoch, mode)
     amp_dtype = resolve_amp(args.amp, device)
     bare = unwrap(model)
-    check_trainable_size(bare, data.window or data.input_size, args.batch_size,
+    # The batch BatchNorm sees: SyncBatchNorm (CUDA under torchrun) pools every process's
+    check_trainable_size(bare, data.window or data.input_size,
+                         args.batch_size * images_per_forward * (dist.world_size if device.type == "cuda" else 1),
                          f"--window {data.window[0]} {data.window[1]}" if data.window
                          else f"--img-height {data.input_size[0]} --img-width {data.input_size[1]}")
     record = Checkpoint(kind=kind, model=ModelSpec(bare.name, plain(bare.config)), data=data,
@@ -660,7 +664,12 @@ def carry_events(resumed: Checkpoint, log_dir: Path) -> None:
     """Going on in another log folder: the run's earlier TensorBoard files are copied there first (each one once,
     by name), so the folder holds the whole run's curves as it holds its best.pth; the writer's purge step then
     hides what they hold after the checkpoint. A source folder that is gone is said, not an error."""
-    source = Path(resumed.run_args.get("log_dir") or Path(resumed.path).parent / "tensorboard")
+    recorded = resumed.run_args.get("log_dir")
+    if recorded is not None and not Path(recorded).is_absolute():  # older files: relative to a folder not recorded
+        print(f"note: the resumed run's TensorBoard folder is recorded as {recorded}, relative to where it ran; "
+              f"its files are not copied, and {log_dir} starts at the resumed epoch")
+        return
+    source = Path(recorded or Path(resumed.path).parent / "tensorboard")
     if source.resolve() == Path(log_dir).resolve():
         return
     events = sorted(source.glob("events.out.tfevents.*")) if source.is_dir() else []

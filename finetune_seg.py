@@ -479,6 +479,7 @@ def main(argv=None):
                                            intensity_landmarks=landmarks, image_resize=args.image_resize),
                             task_settings=settings,
                             steps_per_epoch=len(train_loader), device=device, dist=dist, resumed=resumed,
+                            images_per_forward=2 if args.semi else 1,  # the labelled batch and its strong views
                             monitor=f"val/{args.select_by}", mode="max",
                             patience=args.patience, frozen_prefixes=ENCODER_PREFIXES if args.freeze_encoder_epochs else (),
                             freeze_epochs=args.freeze_encoder_epochs)

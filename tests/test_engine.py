@@ -162,7 +162,8 @@ def test_a_resumed_run_that_had_stopped_early_trains_no_more(tmp_path, capsys):
     assert "early stop: val/loss has not improved for 2 epochs" in capsys.readouterr().out
 
 
-def test_carry_events_copies_a_resumed_runs_tensorboard_files_once_and_says_when_they_are_gone(tmp_path, capsys):
+def test_carry_events_copies_a_resumed_runs_tensorboard_files_once_and_says_when_they_are_gone(tmp_path, capsys,
+                                                                                              monkeypatch):
     from types import SimpleNamespace
 
     run = tmp_path / "run"
@@ -183,3 +184,14 @@ def test_carry_events_copies_a_resumed_runs_tensorboard_files_once_and_says_when
                         tmp_path / "third")
     assert f"no TensorBoard files of the resumed run in {tmp_path / 'gone'}" in capsys.readouterr().out
     assert not (tmp_path / "third").exists()
+    # A relative folder is not looked for where this process runs (another run's files were copied from there):
+    # new runs record it absolute, and an older file's relative one is said and left.
+    (tmp_path / "cwd" / "tb").mkdir(parents=True)
+    (tmp_path / "cwd" / "tb" / "events.out.tfevents.2.host.2").write_bytes(b"another run")
+    monkeypatch.chdir(tmp_path / "cwd")
+    engine.carry_events(SimpleNamespace(run_args={"log_dir": "tb"}, path=run / "last.pth"), tmp_path / "fourth")
+    assert "recorded as tb, relative to where it ran" in capsys.readouterr().out and not (tmp_path / "fourth").exists()
+    import finetune_seg
+
+    args = finetune_seg.parse_args(["--log-dir", "tb", "--checkpoint-dir", str(tmp_path / "ck")])
+    assert args.log_dir == tmp_path / "cwd" / "tb"

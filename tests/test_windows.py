@@ -200,3 +200,8 @@ def test_a_window_batchnorm_cannot_train_on_is_refused_before_the_first_step(pha
         finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir",
                            str(tmp_path / "w16"), *NET, "--base-channels", "4", "--epochs", "1", "--window", "16", "16",
                            "--batch-size", "1", "--steps-per-epoch", "1", "--amp", "off"])
+    # --semi stacks each batch with its unlabelled views in one forward pass: two images, which BatchNorm trains on
+    finetune_seg.main(["--images-dir", str(phantom_data_root / "processed_2d"), "--checkpoint-dir", str(tmp_path / "semi"),
+                       *NET, "--base-channels", "4", "--epochs", "1", "--window", "16", "16", "--batch-size", "1",
+                       "--steps-per-epoch", "1", "--amp", "off", "--semi", "--label-fraction", "0.5"])
+    assert open_checkpoint(tmp_path / "semi" / "last.pth").epoch == 1
