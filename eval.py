@@ -424,9 +424,10 @@ def how_predicted(args, predictors: list, union_predictors: list, min_component:
     }
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """`rows` as CSV; `columns` names them when there may be none (a header-only file)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns or list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
@@ -461,6 +462,14 @@ def main(argv=None):
     samples = [replace(s, **{k: Path(recorded_path(getattr(s, k))) for k in ("image", "mask", "teeth") if getattr(s, k)})
                for s in samples]
     predict = split in ("predict", "unlabelled")
+    training_data = args.images_dir is None or ckpt.data.images_dir is not None and \
+        Path(args.images_dir).resolve() == Path(ckpt.data.images_dir).resolve()
+    trained_on = sorted({s.pair_id for s in samples} & set(ckpt.task.get("labelled_pairs") or ())) \
+        if training_data and split != "train" and not predict else []
+    if trained_on:  # the index, or the folder's file-name split, changed since training
+        print(f"warning: {len(trained_on)} of the {len(samples)} images scored as {split!r} trained this model "
+              f"({', '.join(trained_on[:5])}{', ...' if len(trained_on) > 5 else ''}): the splits changed since it "
+              f"trained, so this is not a held-out score (summary.json lists them)")
     if classes and not predict:
         labelled = len(samples)
         samples = [s for s in samples if s.teeth is not None]
@@ -550,13 +559,16 @@ def main(argv=None):
         "by_age_group": {g: summarize([r for r in rows if r["age_group"] == g], METRIC_NAMES)
                          for g in sorted({r["age_group"] for r in rows})},
         "n_images": len(rows), "n_found": found, "n_skipped": len(skipped), "split": split,
+        "trained_on": trained_on,  # scored images that trained the model (splits changed since): not held out
         **how_predicted(args, predictors, union_predictors, min_component), "seconds": round(time.time() - started, 1),
         "hd_empty_penalty": "image diagonal in pixels when exactly one of prediction and truth is empty",
         "assd": ASSD_DEFINITION,
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     if classes:
-        write_csv(out_dir / "per_tooth.csv", [{"fdi": n, **v} for n, v in summary["teeth"]["by_fdi"].items()])
+        # header only for images without a labelled tooth (toothless X-rays), where it was an IndexError
+        write_csv(out_dir / "per_tooth.csv", [{"fdi": n, **v} for n, v in summary["teeth"]["by_fdi"].items()],
+                  ["fdi", "dice", "teeth"])
     ranked = sorted(rows, key=lambda r: r[outputs.rank_by], reverse=True)
     k = min(args.top_k, len(ranked))
     for label, chosen in (("best", ranked[:k]), ("worst", ranked[::-1][:k])) if k else ():

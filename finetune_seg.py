@@ -450,7 +450,11 @@ def main(argv=None):
             f" + {len(pool)} unlabelled (online, mean teacher)" if args.semi else \
             f", per tooth: {len(classes) - 1} FDI numbers" if teeth else ""
         crops = f", {args.window[0]}x{args.window[1]} crops of the input" if args.window else ""
-        print(f"fine-tuning {spec.name} {spec.args} on {len(train_samples)} labelled pairs{extra} ({modality}{crops}), "
+        # The share asked for, beside what it rounds to: 0.05 and 0.1 of 8 pairs are both 1 (at least one is kept)
+        asked = " ".join([f"--label-fraction {args.label_fraction:g}"] * (args.label_fraction < 1) +
+                         [f"--train-subset-size {args.train_subset_size}"] * (args.train_subset_size is not None))
+        share = f" ({len(train_samples)} of {len(splits['train'])}: {asked})" if len(train_samples) < len(splits["train"]) else ""
+        print(f"fine-tuning {spec.name} {spec.args} on {len(train_samples)} labelled pairs{share}{extra} ({modality}{crops}), "
               f"{len(train_loader)} steps an epoch, validating on {len(val_set)}; device {device}")
     if args.init_from is not None and args.resume is None:
         report = load_pretrained(model, args.init_from, classes if teeth else None)

@@ -146,9 +146,10 @@ def inspect_file(path: Path, show_keys: bool) -> None:
                          if data.image_resize != "linear" else "")],
             ["data", f"{data.images_dir or '?'}" + (f", masks {data.masks_dir}" if data.masks_dir else "")
                      + (f", masks binarised at > {data.mask_threshold}" if data.mask_threshold is not None else "")],
+            # a format-1 file did not record an index found beside the images; later ones do
             ["splits", f"index {split.index}" if split.index else
-                       f"index found in or beside the images, else file names (val {split.val_ratio}, "
-                       f"test {split.test_ratio}, seed {split.seed})"],
+                       ("index found in or beside the images, else " if record.format < 2 else "") +
+                       f"file names (val {split.val_ratio}, test {split.test_ratio}, seed {split.seed})"],
             ["precision", f"--amp {record.precision.amp} (trained in {record.precision.dtype})"],
             ["task", settings_text(record.task)],
             ["epoch", f"{record.epoch} (global step {saved.global_step})"],

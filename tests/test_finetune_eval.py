@@ -634,3 +634,40 @@ def test_per_tooth_cleaning_is_refused_for_a_binary_model(finetuned, flag):
 
     with pytest.raises(ToothSegError, match=f"is a binary model; {flag} applies to per-tooth models"):
         eval_script.main(["--checkpoint", str(finetuned), flag, "--cpu"])
+
+
+def test_scoring_images_that_trained_the_model_says_so(finetuned, tmp_path, capsys):
+    """When the splits changed since training (an index edited, images added to a bare folder), images the model
+    trained on can land in the scored split: eval says which, and summary.json lists them, where it said nothing."""
+    from dataclasses import replace
+
+    from checkpoints import save_checkpoint
+
+    ckpt = open_checkpoint(finetuned / "best.pth")
+    test_ids = sorted(s.pair_id for s in ckpt.data.labelled_splits()["test"])
+    save_checkpoint(tmp_path / "run" / "best.pth", replace(ckpt, task={
+        **ckpt.task, "labelled_pairs": sorted([*ckpt.task["labelled_pairs"], test_ids[0]])}))
+    capsys.readouterr()
+    eval_script.main(["--checkpoint", str(tmp_path / "run"), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0",
+                      "--top-k", "0"])
+    assert f"warning: 1 of the {len(test_ids)} images scored as 'test' trained this model ({test_ids[0]})" in \
+        capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["trained_on"] == [test_ids[0]]
+    eval_script.main(["--checkpoint", str(finetuned), "--out-dir", str(tmp_path / "ev0"), "--cpu", "--workers", "0",
+                      "--top-k", "0"])
+    assert "warning" not in capsys.readouterr().out  # the run's own splits: nothing to say
+    assert json.loads((tmp_path / "ev0" / "summary.json").read_text())["trained_on"] == []
+
+
+def test_a_csv_without_rows_is_its_header(tmp_path):
+    """per_tooth.csv of a split whose images have no labelled tooth: its header, where it was an IndexError."""
+    eval_script.write_csv(tmp_path / "per_tooth.csv", [], ["fdi", "dice", "teeth"])
+    assert (tmp_path / "per_tooth.csv").read_text() == "fdi,dice,teeth\n"
+
+
+def test_a_label_fraction_says_how_many_pairs_it_kept(labelled, tmp_path, capsys):
+    """0.01 of a dozen pairs rounds to none and is raised to one: the line says 1 of N beside the share asked."""
+    finetune_seg.main([*data_flags(labelled), "--checkpoint-dir", str(tmp_path), *NET, "--base-channels", "4",
+                       "--epochs", "1", "--steps-per-epoch", "1", "--label-fraction", "0.01"])
+    n_train = len(open_checkpoint(tmp_path / "last.pth").data.labelled_splits()["train"])
+    assert f"on 1 labelled pairs (1 of {n_train}: --label-fraction 0.01)" in capsys.readouterr().out

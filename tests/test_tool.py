@@ -56,6 +56,10 @@ def test_inspect_reports_the_real_model(tiny_study, capsys):
     assert re.search(rf"^best +val/dice = {best['value']:.6g} at epoch {best['epoch']}", out, re.M)
     assert f"parameters   {sum(p.numel() for p in model.parameters()):,} in " in out
     assert re.search(r"^input +64 x 128 \(H x W\)", out, re.M)
+    # a format-2 file recorded the index it split by, or none: then file names, not "found or else"
+    split = ckpt.data.split
+    assert re.search(rf"^splits +index {re.escape(str(split.index))}$" if split.index else
+                     rf"^splits +file names \(val {split.val_ratio}, test {split.test_ratio}, seed {split.seed}\)$", out, re.M)
     assert re.search(r"^precision +--amp auto \(trained in ", out, re.M)
     assert re.search(r"^task +task=binary classes=None lambda_dice=0\.2 label_fraction=1\.0 .*augment=standard "
                      r"mask_resize=area init_from=\S*pretrain/mim_unet", out, re.M)
