@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoints import open_checkpoint
 from metrics import METRIC_NAMES, TOOTH_SUMMARY_NAMES
 from models import MODELS
 from semi import ONLINE_FLAGS, PSEUDO_FLAGS
@@ -430,6 +431,8 @@ def main(argv=None):
                   **{m: summary["metrics"][m]["mean"] for m in METRIC_NAMES},
                   **({m: summary["teeth"][m] for m in TOOTH_SUMMARY_NAMES} if args.task == "teeth" else {}),
                   "n_test": summary["n_images"], "best_epoch": summary["checkpoint_epoch"],
+                  # what the fraction rounded to: at least one pair, so two small fractions can train on the same one
+                  "n_labelled": len(open_checkpoint(summary["checkpoint"]).task.get("labelled_pairs") or ()),
                   "seconds": round(time.time() - cell_start, 1), "finished": time.time(),
                   "settings": settings(commands, args), "budget": budget(args, init),
                   "made_from": {str(folder.relative_to(args.out_dir)): finished_at(folder)
@@ -525,7 +528,9 @@ def score_tables(args, records: list[dict], scored: str = "eval_test") -> tuple[
     for (model, init, semi, fraction), group in sorted(groups.items(), key=order):
         dice = np.array([r[score] for r in group])
         lo, hi = mean_ci(np.array(list(image_means(group).values())), args.bootstrap, np.random.default_rng(0))
-        lines.append(f"| {model} | {init} | {semi} | {fraction:g} | {len(group)} | {dice.mean():.4f} ± {dice.std():.4f} | "
+        counts = sorted({r["n_labelled"] for r in group if "n_labelled" in r})  # older cells did not record it
+        labels = f"{fraction:g} ({'/'.join(map(str, counts))} pairs)" if counts else f"{fraction:g}"
+        lines.append(f"| {model} | {init} | {semi} | {labels} | {len(group)} | {dice.mean():.4f} ± {dice.std():.4f} | "
                      f"[{lo:.4f}, {hi:.4f}] | {np.mean([r['hd95'] for r in group]):.1f} | "
                      f"{np.mean([r['assd'] for r in group]):.1f} |"
                      + ("".join(f" {np.mean([r[m] for r in group]):.4f} |" for m in ("detection_f1", "numbering_accuracy"))
@@ -576,6 +581,7 @@ def write_outputs(args, records: list[dict]) -> None:
             f"{f' of {args.steps_per_epoch} steps' if args.steps_per_epoch else ''}, batch {args.batch_size}; "
             f"{cell_extras(records)}.", "", *lines, ""]
     text += [paired, "", *diffs, ""] if diffs else []
+    text += same_labels(records)
     panels = [(f"test split of {data_name(args.images_dir)}", group_cells(records))]
     external = external_records(args, records) if args.external_test is not None else []
     if external:
@@ -588,6 +594,19 @@ def write_outputs(args, records: list[dict]) -> None:
     plot(args, panels)
     print("\n".join(text[4:]))
     print(f"wrote {output_path(args, 'study.csv')}, {output_path(args, 'study.md')} and {output_path(args, 'study_dice.png')}")
+
+
+def same_labels(records: list[dict]) -> list[str]:
+    """A note for label fractions that rounded to the same labelled pairs (the smaller sets nest in the larger,
+    so the same count of one model, init, method and seed is the same set): such rows are one experiment twice."""
+    found: dict[tuple, set] = {}
+    for r in records:
+        if "n_labelled" in r:
+            found.setdefault((r["model"], r["init"], r["semi"], r["seed"], r["n_labelled"]), set()).add(r["label_fraction"])
+    return [f"Note: label fractions {' and '.join(f'{f:g}' for f in sorted(fractions))} trained {model} ({init}, "
+            f"{semi}, seed {seed}) on the same {n} labelled pair(s); at least one is kept, so their rows are one "
+            f"experiment twice." for (model, init, semi, seed, n), fractions in sorted(found.items()) if len(fractions) > 1] \
+        + [""] * any(len(fractions) > 1 for fractions in found.values())
 
 
 def data_name(images_dir: Path) -> str:

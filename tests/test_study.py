@@ -157,6 +157,18 @@ def test_a_tiny_difference_beside_helps_is_printed_nonzero(tmp_path):
     assert cells[3:] == ["+0.000020", "[+0.000020, +0.000020]", "helps"]
 
 
+def test_fractions_that_round_to_the_same_labelled_pairs_are_noted():
+    """0.05 and 0.1 of 8 pairs both keep one (at least one is kept): the study says their rows are one experiment."""
+    import run_study
+
+    records = [{"model": "unet", "init": "scratch", "semi": "none", "seed": 0, "label_fraction": f, "n_labelled": n}
+               for f, n in ((0.05, 1), (0.1, 1), (1, 8))]
+    assert run_study.same_labels(records) == [
+        "Note: label fractions 0.05 and 0.1 trained unet (scratch, none, seed 0) on the same 1 labelled pair(s); at least "
+        "one is kept, so their rows are one experiment twice.", ""]
+    assert run_study.same_labels(records[1:]) == []
+
+
 def test_dry_run_prints_the_stage_commands_and_runs_nothing(tmp_path):
     out = tmp_path / "study"
     result = subprocess.run([sys.executable, "run_study.py", "--images-dir", "data/processed_2d", "--out-dir", str(out),
@@ -201,7 +213,9 @@ def test_study_outputs_summarise_every_cell(tiny_study):
         summary = json.loads((tiny_study / "cells" / f"unet_{row['init']}_f1_s0" / "eval_test" / "summary.json").read_text())
         assert float(row["dice"]) == cell["dice"] == summary["metrics"]["dice"]["mean"]
     table = (tiny_study / "study.md").read_text()
-    assert "| unet | mim | none | 1 | 1 |" in table and "Dice − supervised scratch" in table
+    pairs = len(open_checkpoint(tiny_study / "cells" / "unet_mim_f1_s0").task["labelled_pairs"])
+    assert cell["n_labelled"] == pairs  # what the fraction kept, read back from the cell's checkpoint
+    assert f"| unet | mim | none | 1 ({pairs} pairs) | 1 |" in table and "Dice − supervised scratch" in table
     assert "base 4, pretraining 1 epochs, fine-tuning 2 epochs, batch 4; extra fine-tuning flags `none`." in table
     figure = cv2.imread(str(tiny_study / "study_dice.png"))
     assert figure is not None and figure.shape[0] > 200
@@ -278,7 +292,7 @@ def test_a_binary_initialised_per_tooth_cell_starts_from_its_binary_twin(tiny_st
 
     cell = open_checkpoint(tiny_study / "cells" / "unet_binary_teeth_f1_s0")
     assert cell.tooth_classes and cell.task["init_from"].endswith("cells/unet_scratch_f1_s0")
-    assert "| unet | binary | none | 1 | 1 |" in (tiny_study / "study_teeth.md").read_text()
+    assert re.search(r"\| unet \| binary \| none \| 1 \(\d+ pairs\) \| 1 \|", (tiny_study / "study_teeth.md").read_text())
 
 
 def test_binary_init_needs_the_per_tooth_task(tmp_path, capsys):
