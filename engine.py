@@ -15,6 +15,7 @@ import os
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,8 +29,8 @@ from checkpoints import (BEST, LAST, Checkpoint, DataSpec, ModelSpec, Precision,
                          open_checkpoint, plain, resume_path, save_checkpoint, unwrap)
 from data import NORM_MEAN, NORM_STD, denormalize
 from models import check_trainable_size
-from utils import (ToothSegError, atomic_path, check_output_dir, non_negative_int, non_negative_number, positive_int,
-                   probability, recorded_path, select_device)
+from utils import (ToothSegError, atomic_path, check_output_dir, exit_with, non_negative_int, non_negative_number,
+                   positive_int, probability, recorded_path, select_device)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -300,6 +301,12 @@ def data_spec(args: argparse.Namespace, *, modality: str = "xray", split: SplitS
 WORKER_START = "forkserver" if "forkserver" in torch.multiprocessing.get_all_start_methods() else "spawn"
 
 
+def _exit_with_process(pid: int, worker_id: int) -> None:
+    """A worker leaves when the process it loads for is killed (its parent is the forkserver, which torch's own
+    check watches)."""
+    exit_with(pid)
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int, dist: DistEnv,
                 device: torch.device, seed: int) -> DataLoader:
     """Train loaders shuffle per epoch through a DistributedSampler (also with one process, so the
@@ -308,6 +315,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int,
                if train else ShardSampler(len(dataset), dist))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       multiprocessing_context=WORKER_START if workers > 0 else None,
+                      worker_init_fn=partial(_exit_with_process, os.getpid()) if workers > 0 else None,
                       persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                       drop_last=train and len(sampler) > batch_size, prefetch_factor=4 if workers > 0 else None)
 

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from index import INDEX_NAME, files_below, find_index, label_folder
 from utils import (DICOM_EXTENSIONS, ToothSegError, atomic_path, atomic_write_bytes, atomic_write_text, cannot_read,
-                   check_output_dir, decode_image, is_image_file, make_parser, positive_number, run_cli)
+                   check_output_dir, decode_image, exit_with, is_image_file, make_parser, positive_number, run_cli)
 
 METHODS = ("grid", "opencv", "exact")
 BACKENDS = ("numpy", "torch")
@@ -402,7 +402,8 @@ def process(job: Job, settings: FilterSettings) -> str | None:
     return None
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int) -> None:
+    exit_with(parent_pid)  # a killed fbf.py's workers went on writing its outputs
     # Parallel files already fill the cores; library threads inside each worker would only contend.
     cv2.setNumThreads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # read when torch is first imported in this worker
@@ -514,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     with ExitStack() as stack:
         if args.workers > 1 and len(todo) > 1:
             # spawn: a forked worker cannot use CUDA once the parent has touched it (resolve_backend may have)
-            pool = stack.enter_context(ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn"), _init_worker))
+            pool = stack.enter_context(ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn"), _init_worker,
+                                                          (os.getpid(),)))
             results = pool.map(process, todo, [settings] * len(todo), chunksize=4)
         else:
             results = (process(job, settings) for job in todo)

@@ -12,8 +12,11 @@ import io
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -44,16 +47,51 @@ class ToothSegError(Exception):
         return [f"error: {self}"]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a scheduler's, torchrun's): handled as Ctrl-C is, so workers and children are stopped
+    and outputs left as an interrupt leaves them, where the default handler died on the spot."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run a script's `main`, turning a ToothSegError into `error: ...` on stderr and exit code 2."""
+    """Run a script's `main`, turning a ToothSegError into `error: ...` on stderr and exit code 2, and Ctrl-C or
+    SIGTERM into one line (exit 130 or 143)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         main(argv)
     except ToothSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if previous is not None:  # None: no handler or one set outside Python, which cannot be restored from here
+            signal.signal(signal.SIGTERM, previous)
+
+
+def exit_with(parent_pid: int, every: float = 2.0) -> None:
+    """In a worker process: exit once `parent_pid` is gone. DataLoader workers started by a forkserver, and
+    fbf's spawned pool, outlived a killed parent (their own parent is the forkserver or nothing that watches),
+    holding memory and, for fbf, still writing outputs."""
+    def watch():
+        while True:
+            time.sleep(every)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, and not ours to signal
+                pass
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

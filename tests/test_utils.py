@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,54 @@ def test_a_truncated_png_is_one_line_and_libpng_says_nothing(tmp_path, capfd):
     with pytest.raises(ToothSegError, match=r"cut.png: a PNG cut short \(it has no end chunk; .*\); replace or remove it$"):
         read_image(tmp_path / "cut.png")
     assert capfd.readouterr().err == ""
+
+
+def test_sigterm_is_one_line_and_the_previous_handler_comes_back(capsys):
+    """A kill (or torchrun stopping its ranks) went through no cleanup and said nothing; now it is handled as Ctrl-C."""
+    import signal
+
+    from utils import run_cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(lambda argv: os.kill(os.getpid(), signal.SIGTERM) or __import__("time").sleep(5))
+    assert stopped.value.code == 143 and capsys.readouterr().err == "terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_worker_leaves_when_the_process_it_works_for_is_killed(tmp_path):
+    """DataLoader workers start from a forkserver, whose children outlived a SIGKILLed trainer (about 600 MB each at
+    real sizes); the loader's workers now watch the trainer itself."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "load.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "import torch\n"
+        "from torch.utils.data import Dataset\n"
+        "from engine import DistEnv, make_loader\n"
+        "class Pids(Dataset):\n"
+        "    def __len__(self): return 1000\n"
+        "    def __getitem__(self, i): time.sleep(0.05); return os.getpid()\n"
+        "if __name__ == '__main__':\n"
+        "    loader = make_loader(Pids(), batch_size=1, train=False, workers=1, dist=DistEnv(), device=torch.device('cpu'), seed=0)\n"
+        "    for batch in loader:\n"
+        "        print(int(batch[0]), flush=True)\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        worker = int(process.stdout.readline())
+        assert worker != process.pid
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and os.path.exists(f"/proc/{worker}") and \
+                "zombie" not in open(f"/proc/{worker}/status").read().lower():
+            time.sleep(0.5)
+        assert not os.path.exists(f"/proc/{worker}") or "zombie" in open(f"/proc/{worker}/status").read().lower()
+    finally:
+        process.kill()
