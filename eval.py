@@ -500,6 +500,8 @@ def main(argv=None):
     claim_output_folders(args, save_preds, out_dir, [str(p.path) for p in predictors])
     if args.save_probs is not None:  # an earlier manifest must not describe the maps this run overwrites, if it fails
         (args.save_probs / MANIFEST).unlink(missing_ok=True)
+    for name in ("summary.json", "per_image.csv", "per_tooth.csv", "skipped.csv"):  # nor an earlier run's record
+        (out_dir / name).unlink(missing_ok=True)
     # Both loaders keep the samples' order and yield unreadable images too, so the pairs stay aligned.
     unions = (probs for *_, probs in predictions(union_predictors, samples, args, device, f"{split} (--union-from)")) \
         if union_predictors else itertools.repeat(None)

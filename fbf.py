@@ -361,11 +361,16 @@ def find_jobs(input_dir: Path, output_dir: Path) -> tuple[list[Job], int, int]:
 def check_same_settings(output_dir: Path, settings: FilterSettings, overwrite: bool, kept_outputs: bool) -> None:
     """A mirror is filtered with one setting: kept outputs of another run with other settings would be mixed with
     this run's (an interrupted run rerun with another --sigma-color), so a rerun with other settings is refused.
-    A mirror of before the record keeps no record: what filtered its outputs is not known."""
+    A mirror of before the record keeps no record: what filtered its outputs is not known. An --overwrite run
+    records its settings as unfinished until `finish_settings`: stopped halfway, it leaves files of the old filter
+    that a rerun without --overwrite would keep beside the new ones."""
     record = output_dir / SETTINGS_NAME
     asked = {name: getattr(settings, name) for name in ("method", "sigma_space", "sigma_color", "sample_space", "sample_color")}
     if record.exists() and not overwrite:
         recorded = json.loads(record.read_text())
+        if recorded.get("overwrite_unfinished"):
+            raise ToothSegError(f"{output_dir}: an --overwrite run was stopped before it had filtered every file again "
+                                f"(see {record}), so files of the earlier filter remain; rerun with --overwrite")
         changed = [name for name in asked if recorded.get(name) != asked[name]]
         if changed:
             raise ToothSegError(f"{output_dir}: filtered with --{changed[0].replace('_', '-')} {recorded.get(changed[0])}, "
@@ -375,7 +380,15 @@ def check_same_settings(output_dir: Path, settings: FilterSettings, overwrite: b
         print(f"note: {output_dir} has no {SETTINGS_NAME}, so the filter of the outputs kept there is not known "
               f"(--overwrite filters every file again and records it)")
     else:
-        atomic_write_text(record, json.dumps(asked, indent=2))
+        atomic_write_text(record, json.dumps({**asked, **({"overwrite_unfinished": True} if overwrite else {})}, indent=2))
+
+
+def finish_settings(output_dir: Path) -> None:
+    """The end of an --overwrite run: every file is filtered again, so the record stands on its own."""
+    record = output_dir / SETTINGS_NAME
+    recorded = json.loads(record.read_text())
+    recorded.pop("overwrite_unfinished", None)
+    atomic_write_text(record, json.dumps(recorded, indent=2))
 
 
 def process(job: Job, settings: FilterSettings) -> str | None:
@@ -525,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
                 failures.append(job.source)
                 tqdm.write(f"skipped {failure}")
 
+    if args.overwrite:  # every file was redone (one that could not be decoded is named below and has no output)
+        finish_settings(output_dir)
     copied = sum(job.copy_only for job in todo)
     print(f"done: {len(todo) - copied - len(failures)} filtered, {copied} copied, {len(jobs) - len(todo)} already there"
           + ("" if args.overwrite else " (--overwrite redoes them)")

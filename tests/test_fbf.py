@@ -252,8 +252,21 @@ def test_existing_outputs_are_kept_unless_overwrite(dataset, tmp_path, capsys):
                                             r"settings in .*fbf_settings.json, or --overwrite"):
         fbf.main(arguments + ["--sigma-color", "80"])
     assert not image.exists()
+    # An --overwrite stopped halfway leaves files of the old filter: a rerun without --overwrite is refused, where it
+    # kept them beside the new ones under the new record.
+    process = fbf.process
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fbf, "process", lambda job, settings: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            fbf.main(arguments + ["--sigma-color", "80", "--overwrite", "--workers", "1"])
+    assert fbf.process is process
+    with pytest.raises(ToothSegError, match=r"an --overwrite run was stopped before it had filtered every file again .*; "
+                                            r"rerun with --overwrite$"):
+        fbf.main(arguments + ["--sigma-color", "80"])
     fbf.main(arguments + ["--sigma-color", "80", "--overwrite"])
-    assert json.loads((output / "fbf_settings.json").read_text())["sigma_color"] == 80.0
+    assert json.loads((output / "fbf_settings.json").read_text()) == {
+        "method": "grid", "sigma_space": 3.0, "sigma_color": 80.0, "sample_space": None, "sample_color": None}
+    fbf.main(arguments + ["--sigma-color", "80"])  # finished: a rerun goes on
     # A mirror of before the record: its kept outputs' filter is not known, so none is recorded for them.
     (output / "fbf_settings.json").unlink()
     fbf.main(arguments)

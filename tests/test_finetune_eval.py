@@ -671,3 +671,19 @@ def test_a_label_fraction_says_how_many_pairs_it_kept(labelled, tmp_path, capsys
                        "--epochs", "1", "--steps-per-epoch", "1", "--label-fraction", "0.01"])
     n_train = len(open_checkpoint(tmp_path / "last.pth").data.labelled_splits()["train"])
     assert f"on 1 labelled pairs (1 of {n_train}: --label-fraction 0.01)" in capsys.readouterr().out
+
+
+def test_an_interrupted_eval_leaves_no_earlier_record_beside_its_outputs(finetuned, tmp_path, monkeypatch):
+    """The earlier run's summary.json named its checkpoint beside predictions the interrupted run had overwritten."""
+    flags = ["--checkpoint", str(finetuned), "--out-dir", str(tmp_path / "ev"), "--cpu", "--workers", "0", "--top-k", "0"]
+    eval_script.main(flags)
+    assert (tmp_path / "ev" / "summary.json").is_file() and (tmp_path / "ev" / "per_image.csv").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(eval_script, "predictions", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eval_script.main(flags)
+    assert not (tmp_path / "ev" / "summary.json").exists() and not (tmp_path / "ev" / "per_image.csv").exists()
