@@ -465,7 +465,7 @@ def main(argv=None):
     training_data = args.images_dir is None or ckpt.data.images_dir is not None and \
         Path(args.images_dir).resolve() == Path(ckpt.data.images_dir).resolve()
     trained_on = sorted({s.pair_id for s in samples} & set(ckpt.task.get("labelled_pairs") or ())) \
-        if training_data and split != "train" and not predict else []
+        if training_data and split in ("val", "test") else []
     if trained_on:  # the index, or the folder's file-name split, changed since training
         print(f"warning: {len(trained_on)} of the {len(samples)} images scored as {split!r} trained this model "
               f"({', '.join(trained_on[:5])}{', ...' if len(trained_on) > 5 else ''}): the splits changed since it "

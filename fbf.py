@@ -537,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
             if failure:
                 failures.append(job.source)
                 tqdm.write(f"skipped {failure}")
+                if args.overwrite:  # its earlier output is of the old filter, which the record no longer names
+                    job.target.unlink(missing_ok=True)
 
     if args.overwrite:  # every file was redone (one that could not be decoded is named below and has no output)
         finish_settings(output_dir)

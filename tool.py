@@ -146,9 +146,10 @@ def inspect_file(path: Path, show_keys: bool) -> None:
                          if data.image_resize != "linear" else "")],
             ["data", f"{data.images_dir or '?'}" + (f", masks {data.masks_dir}" if data.masks_dir else "")
                      + (f", masks binarised at > {data.mask_threshold}" if data.mask_threshold is not None else "")],
-            # a format-1 file did not record an index found beside the images; later ones do
+            # a fine-tune records the index it found beside the images (from format 2); other files only --index
             ["splits", f"index {split.index}" if split.index else
-                       ("index found in or beside the images, else " if record.format < 2 else "") +
+                       ("index found in or beside the images, else "
+                        if record.format < 2 or record.kind != "segmentation" else "") +
                        f"file names (val {split.val_ratio}, test {split.test_ratio}, seed {split.seed})"],
             ["precision", f"--amp {record.precision.amp} (trained in {record.precision.dtype})"],
             ["task", settings_text(record.task)],

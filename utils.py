@@ -81,15 +81,22 @@ def exit_with(parent_pid: int, every: float = 2.0) -> None:
     """In a worker process: exit once `parent_pid` is gone. DataLoader workers started by a forkserver, and
     fbf's spawned pool, outlived a killed parent (their own parent is the forkserver or nothing that watches),
     holding memory and, for fbf, still writing outputs."""
+    def gone() -> bool:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, and not ours to signal
+            return False
+        try:  # killed but not yet reaped by its own parent (a notebook's Popen, say): a zombie answers os.kill
+            return open(f"/proc/{parent_pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):  # no /proc (macOS), or reaped just now
+            return not os.path.exists(f"/proc/{parent_pid}") and os.path.isdir("/proc/self")
+
     def watch():
-        while True:
+        while not gone():
             time.sleep(every)
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            except PermissionError:  # alive, and not ours to signal
-                pass
+        os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 

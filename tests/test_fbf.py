@@ -267,6 +267,16 @@ def test_existing_outputs_are_kept_unless_overwrite(dataset, tmp_path, capsys):
     assert json.loads((output / "fbf_settings.json").read_text()) == {
         "method": "grid", "sigma_space": 3.0, "sigma_color": 80.0, "sample_space": None, "sample_color": None}
     fbf.main(arguments + ["--sigma-color", "80"])  # finished: a rerun goes on
+    # A source that no longer decodes: --overwrite removes its old output, which the new record would misname
+    source = dataset / "adult" / "labeled" / "images" / "img0.png"
+    intact = source.read_bytes()
+    try:
+        source.write_bytes(intact[:100])
+        with pytest.raises(ToothSegError, match="1 of .* files could not be decoded"):
+            fbf.main(arguments + ["--sigma-color", "40", "--overwrite"])
+        assert not image.exists()
+    finally:
+        source.write_bytes(intact)
     # A mirror of before the record: its kept outputs' filter is not known, so none is recorded for them.
     (output / "fbf_settings.json").unlink()
     fbf.main(arguments)

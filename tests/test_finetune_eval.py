@@ -657,6 +657,9 @@ def test_scoring_images_that_trained_the_model_says_so(finetuned, tmp_path, caps
                       "--top-k", "0"])
     assert "warning" not in capsys.readouterr().out  # the run's own splits: nothing to say
     assert json.loads((tmp_path / "ev0" / "summary.json").read_text())["trained_on"] == []
+    eval_script.main(["--checkpoint", str(finetuned), "--out-dir", str(tmp_path / "all"), "--cpu", "--workers", "0",
+                      "--top-k", "0", "--split", "all"])
+    assert "warning" not in capsys.readouterr().out  # all holds the training images by definition
 
 
 def test_a_csv_without_rows_is_its_header(tmp_path):

@@ -69,6 +69,9 @@ def test_inspect_reports_the_real_model(tiny_study, capsys):
 
     code, short, _ = run_in_process(capsys, path, "--no-keys")
     assert code == 0 and "encoder.stem.0.conv.weight" not in short and "parameters" in short
+    # pretraining records an index only when given --index; the one it found beside the images it does not
+    code, pretrained, _ = run_in_process(capsys, tiny_study / "pretrain" / "mim_unet", "--no-keys")
+    assert code == 0 and re.search(r"^splits +index found in or beside the images, else file names", pretrained, re.M)
 
 
 def test_diff_pretraining_to_finetuning_shares_every_key(tiny_study):
