@@ -18,9 +18,10 @@ Units: `sigma_space` is in pixels and `sigma_color` in grey levels on the 0-255 
 image depth (`grey_level`): a 16-bit image's is multiplied by the largest value of the bit depth its
 values use over 255 (257 for 16 bits, about 16 for a 12-bit X-ray stored in a 16-bit file), so one
 setting means the same thing for 8-, 12- and 16-bit copies of an image; a float image whose values
-lie within 0-1 is on the 0-1 scale, any other on 0-255. The exact filter truncates the spatial Gaussian to a disc of radius ceil(3 sigma_space)
-(the same window as `cv2.bilateralFilter` with d = 2 ceil(3 sigma_space) + 1) and uses only pixels
-inside the image; OpenCV instead mirrors the image at its border.
+lie within 0-1 is on the 0-1 scale, any other on 0-255. The exact filter truncates the spatial
+Gaussian to a disc of radius ceil(3 sigma_space) (the same window as `cv2.bilateralFilter` with
+d = 2 ceil(3 sigma_space) + 1) and uses only pixels inside the image; OpenCV instead mirrors the
+image at its border.
 
 Folders: every image under `--input-dir` is filtered into the same relative path under
 `--output-dir`; files under a label folder (index.LABEL_FOLDERS, any case: binary masks and per-tooth
@@ -74,8 +75,8 @@ def bilateral_filter(img: np.ndarray, sigma_space: float, sigma_color: float, me
     """Bilateral-filter a 2D grey image; returns an array of the input's dtype and shape.
 
     sigma_space is in pixels, sigma_color (and sample_color) in grey levels on the 0-255 scale
-    (scaled to the image's depth by `grey_level`). sample_space/sample_color set the grid's cell size (default: the
-    sigmas; smaller is more accurate and slower). backend "torch" runs the grid on `device`
+    (scaled to the image's depth by `grey_level`). sample_space/sample_color set the grid's cell size
+    (default: the sigmas; smaller is more accurate and slower). backend "torch" runs the grid on `device`
     (default: CUDA when available, else CPU); the other methods ignore backend and device.
     """
     if img.ndim != 2 or img.size == 0:
