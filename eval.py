@@ -146,6 +146,13 @@ def parse_args(argv=None):
     return args
 
 
+def reads_training_data(args, data) -> bool:
+    """Whether this run reads the images the checkpoint (its `data` record) trained on: no --images-dir, or
+    that same folder; only there do its recorded labelled training pairs name these images."""
+    return args.images_dir is None or data.images_dir is not None and \
+        Path(args.images_dir).resolve() == Path(data.images_dir).resolve()
+
+
 def choose_samples(args, ckpt, index: Path | None) -> tuple[list, str, str, int]:
     """(samples, split name, where they came from, how many images were found there), `index` being --images-dir's
     (None: none, or no --images-dir); split "predict" or "unlabelled" means there are no masks to score against."""
@@ -160,11 +167,10 @@ def choose_samples(args, ckpt, index: Path | None) -> tuple[list, str, str, int]
         return samples, "predict", str(args.images_dir), len(samples)
     else:
         splits, where = data.labelled_splits(args.images_dir, args.masks_dir, args.index), str(args.images_dir)
-    trained_here = data.images_dir is not None and args.images_dir is not None and \
-        Path(args.images_dir).resolve() == Path(data.images_dir).resolve()
+    training_data = reads_training_data(args, data)
     if args.split == "unlabelled":
         # The teacher's own pool: what its label fraction left out of training, and the unlabelled images.
-        labelled = ckpt.task.get("labelled_pairs") if args.images_dir is None or trained_here else None
+        labelled = ckpt.task.get("labelled_pairs") if training_data else None
         labelled = labelled if labelled is not None else [s.pair_id for s in splits["train"]]
         pool = unlabelled_pool(args.images_dir or data.images_dir, args.index if args.images_dir else data.split.index,
                                splits["train"], labelled)
@@ -172,7 +178,7 @@ def choose_samples(args, ckpt, index: Path | None) -> tuple[list, str, str, int]
             raise ToothSegError(f"{where}: has no unlabelled images (prepare_sts2d.py --unlabelled-dir adds some)")
         return pool, "unlabelled", where, len(pool)
     # A labelled folder without an index is scored whole, unless it is the folder the model trained on.
-    bare_folder = args.images_dir is not None and index is None and not trained_here
+    bare_folder = args.images_dir is not None and index is None and not training_data
     split = args.split or ("all" if bare_folder else "test")
     found = sum(len(part) for part in splits.values())
     samples = [s for part in splits.values() for s in part] if split == "all" else splits[split]
@@ -462,10 +468,8 @@ def main(argv=None):
     samples = [replace(s, **{k: Path(recorded_path(getattr(s, k))) for k in ("image", "mask", "teeth") if getattr(s, k)})
                for s in samples]
     predict = split in ("predict", "unlabelled")
-    training_data = args.images_dir is None or ckpt.data.images_dir is not None and \
-        Path(args.images_dir).resolve() == Path(ckpt.data.images_dir).resolve()
     trained_on = sorted({s.pair_id for s in samples} & set(ckpt.task.get("labelled_pairs") or ())) \
-        if training_data and split in ("val", "test") else []
+        if reads_training_data(args, ckpt.data) and split in ("val", "test") else []
     if trained_on:  # the index, or the folder's file-name split, changed since training
         print(f"warning: {len(trained_on)} of the {len(samples)} images scored as {split!r} trained this model "
               f"({', '.join(trained_on[:5])}{', ...' if len(trained_on) > 5 else ''}): the splits changed since it "
